@@ -1,0 +1,1 @@
+"""Segmentation metrics, folder evaluation, CHAOS and BTCV tools."""

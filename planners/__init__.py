@@ -1,0 +1,1 @@
+"""nnU-Net experiment planners for PUMIT networks."""

@@ -1,0 +1,54 @@
+"""pumit-seg: PUMIT (Pre-trained Universal Medical Image Transformer) inside nnU-Net v2.
+
+`planners/`, `trainers/` and `evaluation/` sit at the repository root but install
+inside the `pumit_seg` namespace (see ../shared/ARCHITECTURE.md), so nothing generic
+like `evaluation` lands in site-packages as a top-level module.
+"""
+
+from setuptools import setup
+
+setup(
+    name="pumit-seg",
+    version="0.1.0",
+    description="PUMIT universal medical image transformer for nnU-Net v2",
+    python_requires=">=3.10",
+    packages=[
+        "pumit_seg",
+        "pumit_seg.planners",
+        "pumit_seg.trainers",
+        "pumit_seg.evaluation",
+    ],
+    package_dir={
+        "pumit_seg": "pumit_seg",
+        "pumit_seg.planners": "planners",
+        "pumit_seg.trainers": "trainers",
+        "pumit_seg.evaluation": "evaluation",
+    },
+    # The nnUNet_extTrainer folder is data, not a package: nnU-Net imports its modules
+    # as top-level modules, so it must not be importable as part of pumit_seg too.
+    package_data={"pumit_seg": ["nnunet_ext/*.py"]},
+    include_package_data=True,
+    install_requires=[
+        # torch is installed first by the Makefile and pinned by a constraint file,
+        # so this range never pulls a second (CUDA) build on a CPU machine.
+        "torch>=2.1",
+        "nnunetv2>=2.8,<2.9",
+        "monai>=1.6,<1.7",
+        "SimpleITK>=2.2",
+        "batchgenerators>=0.25",
+        "acvl-utils>=0.2",
+        "scipy>=1.10",
+        "safetensors>=0.4",
+        "numpy",
+        "pydicom>=2.4",
+        "pillow",
+        "matplotlib",
+        "tqdm",
+    ],
+    extras_require={"test": ["pytest>=7", "ruff"]},
+    entry_points={
+        "console_scripts": [
+            "pumit_nnunet_ext=pumit_seg.nnunet_ext_dir:main",
+        ],
+    },
+)

@@ -1,0 +1,1 @@
+"""nnU-Net trainers for PUMIT networks (fine-tuning) and the pre-training trainers."""
