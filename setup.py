@@ -49,6 +49,11 @@ setup(
     entry_points={
         "console_scripts": [
             "pumit_nnunet_ext=pumit_seg.nnunet_ext_dir:main",
+            "pumit_plan_and_preprocess=pumit_seg.planners.plan_and_preprocess:main",
+            "pumit_make_phantoms=pumit_seg.synthetic:main",
+            "pumit_evaluate=pumit_seg.evaluation.evaluate_folder:main",
+            "pumit_chaos=pumit_seg.evaluation.chaos:main",
+            "pumit_btcv=pumit_seg.evaluation.btcv:main",
         ],
     },
 )
