@@ -1,0 +1,400 @@
+"""PUMIT segmentation network (SPEC section 7).
+
+A universal ViT encoder, an EVA-style feature pyramid built from four of its blocks, a plain U-Net
+decoder over that pyramid and a light full-resolution branch on the raw input, so that the logits
+reach input resolution. Every resampling layer is spatially adaptive (SAC, SPEC section 2): depth is
+only down- or upsampled where the degree of anisotropy `aniso_d` allows it.
+
+Resolution levels n = 0..5 are the in-plane scales 1, 1/2, 1/4, 1/8, 1/16 and 1/32; at level n the
+depth is divided by ``2 ** max(n - aniso_d, 0)``. The ViT tokens live at level 4 (patch size 16)::
+
+    input ──full-res branch──> level 0, level 1 ───────────────────────────────┐ skips
+    input ──UniversalViT──> 4 block outputs (level 4)                          │
+          ──pyramid──> level 2 (up, norm, GELU, up), level 3 (up), level 4, level 5 (max-pool)
+          ──decoder──> laterals at 2..5; from level 5: up, concat skip, 2 x conv ... down to level 0
+          ──heads──> logits at levels 0..4 (deep supervision, full resolution first)
+
+The class is built by nnU-Net as ``PUMITSegNet(input_channels=..., num_classes=..., **arch_kwargs,
+deep_supervision=...)``; `build_arch_kwargs` makes a valid ``arch_kwargs`` dict. This module does not
+import nnU-Net.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pumit_seg.sac import MAX_ANISO_D, SACConv3d, SACDownsample, SACUpsample, depth_downsample_stride
+from pumit_seg.vit import (
+    PYRAMID_BLOCKS,
+    UniversalViT,
+    tokens_to_grid,
+    universal_vit_base,
+    universal_vit_large,
+    universal_vit_tiny,
+)
+
+NUM_LEVELS = 6  # in-plane levels 0..5 (scales 1 .. 1/32)
+TOKEN_LEVEL = 4  # the ViT patch size 16 puts its tokens at in-plane level 4
+DEFAULT_DECODER_CHANNELS = (128, 256, 512, 512)  # at levels 2, 3, 4, 5
+DEFAULT_FULL_RES_CHANNELS = (32, 64)  # at levels 0, 1
+VIT_PRESETS = {"tiny": universal_vit_tiny, "base": universal_vit_base, "large": universal_vit_large}
+
+
+def _check_aniso_d(aniso_d: int) -> None:
+    if isinstance(aniso_d, bool) or not isinstance(aniso_d, int) or not 0 <= aniso_d <= MAX_ANISO_D:
+        raise ValueError(f"aniso_d must be an int in 0..{MAX_ANISO_D}, got {aniso_d!r}")
+
+
+def depth_factor(level: int, aniso_d: int) -> int:
+    """How much the depth axis is downsampled at in-plane level `level` (SAC rule)."""
+    return 2 ** max(level - aniso_d, 0)
+
+
+def sac_strides(spatial_dims: int, aniso_d: int) -> list[list[int]]:
+    """nnU-Net's ``pool_op_kernel_sizes`` for this network: one entry per level 0..5.
+
+    Level 0 has stride 1; level n >= 1 halves the in-plane size and the depth if n > aniso_d.
+    For 2D (spatial_dims 2, aniso_d 5) the depth entry is left out.
+    """
+    _check_aniso_d(aniso_d)
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    strides = [[1] * spatial_dims]
+    for level in range(1, NUM_LEVELS):
+        inplane = [2, 2]
+        strides.append(inplane if spatial_dims == 2 else [2 if level > aniso_d else 1, *inplane])
+    return strides
+
+
+def required_patch_divisor(aniso_d: int) -> tuple[int, int]:
+    """(depth divisor, in-plane divisor) that a 3D patch must satisfy to reach level 5 exactly."""
+    _check_aniso_d(aniso_d)
+    return depth_factor(NUM_LEVELS - 1, aniso_d), 2 ** (NUM_LEVELS - 1)
+
+
+def build_arch_kwargs(
+    model: str = "base",
+    spatial_dims: int = 3,
+    aniso_d: int = 0,
+    *,
+    decoder_channels: list[int] | None = None,
+    full_res_channels: list[int] | None = None,
+    pyramid_channels: list[int] | None = None,
+    pyramid_blocks: list[int] | None = None,
+    vit_overrides: dict | None = None,
+) -> dict:
+    """JSON-serialisable ``arch_kwargs`` for `PUMITSegNet` (what an nnU-Net plan stores).
+
+    `model` picks the ViT preset ("tiny", "base" or "large") and its default pyramid blocks;
+    `vit_overrides` changes single ViT arguments (e.g. ``{"grad_checkpointing": True}``).
+    """
+    if model not in VIT_PRESETS:
+        raise ValueError(f"model must be one of {sorted(VIT_PRESETS)}, got {model!r}")
+    if spatial_dims == 2 and aniso_d != MAX_ANISO_D:
+        raise ValueError(
+            f"spatial_dims=2 needs aniso_d={MAX_ANISO_D} (a 2D image is one slice), got {aniso_d}"
+        )
+    # Read the preset's constructor kwargs without allocating its weights.
+    with torch.device("meta"):
+        vit_config = dict(VIT_PRESETS[model](**(vit_overrides or {})).config)
+    vit_config.pop("in_channels", None)  # set from nnU-Net's input_channels
+    return {
+        "spatial_dims": spatial_dims,
+        "aniso_d": aniso_d,
+        "vit": vit_config,
+        "pyramid_blocks": list(pyramid_blocks if pyramid_blocks is not None else PYRAMID_BLOCKS[model]),
+        "decoder_channels": list(decoder_channels or DEFAULT_DECODER_CHANNELS),
+        "full_res_channels": list(full_res_channels or DEFAULT_FULL_RES_CHANNELS),
+        "pyramid_channels": list(pyramid_channels) if pyramid_channels is not None else None,
+        "strides": sac_strides(spatial_dims, aniso_d),
+    }
+
+
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channel axis of a (B, C, D, H, W) map, per voxel (ViTDet's LayerNorm2d in 3D).
+
+    Unlike BatchNorm / GroupNorm it does not depend on the batch or on the patch extent.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.movedim(1, -1)).movedim(-1, 1)
+
+
+class ConvNormAct(nn.Module):
+    """SAC 3x3x3 conv -> InstanceNorm3d (affine) -> LeakyReLU(0.01), as in nnU-Net."""
+
+    def __init__(self, in_channels: int, out_channels: int, negative_slope: float = 0.01):
+        super().__init__()
+        # no bias: the instance norm right after would cancel it (a dead parameter)
+        self.conv = SACConv3d(in_channels, out_channels, kernel_size=3, bias=False)
+        self.norm = nn.InstanceNorm3d(out_channels, eps=1e-5, affine=True)
+        self.act = nn.LeakyReLU(negative_slope)
+
+    def forward(self, x: torch.Tensor, aniso_d: int, level: int) -> torch.Tensor:
+        return self.act(self.norm(self.conv(x, aniso_d, level)))
+
+
+class ConvBlock(nn.Module):
+    """Two `ConvNormAct` layers at one resolution level."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv1 = ConvNormAct(in_channels, out_channels)
+        self.conv2 = ConvNormAct(out_channels, out_channels)
+
+    def forward(self, x: torch.Tensor, aniso_d: int, level: int) -> torch.Tensor:
+        return self.conv2(self.conv1(x, aniso_d, level), aniso_d, level)
+
+
+class FullResolutionBranch(nn.Module):
+    """Light convs on the raw input giving the decoder's skips at levels 0 (1/1) and 1 (1/2)."""
+
+    def __init__(self, in_channels: int, channels: list[int]):
+        super().__init__()
+        self.level0 = ConvBlock(in_channels, channels[0])
+        self.down = SACDownsample(channels[0], channels[1], stride=2, bias=False)
+        self.down_norm = nn.InstanceNorm3d(channels[1], eps=1e-5, affine=True)
+        self.down_act = nn.LeakyReLU(0.01)
+        self.level1 = ConvNormAct(channels[1], channels[1])
+
+    def forward(self, x: torch.Tensor, aniso_d: int) -> list[torch.Tensor]:
+        skip0 = self.level0(x, aniso_d, 0)
+        x = self.down_act(self.down_norm(self.down(skip0, aniso_d, 0)))
+        skip1 = self.level1(x, aniso_d, 1)
+        return [skip0, skip1]
+
+
+class FeaturePyramid(nn.Module):
+    """EVA / BEiT-style simple feature pyramid from four ViT block outputs at level 4.
+
+    level 2: SAC transposed conv, channel LayerNorm, GELU, SAC transposed conv; level 3: one SAC
+    transposed conv; level 4: as is; level 5: max-pooling with the SAC depth stride.
+    """
+
+    def __init__(self, embed_dim: int, level2_channels: int, level3_channels: int):
+        super().__init__()
+        self.level2_up1 = SACUpsample(embed_dim, level2_channels, stride=2)
+        self.level2_norm = ChannelLayerNorm(level2_channels)
+        self.level2_act = nn.GELU()
+        self.level2_up2 = SACUpsample(level2_channels, level2_channels, stride=2)
+        self.level3_up = SACUpsample(embed_dim, level3_channels, stride=2)
+
+    def forward(self, features: list[torch.Tensor], aniso_d: int) -> list[torch.Tensor]:
+        """`features`: 4 maps (B, C, d, h, w) at level 4 -> maps at levels 2, 3, 4, 5."""
+        x2 = self.level2_up1(features[0], aniso_d, TOKEN_LEVEL)
+        x2 = self.level2_up2(self.level2_act(self.level2_norm(x2)), aniso_d, TOKEN_LEVEL - 1)
+        x3 = self.level3_up(features[1], aniso_d, TOKEN_LEVEL)
+        x4 = features[2]
+        pool_depth = depth_downsample_stride(2, aniso_d, TOKEN_LEVEL)
+        x5 = F.max_pool3d(features[3], kernel_size=(pool_depth, 2, 2))
+        return [x2, x3, x4, x5]
+
+
+class UNetDecoder(nn.Module):
+    """Plain U-Net decoder from level 5 to level 0 with segmentation heads at levels 0..4.
+
+    `channels[n]` is the width at level n. Lateral 1x1x1 convs bring the pyramid maps (levels 2..5)
+    to the decoder widths; every stage upsamples (SAC transposed conv), concatenates the skip and
+    applies two conv-norm-act layers. ``deep_supervision`` (set by nnU-Net at run time) selects a
+    list of logits at levels 0..4 (full resolution first) or the level-0 logits only.
+    """
+
+    def __init__(
+        self, pyramid_channels: list[int], channels: list[int], num_classes: int, deep_supervision: bool
+    ):
+        super().__init__()
+        self.deep_supervision = deep_supervision
+        # laterals[i] acts on pyramid level i + 2
+        self.laterals = nn.ModuleList(
+            nn.Conv3d(pyramid_channels[i], channels[i + 2], kernel_size=1)
+            for i in range(len(pyramid_channels))
+        )
+        # upsamples[n] / stages[n] / seg_layers[n] produce level n from level n + 1
+        # (`seg_layers` is nnU-Net's name: its weight transfer skips '.seg_layers.' keys)
+        self.upsamples = nn.ModuleList(
+            SACUpsample(channels[n + 1], channels[n], stride=2) for n in range(NUM_LEVELS - 1)
+        )
+        self.stages = nn.ModuleList(ConvBlock(2 * channels[n], channels[n]) for n in range(NUM_LEVELS - 1))
+        self.seg_layers = nn.ModuleList(
+            nn.Conv3d(channels[n], num_classes, kernel_size=1) for n in range(NUM_LEVELS - 1)
+        )
+
+    def forward(self, skips: list[torch.Tensor], aniso_d: int) -> torch.Tensor | list[torch.Tensor]:
+        """`skips[n]`: feature map at level n, n = 0..5 (levels 2..5 before the laterals)."""
+        skips = skips[:2] + [lateral(x) for lateral, x in zip(self.laterals, skips[2:], strict=True)]
+        x = skips[NUM_LEVELS - 1]
+        logits = []
+        for level in reversed(range(NUM_LEVELS - 1)):
+            x = self.upsamples[level](x, aniso_d, level + 1)
+            x = self.stages[level](torch.cat([x, skips[level]], dim=1), aniso_d, level)
+            if self.deep_supervision or level == 0:
+                logits.append(self.seg_layers[level](x))
+        if not self.deep_supervision:
+            return logits[0]
+        return logits[::-1]  # full resolution first, as nnU-Net's deep supervision expects
+
+
+def init_conv_weights(module: nn.Module, negative_slope: float = 0.01) -> None:
+    """He-normal init for (transposed) convs, zero biases: nnU-Net's InitWeights_He(1e-2)."""
+    if isinstance(module, nn.Conv3d | nn.ConvTranspose3d):
+        nn.init.kaiming_normal_(module.weight, a=negative_slope)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class PUMITSegNet(nn.Module):
+    """Universal ViT + SAC feature pyramid + U-Net decoder + full-resolution branch (SPEC section 7).
+
+    Args:
+        input_channels: image channels (any number; the ViT patch kernel takes them all).
+        num_classes: output channels (logits).
+        deep_supervision: return logits at levels 0..4 (full resolution first) instead of level 0 only.
+            nnU-Net toggles it at run time through ``network.decoder.deep_supervision``.
+        spatial_dims: 2 (input (B, C, H, W), needs aniso_d 5) or 3 (input (B, C, D, H, W)).
+        aniso_d: degree of anisotropy of the (fixed) target spacing, 0..5 (SPEC section 1).
+        vit: `UniversalViT` keyword arguments except ``in_channels``.
+        pyramid_blocks: 4 block indices (0-based) feeding pyramid levels 2, 3, 4, 5. When the last one
+            is the ViT's last block, its output is taken after the ViT's final LayerNorm (as MONAI's
+            UNETR does), so the pre-trained final norm is used rather than left as a dead parameter.
+        decoder_channels: decoder widths at levels 2, 3, 4, 5 (the lateral convs' outputs).
+        full_res_channels: widths of the full-resolution branch and decoder at levels 0 and 1.
+        strides: nnU-Net's pool_op_kernel_sizes, must equal `sac_strides(spatial_dims, aniso_d)`.
+        pyramid_channels: channels of pyramid levels 2 and 3; None keeps the ViT width (EVA / BEiT).
+    """
+
+    def __init__(
+        self,
+        input_channels: int,
+        num_classes: int,
+        deep_supervision: bool = True,
+        *,
+        spatial_dims: int,
+        aniso_d: int,
+        vit: dict,
+        pyramid_blocks: list[int],
+        decoder_channels: list[int] = DEFAULT_DECODER_CHANNELS,
+        full_res_channels: list[int] = DEFAULT_FULL_RES_CHANNELS,
+        strides: list[list[int]],
+        pyramid_channels: list[int] | None = None,
+    ):
+        super().__init__()
+        _check_aniso_d(aniso_d)
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+        if spatial_dims == 2 and aniso_d != MAX_ANISO_D:
+            raise ValueError(
+                f"spatial_dims=2 needs aniso_d={MAX_ANISO_D} (a 2D image is one slice), got {aniso_d}"
+            )
+        expected_strides = sac_strides(spatial_dims, aniso_d)
+        if [list(s) for s in strides] != expected_strides:
+            raise ValueError(
+                f"strides {[list(s) for s in strides]} do not follow the SAC rule for spatial_dims={spatial_dims}, "
+                f"aniso_d={aniso_d}: expected {expected_strides}"
+            )
+        for name, value, length in [
+            ("pyramid_blocks", pyramid_blocks, 4),
+            ("decoder_channels", decoder_channels, 4),
+            ("full_res_channels", full_res_channels, 2),
+            ("pyramid_channels", pyramid_channels if pyramid_channels is not None else [None] * 2, 2),
+        ]:
+            if len(value) != length:
+                raise ValueError(f"{name} needs {length} entries, got {list(value)}")
+        if "in_channels" in vit:
+            raise ValueError("vit must not contain 'in_channels': it is set from input_channels")
+
+        self.input_channels = input_channels
+        self.num_classes = num_classes
+        self.spatial_dims = spatial_dims
+        self.aniso_d = aniso_d  # a plain int: torch.compile / checkpoint friendly
+        self.pyramid_blocks = list(pyramid_blocks)
+        self.strides = expected_strides
+        self.config = {
+            "input_channels": input_channels,
+            "num_classes": num_classes,
+            "deep_supervision": deep_supervision,
+            "spatial_dims": spatial_dims,
+            "aniso_d": aniso_d,
+            "vit": dict(vit),
+            "pyramid_blocks": list(pyramid_blocks),
+            "decoder_channels": list(decoder_channels),
+            "full_res_channels": list(full_res_channels),
+            "strides": expected_strides,
+            "pyramid_channels": list(pyramid_channels) if pyramid_channels is not None else None,
+        }
+
+        self.encoder = UniversalViT(in_channels=input_channels, **vit)
+        if self.encoder.num_downsamples != TOKEN_LEVEL:
+            raise ValueError(
+                f"the ViT patch size must be {2**TOKEN_LEVEL}, got {2**self.encoder.num_downsamples}"
+            )
+        vit_depth = len(self.encoder.blocks)
+        if (
+            sorted(set(pyramid_blocks)) != list(pyramid_blocks)
+            or not 0 <= pyramid_blocks[0] <= pyramid_blocks[-1] < vit_depth
+        ):
+            raise ValueError(
+                f"pyramid_blocks must be 4 increasing block indices below {vit_depth}, got {pyramid_blocks}"
+            )
+        self.last_block_after_norm = pyramid_blocks[-1] == vit_depth - 1
+
+        embed_dim = self.encoder.config["embed_dim"]
+        level23_channels = list(pyramid_channels) if pyramid_channels is not None else [embed_dim, embed_dim]
+        self.pyramid = FeaturePyramid(embed_dim, *level23_channels)
+        self.full_res_branch = FullResolutionBranch(input_channels, list(full_res_channels))
+        self.decoder = UNetDecoder(
+            pyramid_channels=[*level23_channels, embed_dim, embed_dim],
+            channels=[*full_res_channels, *decoder_channels],
+            num_classes=num_classes,
+            deep_supervision=deep_supervision,
+        )
+        self.init_non_encoder_weights()
+
+    def init_non_encoder_weights(self) -> None:
+        """He init of the pyramid, full-resolution branch and decoder; the encoder keeps its own init
+        (and usually pre-trained weights). Deliberately not named `initialize`: nnU-Net would call it."""
+        for part in (self.pyramid, self.full_res_branch, self.decoder):
+            part.apply(init_conv_weights)
+
+    def check_input_shape(self, x: torch.Tensor) -> None:
+        """Raise a ValueError naming the expected layout and divisors if `x` does not fit."""
+        depth_divisor, inplane_divisor = required_patch_divisor(self.aniso_d)
+        layout = "(B, C, H, W)" if self.spatial_dims == 2 else "(B, C, D, H, W)"
+        if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.input_channels:
+            raise ValueError(
+                f"PUMITSegNet (spatial_dims={self.spatial_dims}) expects input {layout} with C={self.input_channels}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        spatial = tuple(x.shape[2:])
+        divisors = (
+            (inplane_divisor, inplane_divisor)
+            if self.spatial_dims == 2
+            else (depth_divisor, inplane_divisor, inplane_divisor)
+        )
+        if any(size % divisor for size, divisor in zip(spatial, divisors, strict=True)):
+            raise ValueError(
+                f"PUMITSegNet input spatial shape {spatial} must be divisible by {divisors} "
+                f"({'depth, ' if self.spatial_dims == 3 else ''}height, width) at aniso_d={self.aniso_d}"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        self.check_input_shape(x)
+        if self.spatial_dims == 2:
+            x = x.unsqueeze(2)  # a 2D image is a volume with one slice
+        aniso_d = self.aniso_d
+
+        encoded = self.encoder(x, aniso_d, return_blocks=tuple(self.pyramid_blocks))
+        block_tokens = list(encoded.block_outputs)
+        if self.last_block_after_norm:
+            block_tokens[-1] = encoded.tokens
+        features = [tokens_to_grid(tokens[:, 1:], encoded.grid) for tokens in block_tokens]  # drop CLS
+
+        skips = self.full_res_branch(x, aniso_d) + self.pyramid(features, aniso_d)
+        logits = self.decoder(skips, aniso_d)
+
+        if self.spatial_dims == 2:
+            if isinstance(logits, list):
+                return [y.squeeze(2) for y in logits]
+            return logits.squeeze(2)
+        return logits

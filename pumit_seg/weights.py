@@ -1,0 +1,161 @@
+"""Weight files: safetensors with a JSON architecture header, and reading foreign checkpoints.
+
+Every model we save carries ``self.config`` (JSON-serialisable constructor kwargs). The
+safetensors metadata entry ``"pumit_seg"`` holds
+``{"format_version": 1, "class": "<module>.<Class>", "config": {...}, **extra}``, so
+`load_model` rebuilds the model without any pickled code. Only classes under
+``pumit_seg.`` are ever instantiated from a header.
+
+Foreign checkpoints (``.pth`` / ``.ckpt`` / ``.pt``) are read with
+``torch.load(weights_only=True)``. A PyTorch Lightning checkpoint such as the authors'
+``pumit.ckpt`` also stores optimizer state and hyper-parameters as arbitrary pickled
+objects, which ``weights_only`` refuses; ``allow_pickle=True`` lifts that. Unpickling runs
+code chosen by whoever made the file: only do it for files from a source you trust.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+__all__ = [
+    "FORMAT_VERSION",
+    "HEADER_KEY",
+    "save_model",
+    "load_model",
+    "read_header",
+    "load_state_dict_file",
+    "unwrap_state_dict",
+]
+
+HEADER_KEY = "pumit_seg"
+FORMAT_VERSION = 1
+TRUSTED_CLASS_PREFIX = "pumit_seg."
+# Top-level entries that wrap the real state dict (Lightning, EVA, DDP-style checkpoints).
+STATE_DICT_WRAPPERS = ("state_dict", "model", "module")
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, extra: dict | None = None) -> None:
+    """Write `model`'s state dict and architecture header to a safetensors file, atomically."""
+    config = getattr(model, "config", None)
+    if not isinstance(config, dict):
+        raise TypeError(f"{type(model).__name__} has no `config` dict; cannot save it with its architecture")
+    model_class = f"{type(model).__module__}.{type(model).__qualname__}"
+    extra = dict(extra or {})
+    reserved = {"format_version", "class", "config"} & extra.keys()
+    if reserved:
+        raise ValueError(f"extra header entries may not override {sorted(reserved)}")
+    header = {"format_version": FORMAT_VERSION, "class": model_class, "config": config, **extra}
+    metadata = {HEADER_KEY: json.dumps(header)}  # fails here, before any file is touched, if not JSON-able
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(tensors, tmp_name, metadata=metadata)
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """The ``pumit_seg`` architecture header of a safetensors file we wrote."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such weight file")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path}: not a readable safetensors file ({error})") from error
+    if HEADER_KEY not in metadata:
+        raise ValueError(
+            f"{path}: safetensors file without a {HEADER_KEY!r} header (not written by save_model)"
+        )
+    try:
+        header = json.loads(metadata[HEADER_KEY])
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: corrupt {HEADER_KEY!r} header ({error})") from error
+    if not isinstance(header, dict) or header.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported header format {header.get('format_version')!r}")
+    return header
+
+
+def load_model(path: str | os.PathLike) -> nn.Module:
+    """Rebuild the model named in the header (classes under ``pumit_seg.`` only) and load its weights."""
+    header = read_header(path)
+    class_path = header.get("class", "")
+    if not isinstance(class_path, str) or not class_path.startswith(TRUSTED_CLASS_PREFIX):
+        raise ValueError(
+            f"{path}: refusing to instantiate {class_path!r} (only {TRUSTED_CLASS_PREFIX}* classes)"
+        )
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        model_class = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(
+            f"{path}: header names {class_path!r}, which cannot be imported ({error})"
+        ) from error
+    model = model_class(**header.get("config", {}))
+    state_dict = load_state_dict_file(path)
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as error:
+        raise ValueError(
+            f"{path}: weights do not fit {class_path} built from its header:\n{error}"
+        ) from error
+    return model
+
+
+def unwrap_state_dict(obj: Mapping, source: str) -> dict[str, Tensor]:
+    """Descend into "state_dict" / "model" / "module" wrappers; check that every value is a tensor."""
+    while isinstance(obj, Mapping):
+        wrapper = next((k for k in STATE_DICT_WRAPPERS if isinstance(obj.get(k), Mapping)), None)
+        if wrapper is None:
+            break
+        obj = obj[wrapper]
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{source}: expected a dict of tensors, found {type(obj).__name__}")
+    not_tensors = [key for key, value in obj.items() if not isinstance(value, Tensor)]
+    if not_tensors:
+        raise ValueError(f"{source}: entries that are not tensors: {not_tensors[:5]}")
+    return dict(obj)
+
+
+def load_state_dict_file(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, Tensor]:
+    """Read a state dict from ``.safetensors`` or a torch checkpoint, unwrapping common wrappers.
+
+    Torch checkpoints are loaded with ``weights_only=True`` unless ``allow_pickle=True``,
+    which unpickles arbitrary objects and so can run arbitrary code: use it only for
+    files you trust (see the module docstring).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such weight file")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ValueError(f"{path}: not a readable safetensors file ({error})") from error
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except Exception as error:  # torch.load raises many types (UnpicklingError, RuntimeError, EOFError...)
+        hint = (
+            ""
+            if allow_pickle
+            else "; if it holds pickled objects and comes from a source you trust, pass allow_pickle=True"
+        )
+        raise ValueError(f"{path}: cannot read the checkpoint{hint}.\n{error}") from error
+    return unwrap_state_dict(obj, source=str(path))

@@ -1,0 +1,127 @@
+"""SAC layers (SPEC section 2): strides, depth sum-pooling, upsampling, 2D weight inflation."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pumit_seg.sac import (
+    SACConv3d,
+    SACDownsample,
+    SACUpsample,
+    aniso_d_from_spacing,
+    depth_downsample_stride,
+    depth_upsample_stride,
+    inflate_depth,
+    pending_downsamples,
+    sum_pool_depth,
+)
+
+
+def test_stride_rules():
+    assert pending_downsamples(3, 1) == 2 and pending_downsamples(1, 3) == 0
+    assert [depth_downsample_stride(16, a, 0) for a in range(6)] == [16, 8, 4, 2, 1, 1]
+    assert depth_downsample_stride(2, 2, 1) == 1 and depth_downsample_stride(2, 2, 2) == 2
+    # upsampling from the 1/32 level (n = 5) with stride 2 at aniso_d 4 and 5
+    assert depth_upsample_stride(2, 4, 5) == 2 and depth_upsample_stride(2, 5, 5) == 1
+    assert depth_upsample_stride(16, 2, 4) == 4
+
+
+@pytest.mark.parametrize(
+    ("spacing", "expected"),
+    [
+        ((1, 1, 1), 0),
+        ((0.5, 1, 1), 0),
+        ((2.5, 0.8, 0.8), 1),
+        ((5, 1, 1), 2),
+        ((2.4, 0.3, 0.3), 3),
+        ((100, 1, 1), 5),
+    ],
+)
+def test_aniso_d_from_spacing(spacing, expected):
+    assert aniso_d_from_spacing(spacing) == expected
+
+
+def test_aniso_d_rejects_bad_spacing():
+    with pytest.raises(ValueError, match="positive"):
+        aniso_d_from_spacing((0, 1, 1))
+
+
+@pytest.mark.parametrize("aniso_d", [0, 1, 2, 3])
+def test_patch_embedding_gives_same_token_grid(aniso_d):
+    layer = SACDownsample(2, 8, stride=16)
+    x = torch.randn(1, 2, 64 >> aniso_d, 64, 64)
+    assert layer(x, aniso_d, 0).shape == (1, 8, 4, 4, 4)
+
+
+def test_patch_embedding_rejects_indivisible_input():
+    with pytest.raises(ValueError, match="not divisible"):
+        SACDownsample(1, 4, stride=16)(torch.randn(1, 1, 8, 60, 64), 0, 0)
+
+
+def test_reduced_kernel_equals_conv3d_with_sum_pooled_kernel():
+    torch.manual_seed(0)
+    layer = SACDownsample(3, 5, stride=8)
+    x = torch.randn(2, 3, 4, 16, 16)
+    out = layer(x, 1, 0)  # depth stride 4
+    pooled = layer.weight.reshape(5, 3, 4, 2, 8, 8).sum(3)
+    assert torch.allclose(out, F.conv3d(x, pooled, layer.bias, stride=(4, 8, 8)), atol=1e-5)
+    assert torch.equal(sum_pool_depth(layer.weight, 4), pooled)
+
+
+def test_sum_pooled_kernel_matches_full_kernel_on_depth_constant_input():
+    torch.manual_seed(0)
+    conv = SACConv3d(3, 4)
+    slice2d = torch.randn(1, 3, 1, 12, 12)
+    x = slice2d.expand(-1, -1, 6, -1, -1)
+    reduced = conv(x, 2, 0)  # pending > 0: 1x3x3
+    full = conv(x, 0, 0)  # full 3x3x3
+    assert reduced.shape == full.shape == (1, 4, 6, 12, 12)
+    assert torch.allclose(reduced[:, :, 1:-1], full[:, :, 1:-1], atol=1e-5)
+    # the downsampling layer, too: one patch of depth-constant input
+    down = SACDownsample(3, 4, stride=4)
+    x = torch.randn(1, 3, 1, 8, 8).expand(-1, -1, 4, -1, -1)
+    assert torch.allclose(down(x, 2, 0), down(x, 0, 0), atol=1e-5)
+
+
+def test_upsampling_inverts_downsampling_shapes():
+    down = [SACDownsample(1, 1, stride=2) for _ in range(5)]
+    up = [SACUpsample(1, 1, stride=2) for _ in range(5)]
+    for aniso_d in range(6):
+        depth = 2 ** max(5 - aniso_d, 0)
+        x = torch.randn(1, 1, depth, 32, 32)
+        shapes = [x.shape]
+        for level, layer in enumerate(down):
+            x = layer(x, aniso_d, level)
+            shapes.append(x.shape)
+        assert x.shape[2:] == (1, 1, 1)
+        for level, layer in zip(range(5, 0, -1), up, strict=True):
+            x = layer(x, aniso_d, level)
+            assert x.shape == shapes[level - 1], (aniso_d, level)
+
+
+def test_2d_weight_inflation_on_load_state_dict():
+    torch.manual_seed(0)
+    conv2d = torch.nn.Conv2d(3, 4, 3, padding=1)
+    sac = SACConv3d(3, 4)
+    sac.load_state_dict(conv2d.state_dict())
+    assert torch.allclose(sac.weight.sum(2), conv2d.weight, atol=1e-6)
+    image = torch.randn(1, 3, 10, 10)
+    volume = image[:, :, None].expand(-1, -1, 5, -1, -1)
+    out = sac(volume, 0, 0)  # the full inflated 3x3x3 kernel
+    expected = conv2d(image)
+    for z in range(1, 4):
+        assert torch.allclose(out[:, :, z], expected, atol=1e-5)
+    # a 2D patch embedding loads into the SAC patch embedding and reproduces it on a 2D image
+    patch2d = torch.nn.Conv2d(3, 4, 8, stride=8)
+    sac_patch = SACDownsample(3, 4, stride=8)
+    sac_patch.load_state_dict(patch2d.state_dict())
+    assert torch.allclose(
+        sac_patch(image[..., :8, :8][:, :, None], 5, 0)[:, :, 0], patch2d(image[..., :8, :8]), atol=1e-5
+    )
+
+
+def test_inflate_then_pool_round_trip():
+    weight = torch.randn(2, 3, 4, 5, 5)
+    assert torch.allclose(sum_pool_depth(inflate_depth(weight, 16), 4), weight, atol=1e-6)
+    with pytest.raises(ValueError, match="not a divisor"):
+        sum_pool_depth(weight, 3)
