@@ -1,0 +1,263 @@
+"""CHAOS round trip on a synthetic tree: convert -> (labels as prediction) -> export -> PNGs equal -> score."""
+
+import json
+import os
+import zipfile
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from PIL import Image
+from pumit_seg.evaluation import chaos
+from pumit_seg.evaluation.chaos_io import grey_to_labels, labels_to_grey, read_png_stack
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+ORIENTATION = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+PIXEL_SPACING = [0.9, 0.8]  # rows, columns: different, so a swapped axis would show
+
+
+def write_dicom(path, pixels, position, modality, intercept=0.0):
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage if modality == "CT" else MRImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = modality
+    ds.Rows, ds.Columns = pixels.shape
+    ds.PixelSpacing = PIXEL_SPACING
+    ds.ImagePositionPatient = list(position)
+    ds.ImageOrientationPatient = ORIENTATION
+    ds.SliceThickness = 99.0  # deliberately wrong: the slice step must come from the positions
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.RescaleSlope, ds.RescaleIntercept = 1.0, intercept
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def write_series(folder, volume, positions, modality, names, intercept=0.0):
+    os.makedirs(folder, exist_ok=True)
+    for k, (pixels, position) in enumerate(zip(volume, positions, strict=True)):
+        write_dicom(os.path.join(folder, names[k]), pixels, position, modality, intercept)
+
+
+def write_pngs(folder, grey, names):
+    os.makedirs(folder, exist_ok=True)
+    for g, name in zip(grey, names, strict=True):
+        Image.fromarray(g.astype(np.uint8), mode="L").save(os.path.join(folder, name))
+
+
+def mr_ground_truth(num_slices, rows, columns, rng):
+    grey = np.zeros((num_slices, rows, columns), np.uint8)
+    grey[:, 2:9, 2:10] = 63  # liver, cut by the first and the last slice
+    grey[1:4, 11:15, 3:7] = 120  # right kidney, a grey value inside its range (110-135), not 126
+    grey[2:, 12:16, 12:16] = 189  # left kidney
+    grey[0:2, 3:6, 13:17] = 250  # spleen (240-255)
+    grey[rng.random(grey.shape) < 0.02] = 30  # stray grey values outside every range: background
+    return grey
+
+
+@pytest.fixture(scope="module")
+def chaos_tree(tmp_path_factory):
+    """MR case 1 (T1DUAL and T2SPIR, T1 file names run against the slice position), CT case 2."""
+    root = str(tmp_path_factory.mktemp("chaos") / "Train_Sets")
+    rng = np.random.default_rng(0)
+    rows, columns = 18, 20
+    # MR T1DUAL: 6 slices; file IMG-0001 lies highest, positions fall with the file name
+    t1_slices = 6
+    t1_positions = [(-10.0, 20.0, 30.0 - 4.5 * k) for k in range(t1_slices)]
+    names = [f"IMG-0004-{k + 1:05d}.dcm" for k in range(t1_slices)]
+    base = os.path.join(root, "MR", "1", "T1DUAL")
+    in_phase = rng.integers(0, 900, (t1_slices, rows, columns))
+    write_series(os.path.join(base, "DICOM_anon", "InPhase"), in_phase, t1_positions, "MR", names)
+    out_names = [f"IMG-0004-{k + 100:05d}.dcm" for k in range(t1_slices)]
+    write_series(os.path.join(base, "DICOM_anon", "OutPhase"), in_phase // 2, t1_positions, "MR", out_names)
+    write_pngs(
+        os.path.join(base, "Ground"),
+        mr_ground_truth(t1_slices, rows, columns, rng),
+        [n.replace(".dcm", ".png") for n in names],
+    )
+    # MR T2SPIR: 5 slices in ascending position
+    t2_slices = 5
+    base = os.path.join(root, "MR", "1", "T2SPIR")
+    names = [f"IMG-0002-{k + 1:05d}.dcm" for k in range(t2_slices)]
+    t2_positions = [(-10.0, 20.0, 3.0 + 6.0 * k) for k in range(t2_slices)]
+    write_series(
+        os.path.join(base, "DICOM_anon"),
+        rng.integers(0, 900, (t2_slices, rows, columns)),
+        t2_positions,
+        "MR",
+        names,
+    )
+    write_pngs(
+        os.path.join(base, "Ground"),
+        mr_ground_truth(t2_slices, rows, columns, rng),
+        [n.replace(".dcm", ".png") for n in names],
+    )
+    # CT: 4 slices of 16 x 14, HU via intercept, liver = any non-zero grey
+    ct = np.full((4, 16, 14), 1000) + rng.integers(0, 300, (4, 16, 14))
+    base = os.path.join(root, "CT", "2")
+    names = [f"i{k:04d},0000b.dcm" for k in range(4)]
+    write_series(
+        os.path.join(base, "DICOM_anon"), ct, [(0.0, 0.0, -2.5 * k) for k in range(4)], "CT", names, -1024.0
+    )
+    ct_grey = np.zeros((4, 16, 14), np.uint8)
+    ct_grey[:3, 4:12, 3:9] = 255
+    ct_grey[3, 5, 5] = 1  # any non-zero pixel is liver
+    write_pngs(os.path.join(base, "Ground"), ct_grey, [f"liver_GT_{k:03d}.png" for k in range(4)])
+    return root
+
+
+@pytest.fixture(scope="module")
+def converted(chaos_tree, tmp_path_factory):
+    raw = str(tmp_path_factory.mktemp("nnUNet_raw"))
+    chaos.main(["convert", chaos_tree, raw])
+    return raw
+
+
+def test_convert_layout_and_geometry(chaos_tree, converted):
+    t1 = os.path.join(converted, "Dataset301_CHAOS_MR_T1DUAL")
+    dataset = json.load(open(os.path.join(t1, "dataset.json")))
+    assert dataset["channel_names"] == {"0": "T1_InPhase", "1": "T1_OutPhase"}
+    assert dataset["labels"] == {
+        "background": 0,
+        "liver": 1,
+        "right_kidney": 2,
+        "left_kidney": 3,
+        "spleen": 4,
+    }
+    assert dataset["numTraining"] == 1
+    assert sorted(os.listdir(os.path.join(t1, "imagesTr"))) == [
+        "CHAOS_001_0000.nii.gz",
+        "CHAOS_001_0001.nii.gz",
+    ]
+    ct_dataset = json.load(open(os.path.join(converted, "Dataset303_CHAOS_CT", "dataset.json")))
+    assert ct_dataset["channel_names"] == {"0": "CT"} and ct_dataset["labels"] == {
+        "background": 0,
+        "liver": 1,
+    }
+
+    # slice k is DICOM file k in name order, and sits at that file's ImagePositionPatient
+    image = sitk.ReadImage(os.path.join(t1, "imagesTr", "CHAOS_001_0000.nii.gz"))
+    dicom_folder = os.path.join(chaos_tree, "MR", "1", "T1DUAL", "DICOM_anon", "InPhase")
+    files = sorted(os.listdir(dicom_folder))
+    array = sitk.GetArrayFromImage(image)
+    assert image.GetSpacing() == pytest.approx(
+        (0.8, 0.9, 4.5)
+    )  # columns, rows, slice step (not SliceThickness)
+    for k, name in enumerate(files):
+        ds = pydicom.dcmread(os.path.join(dicom_folder, name))
+        np.testing.assert_array_equal(array[k], ds.pixel_array)
+        assert image.TransformIndexToPhysicalPoint((0, 0, k)) == pytest.approx(
+            [float(v) for v in ds.ImagePositionPatient]
+        )
+        assert image.TransformIndexToPhysicalPoint((1, 0, 0))[0] - image.GetOrigin()[0] == pytest.approx(0.8)
+    out_phase = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(t1, "imagesTr", "CHAOS_001_0001.nii.gz")))
+    np.testing.assert_array_equal(out_phase, array // 2)
+
+    ct_image = sitk.GetArrayFromImage(
+        sitk.ReadImage(os.path.join(converted, "Dataset303_CHAOS_CT", "imagesTr", "CHAOS_002_0000.nii.gz"))
+    )
+    assert ct_image.min() >= 1000 - 1024 and ct_image.max() < 1300 - 1024  # Hounsfield units
+
+    record = json.load(open(os.path.join(t1, "chaos_mapping", "CHAOS_001.json")))
+    assert record["dicom_files"] == files and (record["rows"], record["columns"], record["num_slices"]) == (
+        18,
+        20,
+        6,
+    )
+
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(t1, "labelsTr", "CHAOS_001.nii.gz")))
+    grey, _ = read_png_stack(os.path.join(chaos_tree, "MR", "1", "T1DUAL", "Ground"))
+    np.testing.assert_array_equal(labels, grey_to_labels(grey, "MR"))
+    assert set(np.unique(labels)) == {0, 1, 2, 3, 4}
+
+
+def test_round_trip_export_and_score(chaos_tree, converted, tmp_path):
+    predictions = []
+    for sequence in ("T1DUAL", "T2SPIR", "CT"):
+        dataset = os.path.join(
+            converted, chaos.dataset_folder_name(sequence, chaos.DEFAULT_DATASET_IDS[sequence])
+        )
+        predictions += [
+            "--pred",
+            dataset,
+            os.path.join(dataset, "labelsTr"),
+        ]  # the labels play the prediction
+    submission, zip_file = str(tmp_path / "submission"), str(tmp_path / "submission.zip")
+    chaos.main(["export", submission, *predictions, "--zip", zip_file])
+    assert sorted(os.listdir(submission)) == [f"Task{t}" for t in range(1, 6)]
+
+    series = {
+        ("MR", "T1DUAL"): (os.path.join(chaos_tree, "MR", "1", "T1DUAL", "Ground"), "MR/1/T1DUAL/Results"),
+        ("MR", "T2SPIR"): (os.path.join(chaos_tree, "MR", "1", "T2SPIR", "Ground"), "MR/1/T2SPIR/Results"),
+        ("CT", "CT"): (os.path.join(chaos_tree, "CT", "2", "Ground"), "CT/2/Results"),
+    }
+    for task, (liver_only, modalities) in chaos.TASKS.items():
+        for (modality, _), (ground, results) in series.items():
+            folder = os.path.join(submission, f"Task{task}", results)
+            if modality not in modalities:
+                assert not os.path.exists(folder)
+                continue
+            reference, _ = read_png_stack(ground)
+            exported, names = read_png_stack(folder)
+            assert names == sorted(names) and len(names) == len(reference)
+            expected = labels_to_grey(grey_to_labels(reference, modality), modality, liver_only)
+            np.testing.assert_array_equal(
+                exported, expected
+            )  # slice for slice, rows and columns of the DICOM
+    with zipfile.ZipFile(zip_file) as archive:
+        members = archive.namelist()
+    assert "Task5/MR/1/T1DUAL/Results/img000.png" in members and all(m.startswith("Task") for m in members)
+    assert len(members) == sum(len(files) for _, _, files in os.walk(submission))
+
+    scores_file = str(tmp_path / "scores.json")
+    chaos.main(["score", submission, chaos_tree, "-o", scores_file])
+    scores = json.load(open(scores_file))
+    assert sorted(scores) == [f"Task{t}" for t in range(1, 6)]
+    assert len(scores["Task5"]["series"]) == 8 and len(scores["Task2"]["series"]) == 1
+    for task in scores.values():
+        for row in task["series"]:
+            assert row["DICE"] == 1 and row["RAVD"] == 0 and row["ASSD"] == 0 and row["MSSD"] == 0
+        assert task["score"] == 100
+
+
+def test_score_of_an_imperfect_result(chaos_tree, converted, tmp_path):
+    dataset = os.path.join(converted, "Dataset302_CHAOS_MR_T2SPIR")
+    submission = str(tmp_path / "submission")
+    chaos.export_submission([(dataset, os.path.join(dataset, "labelsTr"))], submission)
+    assert sorted(os.listdir(submission)) == ["Task3", "Task5"]  # MR only
+    # erase the liver on the first result slice
+    first = os.path.join(submission, "Task3", "MR", "1", "T2SPIR", "Results", "img000.png")
+    Image.fromarray(np.zeros((18, 20), np.uint8), mode="L").save(first)
+    scores = chaos.score_results(submission, chaos_tree)
+    row = scores["Task3"]["series"][0]
+    ref = (
+        grey_to_labels(read_png_stack(os.path.join(chaos_tree, "MR", "1", "T2SPIR", "Ground"))[0], "MR") == 1
+    )
+    seg = ref.copy()
+    seg[0] = False
+    assert row["DICE"] == pytest.approx(2 * seg.sum() / (ref.sum() + seg.sum()))
+    assert row["RAVD"] == pytest.approx((ref.sum() - seg.sum()) / ref.sum() * 100)
+    assert row["MSSD"] == pytest.approx(
+        6.0
+    )  # the erased slice's centre lies one slice step (6 mm) from the new rim
+    assert 0 < row["ASSD"] < 6 and scores["Task5"]["score"] == 100
+
+
+def test_clear_errors(chaos_tree, converted, tmp_path):
+    dataset = os.path.join(converted, "Dataset303_CHAOS_CT")
+    wrong = tmp_path / "pred"
+    wrong.mkdir()
+    sitk.WriteImage(sitk.Image(14, 16, 3, sitk.sitkUInt8), str(wrong / "CHAOS_002.nii.gz"))
+    with pytest.raises(ValueError, match="CHAOS_002.nii.gz has shape"):
+        chaos.export_submission([(dataset, str(wrong))], str(tmp_path / "out"))
+    sitk.WriteImage(sitk.Image(14, 16, 4, sitk.sitkUInt8), str(wrong / "CHAOS_077.nii.gz"))
+    with pytest.raises(FileNotFoundError, match="CHAOS_077"):
+        chaos.export_submission([(dataset, str(wrong))], str(tmp_path / "out"))
+    with pytest.raises(FileNotFoundError, match="no CHAOS series"):
+        chaos.convert(str(tmp_path), str(tmp_path / "raw"))
