@@ -1,0 +1,316 @@
+"""nnU-Net experiment planner for `pumit_seg.seg_net.PUMITSegNet` (plans named ``PUMITPlans``).
+
+What it keeps from nnU-Net's `ExperimentPlanner`: the dataset fingerprint, the target spacing rules
+(median, or the 10th percentile on a very anisotropic axis), the axis transposition (lowest
+resolution axis first, so nnU-Net's first spatial axis is our depth axis), normalisation and
+resampling choices, the 5 % dataset-coverage cap on the batch size and the plans file layout.
+
+What it changes, because the network is a ViT and not a conv U-Net:
+
+* Only ``2d`` and ``3d_fullres`` are planned (no 3d_lowres / cascade).
+* ``aniso_d`` (SPEC section 1) comes from the configuration's target spacing in nnU-Net's transposed
+  order (depth first); the 2D configuration is a one-slice volume with ``aniso_d = 5``.
+* The patch size is a multiple of what the network needs exactly
+  (`pumit_seg.seg_net.required_patch_divisor`: in-plane 32, depth ``2 ** max(5 - aniso_d, 0)``),
+  starting from nnU-Net's aspect-ratio rule capped by the median image shape and shrunk until a batch
+  of two fits the memory budget. A user-given patch size is checked against the divisors.
+* The batch size comes from `estimate_training_memory`, a simple activation model of the ViT, the
+  feature pyramid and the conv decoder (nnU-Net's conv feature-map estimate does not apply).
+* ``architecture`` names our network by dotted path with every size in ``arch_kwargs``
+  (`pumit_seg.seg_net.build_arch_kwargs`), and ``strides`` are the network's deep-supervision
+  strides, so nnU-Net's deep-supervision targets match the network's outputs.
+* An optional ``pumit_pretrained_weights`` key per configuration names the encoder weights that
+  `pumit_seg.trainers.PUMITTrainer` loads.
+"""
+
+import json
+import math
+import os
+from copy import deepcopy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+
+from pumit_seg.sac import aniso_d_from_spacing, depth_downsample_stride
+from pumit_seg.seg_net import PUMITSegNet, build_arch_kwargs, depth_factor, required_patch_divisor
+
+PUMIT_PLANS_NAME = "PUMITPlans"
+PRETRAINED_WEIGHTS_PLANS_KEY = "pumit_pretrained_weights"
+NETWORK_CLASS_NAME = "pumit_seg.seg_net.PUMITSegNet"
+TWO_D_ANISO_D = 5
+NUM_LEVELS = 6  # in-plane levels 1 .. 1/32 of the network
+TOKEN_LEVEL = 4  # patch size 16
+
+
+@dataclass
+class MemoryModel:
+    """Training-memory model of `PUMITSegNet` (bf16 autocast, AdamW), in bytes.
+
+    Activations kept for the backward pass are counted per element of the feature maps:
+
+    * ViT: ``vit_bytes_per_token_channel`` per token, per embedding channel, per block. A pre-norm
+      EVA-02 block with a SwiGLU MLP (hidden 8/3 width, sub-LN) keeps ~60 bytes per token and channel in
+      bf16 autocast (residual stream and LayerNorm outputs in fp32). Attention is assumed to run in a
+      memory-efficient / flash kernel (PyTorch's scaled_dot_product_attention on GPU), so there is no
+      quadratic term.
+    * Conv parts (full-resolution branch, feature pyramid, decoder): ``conv_bytes_per_voxel_channel``
+      per voxel and channel at each level (conv, InstanceNorm in fp32, LeakyReLU, upsampling and
+      concatenation outputs of two conv layers).
+    * Fixed: ``bytes_per_parameter`` (fp32 weights, gradients and AdamW's two moments) plus
+      ``overhead_bytes`` for the CUDA context, cuDNN workspaces and allocator fragmentation.
+
+    The numbers are deliberately round; they only need to rank patch sizes and give a safe batch size.
+    """
+
+    vit_bytes_per_token_channel: float = 60.0
+    conv_bytes_per_voxel_channel: float = 32.0
+    bytes_per_parameter: float = 16.0
+    overhead_bytes: float = 1.5e9
+
+
+def count_parameters(arch_kwargs: dict, input_channels: int, num_classes: int) -> int:
+    """Number of parameters of `PUMITSegNet(**arch_kwargs)`, counted on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        network = PUMITSegNet(input_channels, num_classes, True, **arch_kwargs)
+    return sum(p.numel() for p in network.parameters())
+
+
+def estimate_training_memory(
+    arch_kwargs: dict,
+    num_parameters: int,
+    num_classes: int,
+    patch_size,
+    batch_size: int,
+    memory_model: MemoryModel,
+) -> float:
+    """Estimated peak GPU memory (bytes) of one training step of `PUMITSegNet` with these arch kwargs.
+
+    `patch_size` is (H, W) for 2D or (D, H, W) for 3D; `num_parameters` from `count_parameters`.
+    """
+    patch = [1, *patch_size] if len(patch_size) == 2 else list(patch_size)
+    aniso_d = arch_kwargs["aniso_d"]
+    embed_dim = arch_kwargs["vit"]["embed_dim"]
+    vit_depth = arch_kwargs["vit"]["depth"]
+
+    patch_depth = depth_downsample_stride(2**TOKEN_LEVEL, aniso_d, 0)
+    num_tokens = (patch[0] // patch_depth) * (patch[1] // 2**TOKEN_LEVEL) * (patch[2] // 2**TOKEN_LEVEL)
+    vit_bytes = num_tokens * embed_dim * vit_depth * memory_model.vit_bytes_per_token_channel
+
+    pyramid_channels = arch_kwargs.get("pyramid_channels") or [embed_dim, embed_dim]
+    level_channels = {
+        0: 2 * arch_kwargs["full_res_channels"][0],  # branch + decoder stage
+        1: 2 * arch_kwargs["full_res_channels"][1],
+        2: arch_kwargs["decoder_channels"][0] + pyramid_channels[0],
+        3: arch_kwargs["decoder_channels"][1] + pyramid_channels[1] + embed_dim,  # + level-2 intermediate
+        4: arch_kwargs["decoder_channels"][2] + 4 * embed_dim,  # 4 block outputs as maps
+        5: arch_kwargs["decoder_channels"][3] + embed_dim,
+    }
+    conv_bytes = 0.0
+    for level, channels in level_channels.items():
+        voxels = (patch[0] / depth_factor(level, aniso_d)) * (patch[1] / 2**level) * (patch[2] / 2**level)
+        conv_bytes += voxels * (channels + num_classes) * memory_model.conv_bytes_per_voxel_channel
+
+    fixed_bytes = num_parameters * memory_model.bytes_per_parameter + memory_model.overhead_bytes
+    return fixed_bytes + batch_size * (vit_bytes + conv_bytes)
+
+
+def check_patch_size(patch_size, aniso_d: int) -> list[int]:
+    """Return `patch_size` as a list of ints, or raise a ValueError naming the required divisors."""
+    depth_divisor, inplane_divisor = required_patch_divisor(aniso_d)
+    divisors = (
+        [inplane_divisor, inplane_divisor]
+        if len(patch_size) == 2
+        else [depth_divisor, inplane_divisor, inplane_divisor]
+    )
+    patch_size = [int(p) for p in patch_size]
+    if any(p <= 0 or p % d for p, d in zip(patch_size, divisors, strict=True)):
+        axes = "(H, W)" if len(patch_size) == 2 else "(D, H, W)"
+        raise ValueError(
+            f"patch size {patch_size} does not fit PUMITSegNet at aniso_d={aniso_d}: every axis {axes} must be a "
+            f"positive multiple of {divisors} (in-plane: the ViT patch 16 and the 1/32 pyramid level; depth: "
+            f"2 ** max(5 - aniso_d, 0))"
+        )
+    return patch_size
+
+
+class PUMITPlanner(ExperimentPlanner):
+    """Plans ``2d`` and ``3d_fullres`` configurations for `PUMITSegNet`.
+
+    Args beyond nnU-Net's: `model` ("tiny", "base", "large"); `patch_size_2d` / `patch_size_3d` fix the
+    patch sizes (checked); `decoder_channels`, `full_res_channels`, `pyramid_channels` change the conv
+    widths (e.g. smaller for CPU runs); `vit_overrides` changes single ViT arguments (e.g.
+    ``{"grad_checkpointing": True}``); `pretrained_weights` is written to each configuration as
+    ``pumit_pretrained_weights`` (absolute path); `batch_size` fixes the batch size; `memory_model`
+    replaces the default memory model. `gpu_memory_target_in_gb` is the memory budget (nnU-Net's
+    default: 8).
+    """
+
+    def __init__(
+        self,
+        dataset_name_or_id,
+        gpu_memory_target_in_gb: float = 8,
+        preprocessor_name: str = "DefaultPreprocessor",
+        plans_name: str = PUMIT_PLANS_NAME,
+        overwrite_target_spacing=None,
+        suppress_transpose: bool = False,
+        *,
+        model: str = "base",
+        patch_size_2d=None,
+        patch_size_3d=None,
+        decoder_channels=None,
+        full_res_channels=None,
+        pyramid_channels=None,
+        vit_overrides: dict | None = None,
+        pretrained_weights: str | None = None,
+        batch_size: int | None = None,
+        memory_model: MemoryModel | None = None,
+    ):
+        super().__init__(
+            dataset_name_or_id,
+            gpu_memory_target_in_gb,
+            preprocessor_name,
+            plans_name,
+            overwrite_target_spacing,
+            suppress_transpose,
+        )
+        self.model = model
+        self.patch_size_2d = patch_size_2d
+        self.patch_size_3d = patch_size_3d
+        self.decoder_channels = decoder_channels
+        self.full_res_channels = full_res_channels
+        self.pyramid_channels = pyramid_channels
+        self.vit_overrides = vit_overrides
+        if pretrained_weights is not None and not os.path.isfile(pretrained_weights):
+            raise FileNotFoundError(f"pretrained weights file {pretrained_weights} does not exist")
+        self.pretrained_weights = os.path.abspath(pretrained_weights) if pretrained_weights else None
+        self.fixed_batch_size = batch_size
+        self.memory_model = memory_model or MemoryModel()
+        self._parameter_counts = {}  # arch_kwargs (json) -> number of parameters
+        self.lowres_creation_threshold = 0  # never plan 3d_lowres: the ViT plans are fullres only
+
+    def build_arch_kwargs(self, spatial_dims: int, aniso_d: int) -> dict:
+        return build_arch_kwargs(
+            self.model,
+            spatial_dims,
+            aniso_d,
+            decoder_channels=self.decoder_channels,
+            full_res_channels=self.full_res_channels,
+            pyramid_channels=self.pyramid_channels,
+            vit_overrides=self.vit_overrides,
+        )
+
+    def estimate_memory(self, arch_kwargs: dict, patch_size, batch_size: int) -> float:
+        num_classes = len(self.dataset_json["labels"])
+        key = json.dumps(arch_kwargs, sort_keys=True)
+        if key not in self._parameter_counts:
+            self._parameter_counts[key] = count_parameters(
+                arch_kwargs, self.num_input_channels(), num_classes
+            )
+        return estimate_training_memory(
+            arch_kwargs, self._parameter_counts[key], num_classes, patch_size, batch_size, self.memory_model
+        )
+
+    def num_input_channels(self) -> int:
+        return len(self.dataset_json.get("channel_names", self.dataset_json.get("modality", {})))
+
+    def determine_patch_size(self, spacing, median_shape, arch_kwargs: dict) -> list[int]:
+        """nnU-Net's aspect-ratio start (256**3 voxels in 3D, 2048**2 in 2D) capped by the median shape, rounded
+        up to the network's divisors, then shrunk (the axis largest relative to the median first) until a
+        batch of two fits the memory budget."""
+        aniso_d = arch_kwargs["aniso_d"]
+        depth_divisor, inplane_divisor = required_patch_divisor(aniso_d)
+        divisors = (
+            [inplane_divisor] * 2 if len(spacing) == 2 else [depth_divisor, inplane_divisor, inplane_divisor]
+        )
+        inverse_spacing = 1 / np.asarray(spacing, dtype=float)
+        start_volume = 256**3 if len(spacing) == 3 else 2048**2
+        start = inverse_spacing * (start_volume / np.prod(inverse_spacing)) ** (1 / len(spacing))
+        start = np.minimum(start, median_shape[: len(spacing)])
+        patch_size = [int(max(math.ceil(s / d), 1) * d) for s, d in zip(start, divisors, strict=True)]
+
+        budget = self.UNet_vram_target_GB * 1e9
+        while self.estimate_memory(arch_kwargs, patch_size, self.UNet_min_batch_size) > budget:
+            reducible = [i for i in range(len(patch_size)) if patch_size[i] > divisors[i]]
+            if not reducible:
+                raise RuntimeError(
+                    f"{self.dataset_name}: even the smallest patch {patch_size} with batch size "
+                    f"{self.UNet_min_batch_size} needs more than the memory budget of {self.UNet_vram_target_GB} GB; "
+                    f"raise -gpu_memory_target or pick a smaller model"
+                )
+            axis = max(reducible, key=lambda i: patch_size[i] / median_shape[i])
+            patch_size[axis] -= divisors[axis]
+        return patch_size
+
+    def determine_batch_size(self, arch_kwargs: dict, patch_size, approximate_n_voxels_dataset: float) -> int:
+        """As many samples as the memory budget holds, capped so that one batch sees at most 5 % of the
+        dataset's voxels (nnU-Net's rule), and never below nnU-Net's minimum of 2."""
+        if self.fixed_batch_size is not None:
+            return int(self.fixed_batch_size)
+        budget = self.UNet_vram_target_GB * 1e9
+        fixed = self.estimate_memory(arch_kwargs, patch_size, 0)
+        per_sample = self.estimate_memory(arch_kwargs, patch_size, 1) - fixed
+        batch_size = int((budget - fixed) // per_sample)
+        coverage_cap = round(
+            approximate_n_voxels_dataset * self.max_dataset_covered / np.prod(patch_size, dtype=np.float64)
+        )
+        return max(min(batch_size, coverage_cap), self.UNet_min_batch_size)
+
+    def get_plans_for_configuration(
+        self, spacing, median_shape, data_identifier: str, approximate_n_voxels_dataset: float, _cache: dict
+    ) -> dict:
+        if not all(s > 0 for s in spacing):
+            raise ValueError(f"{self.dataset_name}: spacing must be positive, got {spacing}")
+        spatial_dims = len(spacing)
+        aniso_d = TWO_D_ANISO_D if spatial_dims == 2 else aniso_d_from_spacing(spacing)
+        arch_kwargs = self.build_arch_kwargs(spatial_dims, aniso_d)
+
+        fixed_patch_size = self.patch_size_2d if spatial_dims == 2 else self.patch_size_3d
+        if fixed_patch_size is not None:
+            if len(fixed_patch_size) != spatial_dims:
+                raise ValueError(
+                    f"the {spatial_dims}D patch size needs {spatial_dims} values, got {list(fixed_patch_size)}"
+                )
+            patch_size = check_patch_size(fixed_patch_size, aniso_d)
+        else:
+            patch_size = self.determine_patch_size(spacing, median_shape, arch_kwargs)
+        check_patch_size(patch_size, aniso_d)
+        batch_size = self.determine_batch_size(arch_kwargs, patch_size, approximate_n_voxels_dataset)
+
+        resampling_data, resampling_data_kwargs, resampling_seg, resampling_seg_kwargs = (
+            self.determine_resampling()
+        )
+        resampling_softmax, resampling_softmax_kwargs = self.determine_segmentation_softmax_export_fn()
+        normalization_schemes, mask_is_used_for_norm = (
+            self.determine_normalization_scheme_and_whether_mask_is_used_for_norm()
+        )
+
+        plan = {
+            "data_identifier": data_identifier,
+            "preprocessor_name": self.preprocessor_name,
+            "batch_size": batch_size,
+            "patch_size": patch_size,
+            "median_image_size_in_voxels": median_shape,
+            "spacing": spacing,
+            "normalization_schemes": normalization_schemes,
+            "use_mask_for_norm": mask_is_used_for_norm,
+            "resampling_fn_data": resampling_data.__name__,
+            "resampling_fn_seg": resampling_seg.__name__,
+            "resampling_fn_data_kwargs": resampling_data_kwargs,
+            "resampling_fn_seg_kwargs": resampling_seg_kwargs,
+            "resampling_fn_probabilities": resampling_softmax.__name__,
+            "resampling_fn_probabilities_kwargs": resampling_softmax_kwargs,
+            "architecture": {
+                "network_class_name": NETWORK_CLASS_NAME,
+                "arch_kwargs": arch_kwargs,
+                "_kw_requires_import": [],
+            },
+            "pumit_model": self.model,
+            "pumit_memory_estimate_gb": round(
+                self.estimate_memory(arch_kwargs, patch_size, batch_size) / 1e9, 2
+            ),
+        }
+        if self.pretrained_weights is not None:
+            plan[PRETRAINED_WEIGHTS_PLANS_KEY] = self.pretrained_weights
+        return deepcopy(plan)

@@ -1,0 +1,352 @@
+"""nnU-Net trainers that fine-tune `pumit_seg.seg_net.PUMITSegNet` (SPEC section 7).
+
+Use with plans from `pumit_plan_and_preprocess` and nnU-Net's own commands::
+
+    export nnUNet_extTrainer=$(pumit_nnunet_ext)
+    nnUNetv2_train DATASET 3d_fullres 0 -tr PUMITTrainer -p PUMITPlans
+    nnUNetv2_predict -i IN -o OUT -d DATASET -c 3d_fullres -tr PUMITTrainer -p PUMITPlans
+
+Fine-tuning recipe (the paper's, expressed in nnU-Net epochs): AdamW, lr 1e-4, weight decay 0.05
+(none on biases, norm weights, ``pos_embed`` and ``cls_token``), linear warm-up over the first 10 % of
+the iterations then cosine decay to 1e-6, gradient-norm clipping at 1, Dice + CE loss with deep
+supervision (nnU-Net's), 200 epochs x 250 iterations = 50K steps. The learning rate is set every
+iteration from the global step ``current_epoch * num_iterations_per_epoch + i`` (not once per epoch
+as nnU-Net's poly schedule), so continuing from a checkpoint resumes the same schedule.
+On CUDA the forward pass runs in bf16 autocast (no loss scaling needed; GPUs without bf16 fall back
+to nnU-Net's fp16 + GradScaler); on CPU in fp32. Training-time validation uses the same precision;
+``nnUNetv2_predict`` runs nnU-Net's predictor unchanged (fp16 autocast on CUDA).
+
+Pre-trained encoder weights are loaded in `initialize()` right after nnU-Net builds the network.
+Where the file comes from, first match wins:
+
+1. the environment variable ``PUMIT_PRETRAINED_WEIGHTS`` (a path; an empty value means none),
+2. the key ``pumit_pretrained_weights`` of the plans' configuration (written by
+   ``pumit_plan_and_preprocess --pretrained_weights``), then the same key at the plans' top level.
+
+Accepted files: our safetensors files (``pumit_pretrain`` encoder exports, whole `PUMITSegNet` or MIM
+models: the encoder is found by its prefix) and EVA-02 checkpoints (timm layout), through
+`pumit_seg.vit.load_pretrained_encoder`, which adapts the patch kernel to the plan's ``aniso_d``
+and input channels and resamples the position grid. Pickled checkpoints (e.g. the authors'
+``pumit.ckpt``) need ``PUMIT_PRETRAINED_ALLOW_PICKLE=1`` (only for files you trust). The report of
+loaded / adapted / skipped / missing keys goes to the training log. A missing file is an error.
+`PUMITTrainer_scratch` ignores both sources: the random-init baseline of the paper.
+"""
+
+import math
+import os
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from torch import nn
+from torch._dynamo import OptimizedModule
+from torch.optim.lr_scheduler import _LRScheduler
+
+from pumit_seg.vit import WeightReport, load_pretrained_encoder
+
+DEFAULT_DEVICE = torch.device("cuda")  # nnU-Net's trainer default
+PRETRAINED_WEIGHTS_ENV = "PUMIT_PRETRAINED_WEIGHTS"
+ALLOW_PICKLE_ENV = "PUMIT_PRETRAINED_ALLOW_PICKLE"
+PRETRAINED_WEIGHTS_PLANS_KEY = "pumit_pretrained_weights"
+# Parameters without weight decay besides every bias and 1-D (norm) parameter.
+NO_WEIGHT_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token")
+
+
+class WarmupCosineLRScheduler(_LRScheduler):
+    """Linear warm-up from ``initial_lr / warmup_steps`` to ``initial_lr``, then cosine decay to ``final_lr``.
+
+    Like nnU-Net's `PolyLRScheduler`, ``step(current_step)`` sets the rate for an explicit step,
+    which makes resuming from a checkpoint exact.
+    """
+
+    def __init__(self, optimizer, initial_lr: float, final_lr: float, warmup_steps: int, max_steps: int):
+        self.initial_lr = initial_lr
+        self.final_lr = final_lr
+        self.warmup_steps = warmup_steps
+        self.max_steps = max_steps
+        self.ctr = 0
+        super().__init__(optimizer, -1)
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.initial_lr * (step + 1) / self.warmup_steps
+        progress = min((step - self.warmup_steps) / max(self.max_steps - self.warmup_steps, 1), 1.0)
+        return self.final_lr + 0.5 * (self.initial_lr - self.final_lr) * (1 + math.cos(math.pi * progress))
+
+    def step(self, current_step=None):
+        if current_step is None or current_step == -1:
+            current_step = self.ctr
+            self.ctr += 1
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(current_step)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+def unwrap_network(network: nn.Module) -> nn.Module:
+    """The plain module behind DDP and torch.compile wrappers."""
+    if isinstance(network, nn.parallel.DistributedDataParallel):
+        network = network.module
+    if isinstance(network, OptimizedModule):
+        network = network._orig_mod
+    return network
+
+
+class PUMITTrainer(nnUNetTrainer):
+    """Fine-tunes a (pre-trained) PUMIT ViT with nnU-Net's data pipeline, loss and inference."""
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = DEFAULT_DEVICE,
+    ):
+        # nnUNetTrainer.__init__ pops this key; a continued training gets its weights from the checkpoint
+        self.is_continuing = bool(plans.get("continue_training", False))
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = 1e-4
+        self.final_lr = 1e-6
+        self.weight_decay = 0.05
+        self.warmup_fraction = 0.1  # 5K of the paper's 50K steps
+        self.grad_clip_norm = 1.0
+        self.num_epochs = 200  # x 250 iterations = the paper's 50K steps
+        self.use_pretrained_weights = True
+        self.pretrained_weight_report: WeightReport | None = None
+        self.iteration = 0  # global training step, drives the learning rate
+
+        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
+            self.autocast_dtype = torch.bfloat16
+            self.grad_scaler = None  # bf16 has fp32's range: no loss scaling
+        else:
+            self.autocast_dtype = torch.float16  # only used on CUDA; nnU-Net's GradScaler stays
+
+    # ------------------------------------------------------------------ network and weights
+    @staticmethod
+    def build_network_architecture(
+        plans_manager,
+        configuration_manager,
+        num_input_channels: int,
+        num_output_channels: int,
+        enable_deep_supervision: bool = True,
+    ) -> nn.Module:
+        """PUMITSegNet from the plans (also used by nnUNetv2_predict); no pretrained weights here."""
+        architecture = configuration_manager.network_arch_class_name
+        if architecture != "pumit_seg.seg_net.PUMITSegNet":
+            raise ValueError(
+                f"{architecture} is not PUMITSegNet: plan with pumit_plan_and_preprocess and pass -p PUMITPlans"
+            )
+        return nnUNetTrainer.build_network_architecture(
+            plans_manager,
+            configuration_manager,
+            num_input_channels,
+            num_output_channels,
+            enable_deep_supervision,
+        )
+
+    def initialize(self):
+        super().initialize()
+        self.load_pretrained_encoder()
+
+    def pretrained_weights_source(self) -> tuple[str | None, str]:
+        """(path or None, where it came from): environment variable, then configuration, then plans top level."""
+        if PRETRAINED_WEIGHTS_ENV in os.environ:
+            path = os.environ[PRETRAINED_WEIGHTS_ENV] or None  # set but empty: explicitly none
+            return path, f"environment variable {PRETRAINED_WEIGHTS_ENV}"
+        configuration = self.configuration_manager.configuration
+        if configuration.get(PRETRAINED_WEIGHTS_PLANS_KEY):
+            path = configuration[PRETRAINED_WEIGHTS_PLANS_KEY]
+            return path, f"plans configuration {self.configuration_name!r}"
+        if self.plans_manager.plans.get(PRETRAINED_WEIGHTS_PLANS_KEY):
+            return self.plans_manager.plans[PRETRAINED_WEIGHTS_PLANS_KEY], "plans (top level)"
+        return None, ""
+
+    def load_pretrained_encoder(self) -> None:
+        if not self.use_pretrained_weights:
+            self.print_to_log_file(
+                f"{self.__class__.__name__}: encoder from random initialisation (pretrained weights ignored)"
+            )
+            return
+        path, source = self.pretrained_weights_source()
+        if path is None:
+            self.print_to_log_file(
+                f"No pretrained encoder weights ({PRETRAINED_WEIGHTS_ENV} unset, no '{PRETRAINED_WEIGHTS_PLANS_KEY}' "
+                "in the plans): the encoder starts from random initialisation"
+            )
+            return
+        if self.is_continuing:
+            self.print_to_log_file(
+                f"Continuing a training: pretrained weights {path} not loaded (the checkpoint has them)"
+            )
+            return
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"pretrained encoder weights {path} (from {source}) do not exist")
+        allow_pickle = os.environ.get(ALLOW_PICKLE_ENV, "0").lower() in ("1", "true", "t", "yes")
+        report = load_pretrained_encoder(
+            unwrap_network(self.network).encoder, path, allow_pickle=allow_pickle
+        )
+        self.print_to_log_file(f"Pretrained encoder weights from {path} ({source}):\n{report.summary()}")
+        if not report.loaded and not report.adapted:
+            raise RuntimeError(f"{path}: no key could be loaded into the encoder:\n{report.summary()}")
+        self.pretrained_weight_report = report
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, parameter in self.network.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            if parameter.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_WEIGHT_DECAY_NAMES:
+                no_decay.append(parameter)
+            else:
+                decay.append(parameter)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.initial_lr,
+        )
+        total_steps = self.num_epochs * self.num_iterations_per_epoch
+        lr_scheduler = WarmupCosineLRScheduler(
+            optimizer,
+            self.initial_lr,
+            self.final_lr,
+            max(round(self.warmup_fraction * total_steps), 1),
+            total_steps,
+        )
+        return optimizer, lr_scheduler
+
+    def autocast(self):
+        """bf16 (or fp16) autocast on CUDA; nothing elsewhere (CPU autocast is slow, MPS unsupported)."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=self.autocast_dtype)
+        return nullcontext()
+
+    def on_train_epoch_start(self):
+        # nnU-Net's version steps the schedule by epoch; ours is stepped per iteration in train_step.
+        self.network.train()
+        self.iteration = self.current_epoch * self.num_iterations_per_epoch
+        self.lr_scheduler.step(self.iteration)
+        self.print_to_log_file("")
+        self.print_to_log_file(f"Epoch {self.current_epoch}")
+        self.print_to_log_file(
+            f"Current learning rate: {np.round(self.optimizer.param_groups[0]['lr'], decimals=7)}"
+        )
+        self.logger.log("lrs", self.optimizer.param_groups[0]["lr"], self.current_epoch)
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        if isinstance(target, list):
+            target = [t.to(self.device, non_blocking=True) for t in target]
+        else:
+            target = target.to(self.device, non_blocking=True)
+
+        self.lr_scheduler.step(self.iteration)
+        self.iteration += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            output = self.network(data)
+            loss = self.loss(output, target)
+
+        if self.grad_scaler is not None:  # fp16 on CUDA without bf16 support
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
+            self.optimizer.step()
+        return {"loss": loss.detach().cpu().numpy()}
+
+    def validation_step(self, batch: dict) -> dict:
+        # nnU-Net's inner autocast inherits the dtype of this outer one (bf16 instead of its fp16)
+        with self.autocast():
+            return super().validation_step(batch)
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        with self.autocast():
+            return super().perform_actual_validation(save_probabilities)
+
+
+class PUMITTrainer_scratch(PUMITTrainer):
+    """Same recipe from random initialisation (the paper's baseline); pretrained weights are ignored."""
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = DEFAULT_DEVICE,
+    ):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.use_pretrained_weights = False
+
+
+class PUMITTrainer_5epochs(PUMITTrainer):
+    """5 epochs of 250 iterations, for checking plans and set-ups."""
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = DEFAULT_DEVICE,
+    ):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 5
+
+
+class PUMITTrainer_demo(PUMITTrainer):
+    """`make demo`: 20 epochs x 25 iterations (~7 s per epoch on 2 CPU cores with the demo's tiny plan).
+    A higher learning rate (1e-3, warm-up 1 epoch) because the demo trains a tiny ViT from scratch for
+    a few hundred steps only."""
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = DEFAULT_DEVICE,
+    ):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 20
+        self.num_iterations_per_epoch = 25
+        self.num_val_iterations_per_epoch = 5
+        self.initial_lr = 1e-3
+        self.warmup_fraction = 1 / 20
+        self.save_every = 1000  # only the final checkpoint (and nnU-Net's best one)
+
+
+class PUMITTrainer_test(PUMITTrainer):
+    """CPU tests: 4 epochs x 25 iterations, 2 validation iterations, learning rate 1e-3 (a tiny network
+    from scratch; a 5-step warm-up sometimes collapsed to one class, 10 steps did not), no mirroring
+    (neither as augmentation nor at validation / inference, where it would cost 4-8 forward passes)."""
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = DEFAULT_DEVICE,
+    ):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 4
+        self.num_iterations_per_epoch = 25
+        self.num_val_iterations_per_epoch = 2
+        self.initial_lr = 1e-3
+        self.warmup_fraction = 0.1
+        self.save_every = 1000
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        # as nnU-Net's nnUNetTrainerNoMirroring
+        rotation, dummy_2d, initial_patch_size, _ = (
+            super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        )
+        self.inference_allowed_mirroring_axes = None
+        return rotation, dummy_2d, initial_patch_size, None
