@@ -3,7 +3,7 @@
 pumit_plan_and_preprocess -> nnUNetv2_train -tr PUMITTrainer_test -p PUMITPlans -> nnUNetv2_predict,
 then: predictions have the reference geometry, and their foreground Dice beats an untrained network's.
 
-Tiny on purpose (CPU, 2 cores): a tiny ViT, small conv widths, patch 8x64x64 at aniso_d 2, 40 iterations.
+Tiny on purpose (CPU, 2 cores): a tiny ViT, small conv widths, patch 8x64x64 at aniso_d 2, 250 iterations.
 """
 
 import json
@@ -28,8 +28,8 @@ TINY_PLAN_ARGS = [
     "--model", "tiny",
     "--patch_size_3d", "8", "64", "64",
     "--patch_size_2d", "64", "64",
-    "--decoder_channels", "16", "16", "32", "32",
-    "--full_res_channels", "4", "8",
+    "--decoder_channels", "16", "32", "32", "32",
+    "--full_res_channels", "8", "16",
     "--batch_size", "2",
 ]  # fmt: skip
 
