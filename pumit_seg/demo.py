@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pumit_seg.nnunet_ext_dir import nnunet_ext_dir
+from pumit_seg.nnunet_ext_dir import nnunet_environment
 from pumit_seg.synthetic import LABELS, PhantomConfig, write_phantom_dataset
 
 DATASET_ID = 990
@@ -123,18 +123,7 @@ def run_phantom_demo(output_dir: str = "demo_output") -> dict:
     logs = root / "logs"
     logs.mkdir(exist_ok=True)
     on_gpu = torch.cuda.is_available()
-    env = dict(os.environ)
-    env.update(
-        nnUNet_raw=str(root / "nnUNet_raw"),
-        nnUNet_preprocessed=str(root / "nnUNet_preprocessed"),
-        nnUNet_results=str(root / "nnUNet_results"),
-        nnUNet_extTrainer=nnunet_ext_dir(),
-        PUMIT_PRETRAINED_WEIGHTS="",  # the demo trains from scratch, whatever the shell has set
-    )
-    if not on_gpu:  # CPU settings that keep nnU-Net's worker processes sane on small machines
-        env.update(
-            nnUNet_def_n_proc="1", nnUNet_n_proc_DA=env.get("nnUNet_n_proc_DA", "1"), nnUNet_compile="f"
-        )
+    env = nnunet_environment(root, cpu=not on_gpu)  # the demo trains from scratch: no pretrained weights
     device = [] if on_gpu else ["-device", "cpu"]
     print(f"pumit-seg demo: output in {root}, device {'cuda' if on_gpu else 'cpu'}")
 

@@ -51,7 +51,9 @@ def repair() -> str:
     path.write_text(patched)
     error = torchvision_import_error()
     if error is not None:
-        raise RuntimeError(f"torchvision still fails to import after guarding {count} calls in {path}:\n{error}")
+        raise RuntimeError(
+            f"torchvision still fails to import after guarding {count} calls in {path}:\n{error}"
+        )
     return f"guarded {count} register_fake calls in {path}: torchvision imports (its C++ operators stay unavailable)"
 
 

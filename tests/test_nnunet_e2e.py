@@ -7,7 +7,6 @@ Tiny on purpose (CPU, 2 cores): a tiny ViT, small conv widths, patch 8x64x64 at 
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from pumit_seg.nnunet_ext_dir import nnunet_ext_dir
+from pumit_seg.nnunet_ext_dir import nnunet_environment
 from pumit_seg.synthetic import LABELS, PhantomConfig, write_phantom_dataset
 
 DATASET_ID = 961
@@ -56,17 +55,7 @@ def foreground_dice(prediction: np.ndarray, reference: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def nnunet_env(tmp_path_factory):
     root = tmp_path_factory.mktemp("nnunet")
-    env = dict(os.environ)
-    env.update(
-        nnUNet_raw=str(root / "raw"),
-        nnUNet_preprocessed=str(root / "preprocessed"),
-        nnUNet_results=str(root / "results"),
-        nnUNet_extTrainer=nnunet_ext_dir(),
-        nnUNet_def_n_proc="1",
-        nnUNet_n_proc_DA="1",
-        nnUNet_compile="f",
-        PUMIT_PRETRAINED_WEIGHTS="",  # never pick up a user's weights
-    )
+    env = nnunet_environment(root, cpu=True)  # also ignores a PUMIT_PRETRAINED_WEIGHTS of the shell
     config = PhantomConfig(shape=(16, 64, 64), spacing=(3.0, 0.75, 0.75))
     write_phantom_dataset(
         env["nnUNet_raw"], DATASET_ID, "E2EPhantoms", num_training=6, num_test=2, config=config, seed=3
@@ -89,7 +78,7 @@ def nnunet_env(tmp_path_factory):
 
 def test_plans_written_by_our_planner(nnunet_env):
     root, _ = nnunet_env
-    plans = json.loads((root / "preprocessed" / DATASET_NAME / "PUMITPlans.json").read_text())
+    plans = json.loads((root / "nnUNet_preprocessed" / DATASET_NAME / "PUMITPlans.json").read_text())
     assert plans["experiment_planner_used"] == "PUMITPlanner"
     assert sorted(plans["configurations"]) == ["2d", "3d_fullres"]
     arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
@@ -115,10 +104,10 @@ def test_train_predict_through_nnunet_cli(nnunet_env, configuration, tmp_path):
         ],
         env,
     )
-    model_folder = root / "results" / DATASET_NAME / f"{TRAINER}__PUMITPlans__{configuration}"
+    model_folder = root / "nnUNet_results" / DATASET_NAME / f"{TRAINER}__PUMITPlans__{configuration}"
     assert (model_folder / "fold_0" / "checkpoint_final.pth").is_file()
 
-    raw = root / "raw" / DATASET_NAME
+    raw = root / "nnUNet_raw" / DATASET_NAME
     output = tmp_path / "predictions"
     run(
         [str(BIN / "nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(output), "-d", str(DATASET_ID),

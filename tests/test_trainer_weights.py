@@ -7,7 +7,6 @@ no mocks); nnU-Net reads its folder variables at call time, so monkeypatch.seten
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pumit_seg.nnunet_ext_dir import nnunet_environment
 from pumit_seg.synthetic import PhantomConfig, write_phantom_dataset
 
 DATASET_ID = 962
@@ -25,13 +25,7 @@ BIN = Path(sys.executable).parent
 @pytest.fixture(scope="module")
 def preprocessed(tmp_path_factory):
     root = tmp_path_factory.mktemp("nnunet_weights")
-    env = dict(os.environ)
-    env.update(
-        nnUNet_raw=str(root / "raw"),
-        nnUNet_preprocessed=str(root / "preprocessed"),
-        nnUNet_results=str(root / "results"),
-        nnUNet_def_n_proc="1",
-    )
+    env = nnunet_environment(root, cpu=True)
     config = PhantomConfig(shape=(16, 64, 64), spacing=(3.0, 0.75, 0.75))
     write_phantom_dataset(
         env["nnUNet_raw"], DATASET_ID, "WeightPhantoms", num_training=4, num_test=0, config=config
@@ -47,9 +41,9 @@ def preprocessed(tmp_path_factory):
 @pytest.fixture
 def make_trainer(preprocessed, monkeypatch):
     for name in ("raw", "preprocessed", "results"):
-        monkeypatch.setenv(f"nnUNet_{name}", str(preprocessed / name))
+        monkeypatch.setenv(f"nnUNet_{name}", str(preprocessed / f"nnUNet_{name}"))
     monkeypatch.delenv("PUMIT_PRETRAINED_WEIGHTS", raising=False)
-    folder = preprocessed / "preprocessed" / DATASET_NAME
+    folder = preprocessed / "nnUNet_preprocessed" / DATASET_NAME
 
     def make(trainer_class=None, plans_update=None):
         from pumit_seg.trainers import PUMITTrainer
