@@ -93,7 +93,21 @@ def unwrap_network(network: nn.Module) -> nn.Module:
 
 
 class PUMITTrainer(nnUNetTrainer):
-    """Fine-tunes a (pre-trained) PUMIT ViT with nnU-Net's data pipeline, loss and inference."""
+    """Fine-tunes a (pre-trained) PUMIT ViT with nnU-Net's data pipeline, loss and inference.
+
+    The recipe lives in the class attributes below; a variant is a subclass that changes some of them.
+    """
+
+    INITIAL_LR = 1e-4
+    FINAL_LR = 1e-6
+    WEIGHT_DECAY = 0.05
+    WARMUP_FRACTION = 0.1  # 5K of the paper's 50K steps
+    GRAD_CLIP_NORM = 1.0
+    NUM_EPOCHS = 200  # x 250 iterations = the paper's 50K steps
+    NUM_ITERATIONS_PER_EPOCH = 250  # nnU-Net's
+    NUM_VAL_ITERATIONS_PER_EPOCH = 50  # nnU-Net's
+    SAVE_EVERY = 50  # nnU-Net's checkpoint interval (epochs)
+    USE_PRETRAINED_WEIGHTS = True
 
     def __init__(
         self,
@@ -106,13 +120,16 @@ class PUMITTrainer(nnUNetTrainer):
         # nnUNetTrainer.__init__ pops this key; a continued training gets its weights from the checkpoint
         self.is_continuing = bool(plans.get("continue_training", False))
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.initial_lr = 1e-4
-        self.final_lr = 1e-6
-        self.weight_decay = 0.05
-        self.warmup_fraction = 0.1  # 5K of the paper's 50K steps
-        self.grad_clip_norm = 1.0
-        self.num_epochs = 200  # x 250 iterations = the paper's 50K steps
-        self.use_pretrained_weights = True
+        self.initial_lr = self.INITIAL_LR
+        self.final_lr = self.FINAL_LR
+        self.weight_decay = self.WEIGHT_DECAY
+        self.warmup_fraction = self.WARMUP_FRACTION
+        self.grad_clip_norm = self.GRAD_CLIP_NORM
+        self.num_epochs = self.NUM_EPOCHS
+        self.num_iterations_per_epoch = self.NUM_ITERATIONS_PER_EPOCH
+        self.num_val_iterations_per_epoch = self.NUM_VAL_ITERATIONS_PER_EPOCH
+        self.save_every = self.SAVE_EVERY
+        self.use_pretrained_weights = self.USE_PRETRAINED_WEIGHTS
         self.pretrained_weight_report: WeightReport | None = None
         self.iteration = 0  # global training step, drives the learning rate
 
@@ -273,75 +290,39 @@ class PUMITTrainer(nnUNetTrainer):
 class PUMITTrainer_scratch(PUMITTrainer):
     """Same recipe from random initialisation (the paper's baseline); pretrained weights are ignored."""
 
-    def __init__(
-        self,
-        plans: dict,
-        configuration: str,
-        fold: int,
-        dataset_json: dict,
-        device: torch.device = DEFAULT_DEVICE,
-    ):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.use_pretrained_weights = False
+    USE_PRETRAINED_WEIGHTS = False
 
 
 class PUMITTrainer_5epochs(PUMITTrainer):
     """5 epochs of 250 iterations, for checking plans and set-ups."""
 
-    def __init__(
-        self,
-        plans: dict,
-        configuration: str,
-        fold: int,
-        dataset_json: dict,
-        device: torch.device = DEFAULT_DEVICE,
-    ):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 5
+    NUM_EPOCHS = 5
 
 
 class PUMITTrainer_demo(PUMITTrainer):
     """`make demo`: 20 epochs x 25 iterations (~7 s per epoch on 2 CPU cores with the demo's tiny plan).
     A higher learning rate (3e-3, warm-up 1 epoch) because the demo trains a tiny ViT from scratch for
-    a few hundred steps only."""
+    a few hundred steps only (at 1e-3 the spleen was not learnt)."""
 
-    def __init__(
-        self,
-        plans: dict,
-        configuration: str,
-        fold: int,
-        dataset_json: dict,
-        device: torch.device = DEFAULT_DEVICE,
-    ):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 20
-        self.num_iterations_per_epoch = 25
-        self.num_val_iterations_per_epoch = 5
-        self.initial_lr = 3e-3
-        self.warmup_fraction = 1 / 20
-        self.save_every = 1000  # only the final checkpoint (and nnU-Net's best one)
+    NUM_EPOCHS = 20
+    NUM_ITERATIONS_PER_EPOCH = 25
+    NUM_VAL_ITERATIONS_PER_EPOCH = 5
+    INITIAL_LR = 3e-3
+    WARMUP_FRACTION = 1 / 20
+    SAVE_EVERY = 1000  # only the final checkpoint (and nnU-Net's best one)
 
 
 class PUMITTrainer_test(PUMITTrainer):
-    """CPU tests: 10 epochs x 25 iterations, 2 validation iterations, learning rate 3e-3 (a tiny network
-    from scratch: with 4 epochs at 1e-3 half the runs had not yet learnt the 3D phantoms; a 5-step warm-up sometimes collapsed to one class, 10 steps did not), no mirroring
-    (neither as augmentation nor at validation / inference, where it would cost 4-8 forward passes)."""
+    """CPU tests: 10 epochs x 25 iterations, 2 validation iterations, learning rate 3e-3 for a tiny
+    network from scratch (with 4 epochs at 1e-3 half the runs had not yet learnt the 3D phantoms; a
+    5-step warm-up sometimes collapsed to one class; the warm-up is 25 steps), and no mirroring (neither as
+    augmentation nor at validation / inference, where it would cost 4-8 forward passes)."""
 
-    def __init__(
-        self,
-        plans: dict,
-        configuration: str,
-        fold: int,
-        dataset_json: dict,
-        device: torch.device = DEFAULT_DEVICE,
-    ):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 10
-        self.num_iterations_per_epoch = 25
-        self.num_val_iterations_per_epoch = 2
-        self.initial_lr = 3e-3
-        self.warmup_fraction = 0.1
-        self.save_every = 1000
+    NUM_EPOCHS = 10
+    NUM_ITERATIONS_PER_EPOCH = 25
+    NUM_VAL_ITERATIONS_PER_EPOCH = 2
+    INITIAL_LR = 3e-3
+    SAVE_EVERY = 1000
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         # as nnU-Net's nnUNetTrainerNoMirroring
