@@ -13,13 +13,14 @@ must share its image's size, spacing, origin and direction.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
 
 import numpy as np
 import SimpleITK as sitk
+
+from pumit_seg.atomic import atomic_path, write_json_atomic
 
 FILE_ENDING = ".nii.gz"
 DEFAULT_DATASET_ID = 300
@@ -76,16 +77,8 @@ def check_same_geometry(image_file: str, label_file: str) -> None:
 
 
 def _copy(source: str, target: str) -> None:
-    tmp = os.path.join(os.path.dirname(target), f".tmp_{os.path.basename(target)}")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
-
-
-def _write_json(path: str, content) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".tmp_{os.path.basename(path)}")
-    with open(tmp, "w") as f:
-        json.dump(content, f, indent=2)
-    os.replace(tmp, path)
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
 
 
 def paper_split(case_numbers: list[str]) -> list[dict]:
@@ -130,7 +123,7 @@ def convert(
     if os.path.isdir(testing):
         for number, image_file in _numbered(testing, "img").items():
             _copy(image_file, os.path.join(folder, "imagesTs", f"{case_name(number)}_0000{FILE_ENDING}"))
-    _write_json(
+    write_json_atomic(
         os.path.join(folder, "dataset.json"),
         {
             "channel_names": {"0": "CT"},
@@ -142,11 +135,11 @@ def convert(
             "description": "BTCV abdomen, 13 organs; splits_final.json fold 0 = the PUMIT paper's 21/9 split",
         },
     )
-    _write_json(os.path.join(folder, "splits_final.json"), splits)
+    write_json_atomic(os.path.join(folder, "splits_final.json"), splits)
     if preprocessed:
         target = os.path.join(preprocessed, os.path.basename(folder))
         os.makedirs(target, exist_ok=True)
-        _write_json(os.path.join(target, "splits_final.json"), splits)
+        write_json_atomic(os.path.join(target, "splits_final.json"), splits)
     return folder
 
 

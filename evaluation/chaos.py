@@ -26,7 +26,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import tempfile
 import zipfile
 from dataclasses import dataclass
 
@@ -46,6 +45,8 @@ from pumit_seg.evaluation.chaos_io import (
     write_png,
 )
 from pumit_seg.evaluation.metrics import chaos_scores, compute_label_metrics
+
+from pumit_seg.atomic import atomic_path, write_json_atomic
 
 FILE_ENDING = ".nii.gz"
 MAPPING_FOLDER = "chaos_mapping"
@@ -134,22 +135,14 @@ def find_cases(chaos_root: str) -> list[ChaosCase]:
 # ---------------------------------------------------------------------------------------------- convert
 
 
-def _write_json(path: str, content: dict) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".tmp_{os.path.basename(path)}")
-    with open(tmp, "w") as f:
-        json.dump(content, f, indent=2)
-    os.replace(tmp, path)
-
-
 def write_nifti(array: np.ndarray, geometry: DicomGeometry, path: str) -> None:
     """Write a (slice, row, column) array with the series geometry, atomically."""
     image = sitk.GetImageFromArray(array)
     image.SetSpacing(tuple(reversed(geometry.spacing_zyx)))
     image.SetOrigin(geometry.origin)
     image.SetDirection(geometry.direction)
-    tmp = os.path.join(os.path.dirname(path), f".tmp_{os.path.basename(path)}")
-    sitk.WriteImage(image, tmp, useCompression=True)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(image, tmp, useCompression=True)
 
 
 def _image_dtype(pixels: np.ndarray) -> np.ndarray:
@@ -217,7 +210,7 @@ def convert_case(case: ChaosCase, dataset_folder: str, chaos_root: str) -> dict:
         **geometry.to_json(),
     }
     os.makedirs(os.path.dirname(record_path), exist_ok=True)
-    _write_json(record_path, record)
+    write_json_atomic(record_path, record)
     return record
 
 
@@ -226,7 +219,7 @@ def write_dataset_json(dataset_folder: str, sequence: str) -> None:
     labels = {"background": 0, **{organ: values[0] for organ, values in organs_of(modality).items()}}
     labels_folder = os.path.join(dataset_folder, "labelsTr")
     num_training = len(sorted_files(labels_folder, FILE_ENDING)) if os.path.isdir(labels_folder) else 0
-    _write_json(
+    write_json_atomic(
         os.path.join(dataset_folder, "dataset.json"),
         {
             "channel_names": CHANNEL_NAMES[sequence],
@@ -335,22 +328,13 @@ def export_submission(
 
 def write_zip(output_folder: str, task_folders: list[str], zip_file: str) -> None:
     """Zip with the Task folders at its root, written atomically."""
-    directory = os.path.dirname(os.path.abspath(zip_file))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".zip")
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
-            for task_folder in task_folders:
-                for root, dirs, files in os.walk(os.path.join(output_folder, task_folder)):
-                    dirs.sort()
-                    for name in sorted(files):
-                        path = os.path.join(root, name)
-                        archive.write(path, os.path.relpath(path, output_folder))
-        os.replace(tmp, zip_file)
-    except BaseException:
-        os.remove(tmp)
-        raise
+    with atomic_path(zip_file) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+        for task_folder in task_folders:
+            for root, dirs, files in os.walk(os.path.join(output_folder, task_folder)):
+                dirs.sort()
+                for name in sorted(files):
+                    path = os.path.join(root, name)
+                    archive.write(path, os.path.relpath(path, output_folder))
 
 
 # ------------------------------------------------------------------------------------------------ score
@@ -435,7 +419,7 @@ def score_results(results_root: str, chaos_root: str, output_file: str | None = 
     if output_file:
         directory = os.path.dirname(os.path.abspath(output_file))
         os.makedirs(directory, exist_ok=True)
-        _write_json(os.path.abspath(output_file), scores)
+        write_json_atomic(os.path.abspath(output_file), scores)
     return scores
 
 

@@ -16,6 +16,8 @@ import numpy as np
 import pydicom
 from PIL import Image
 
+from pumit_seg.atomic import atomic_path
+
 # organ: (label, lowest grey, highest grey, grey written in submissions), from the CHAOS data description
 MR_ORGANS = {
     "liver": (1, 55, 70, 63),
@@ -83,9 +85,8 @@ def read_png_stack(folder: str) -> tuple[np.ndarray, list[str]]:
 
 def write_png(path: str, grey: np.ndarray) -> None:
     """8-bit grey PNG, written atomically."""
-    tmp = os.path.join(os.path.dirname(path), f".tmp_{os.path.basename(path)}")
-    Image.fromarray(np.ascontiguousarray(grey, dtype=np.uint8), mode="L").save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(grey, dtype=np.uint8), mode="L").save(tmp, format="PNG")
 
 
 @dataclass

@@ -21,8 +21,6 @@ import argparse
 import csv
 import multiprocessing
 import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import load_json, subfiles
@@ -40,6 +38,8 @@ from pumit_seg.evaluation.metrics import (
     check_convention,
     compute_label_metrics,
 )
+
+from pumit_seg.atomic import atomic_path
 
 GEOMETRY_TOLERANCE = 1e-4  # mm (and direction cosines): header round-off, not real differences
 
@@ -149,37 +149,20 @@ def summarize(results: list[dict], labels_or_regions: list) -> dict:
     return {"metric_per_case": results, "mean": means, "foreground_mean": foreground_mean}
 
 
-def _write_atomically(path: str, write) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=Path(path).suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def write_summary_csv(summary: dict, csv_file: str) -> None:
     """One row per case and label, then one 'mean' row per label and the 'foreground_mean' row."""
     columns = list(METRIC_KEYS) + list(COUNT_KEYS)
 
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["case", "label", *columns])
-            for case in summary["metric_per_case"]:
-                name = os.path.basename(case["prediction_file"])
-                for label, metrics in case["metrics"].items():
-                    writer.writerow([name, label_or_region_to_key(label), *[metrics[c] for c in columns]])
-            for label, metrics in summary["mean"].items():
-                writer.writerow(["mean", label_or_region_to_key(label), *[metrics[c] for c in columns]])
-            writer.writerow(["foreground_mean", "", *[summary["foreground_mean"][c] for c in columns]])
-
-    _write_atomically(csv_file, write)
+    with atomic_path(csv_file) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["case", "label", *columns])
+        for case in summary["metric_per_case"]:
+            name = os.path.basename(case["prediction_file"])
+            for label, metrics in case["metrics"].items():
+                writer.writerow([name, label_or_region_to_key(label), *[metrics[c] for c in columns]])
+        for label, metrics in summary["mean"].items():
+            writer.writerow(["mean", label_or_region_to_key(label), *[metrics[c] for c in columns]])
+        writer.writerow(["foreground_mean", "", *[summary["foreground_mean"][c] for c in columns]])
 
 
 def evaluate_folder(
@@ -232,7 +215,8 @@ def evaluate_folder(
     if output_file:
         if not output_file.endswith(".json"):
             raise ValueError(f"output file must end with .json, got {output_file}")
-        _write_atomically(output_file, lambda tmp: save_summary_json(summary, tmp))
+        with atomic_path(output_file) as tmp:
+            save_summary_json(summary, tmp)
         write_summary_csv(summary, output_file[: -len(".json")] + ".csv")
     return summary
 

@@ -17,7 +17,6 @@ The tiny ViT starts from random initialisation: the demo shows the pipeline, not
 
 import argparse
 import importlib.util
-import os
 import shutil
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pumit_seg.atomic import atomic_path
 from pumit_seg.nnunet_ext_dir import nnunet_environment
 from pumit_seg.synthetic import LABELS, PhantomConfig, write_phantom_dataset
 
@@ -106,10 +106,9 @@ def save_overlay(
         f"{image_file.name.replace('_0000.nii.gz', '')}: synthetic CT phantom, PUMIT (tiny ViT) in nnU-Net"
     )
     figure.tight_layout(rect=(0, 0.06, 1, 1))
-    tmp = output_png.with_name(f".{output_png.stem}.tmp.png")
-    figure.savefig(tmp, dpi=100)
+    with atomic_path(output_png) as tmp:
+        figure.savefig(tmp, dpi=100)
     plt.close(figure)
-    os.replace(tmp, output_png)
 
 
 def run_phantom_demo(output_dir: str = "demo_output") -> dict:

@@ -276,9 +276,8 @@ def universal_vit_large(**overrides) -> UniversalViT:
 class WeightReport:
     """Where every source key went. Keys are the source checkpoint's names."""
 
-    loaded: list[str] = field(
-        default_factory=list
-    )  # copied unchanged (same name once the prefix is stripped)
+    # copied unchanged (same name once the prefix is stripped)
+    loaded: list[str] = field(default_factory=list)
     adapted: dict[str, str] = field(default_factory=dict)  # renamed / reshaped / resampled: how
     skipped: dict[str, str] = field(default_factory=dict)  # not used: why
     missing: list[str] = field(default_factory=list)  # model parameters nothing was loaded into

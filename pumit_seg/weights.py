@@ -18,7 +18,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -26,6 +25,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from pumit_seg.atomic import atomic_path
 
 __all__ = [
     "FORMAT_VERSION",
@@ -58,16 +59,8 @@ def save_model(model: nn.Module, path: str | os.PathLike, extra: dict | None = N
     metadata = {HEADER_KEY: json.dumps(header)}  # fails here, before any file is touched, if not JSON-able
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, tmp_name, metadata=metadata)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
 
 
 def read_header(path: str | os.PathLike) -> dict:

@@ -1,0 +1,31 @@
+"""Atomic writes: a failed write leaves the previous file intact and no temporary file behind."""
+
+import json
+
+import pytest
+
+from pumit_seg.atomic import atomic_path, write_json_atomic
+
+
+def test_success_replaces_the_file_and_keeps_the_extension(tmp_path):
+    target = tmp_path / "sub" / "case.nii.gz"
+    with atomic_path(target) as tmp:
+        assert tmp.endswith("case.nii.gz")  # writers that choose the format by extension see the real one
+        with open(tmp, "w") as f:
+            f.write("new")
+    assert target.read_text() == "new"
+    assert [p.name for p in target.parent.iterdir()] == ["case.nii.gz"]
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert target.stat().st_mode == plain.stat().st_mode  # the usual permissions, not a temp file's 0600
+
+
+def test_failure_keeps_the_old_file_and_removes_the_temporary(tmp_path):
+    target = tmp_path / "summary.json"
+    write_json_atomic(target, {"old": 1})
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        with open(tmp, "w") as f:
+            f.write("half a fi")
+        raise RuntimeError("interrupted")
+    assert json.loads(target.read_text()) == {"old": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
