@@ -14,6 +14,8 @@ setup(
     python_requires=">=3.10",
     packages=[
         "pumit_seg",
+        "pumit_seg.models",
+        "pumit_seg.data",
         "pumit_seg.planners",
         "pumit_seg.trainers",
         "pumit_seg.evaluation",
@@ -45,15 +47,17 @@ setup(
         "matplotlib",
         "tqdm",
     ],
-    extras_require={"test": ["pytest>=7", "ruff"]},
+    extras_require={"test": ["pytest>=7", "ruff", "scikit-learn"]},
     entry_points={
         "console_scripts": [
             "pumit_nnunet_ext=pumit_seg.nnunet_ext_dir:main",
             "pumit_plan_and_preprocess=pumit_seg.planners.plan_and_preprocess:main",
-            "pumit_make_phantoms=pumit_seg.synthetic:main",
+            "pumit_make_phantoms=pumit_seg.data.synthetic:main",
             "pumit_evaluate=pumit_seg.evaluation.evaluate_folder:main",
             "pumit_chaos=pumit_seg.evaluation.chaos:main",
             "pumit_btcv=pumit_seg.evaluation.btcv:main",
+            "pumit_pretrain=pumit_seg.trainers.pretrain_cli:main",
+            "pumit_classify=pumit_seg.trainers.classification:main",
         ],
     },
 )

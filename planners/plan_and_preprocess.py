@@ -77,7 +77,7 @@ def plan_and_preprocess(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description="nnU-Net fingerprint extraction, PUMIT experiment planning (plans 'PUMITPlans': 2d and "
-        "3d_fullres for pumit_seg.seg_net.PUMITSegNet) and nnU-Net preprocessing."
+        "3d_fullres for pumit_seg.models.seg_net.PUMITSegNet) and nnU-Net preprocessing."
     )
     parser.add_argument("-d", nargs="+", type=int, required=True, help="dataset id(s)")
     parser.add_argument(

@@ -1,4 +1,4 @@
-"""nnU-Net experiment planner for `pumit_seg.seg_net.PUMITSegNet` (plans named ``PUMITPlans``).
+"""nnU-Net experiment planner for `pumit_seg.models.seg_net.PUMITSegNet` (plans named ``PUMITPlans``).
 
 What it keeps from nnU-Net's `ExperimentPlanner`: the dataset fingerprint, the target spacing rules
 (median, or the 10th percentile on a very anisotropic axis), the axis transposition (lowest
@@ -11,13 +11,13 @@ What it changes, because the network is a ViT and not a conv U-Net:
 * ``aniso_d`` (SPEC section 1) comes from the configuration's target spacing in nnU-Net's transposed
   order (depth first); the 2D configuration is a one-slice volume with ``aniso_d = 5``.
 * The patch size is a multiple of what the network needs exactly
-  (`pumit_seg.seg_net.required_patch_divisor`: in-plane 32, depth ``2 ** max(5 - aniso_d, 0)``),
+  (`pumit_seg.models.seg_net.required_patch_divisor`: in-plane 32, depth ``2 ** max(5 - aniso_d, 0)``),
   starting from nnU-Net's aspect-ratio rule capped by the median image shape and shrunk until a batch
   of two fits the memory budget. A user-given patch size is checked against the divisors.
 * The batch size comes from `estimate_training_memory`, a simple activation model of the ViT, the
   feature pyramid and the conv decoder (nnU-Net's conv feature-map estimate does not apply).
 * ``architecture`` names our network by dotted path with every size in ``arch_kwargs``
-  (`pumit_seg.seg_net.build_arch_kwargs`), and ``strides`` are the network's deep-supervision
+  (`pumit_seg.models.seg_net.build_arch_kwargs`), and ``strides`` are the network's deep-supervision
   strides, so nnU-Net's deep-supervision targets match the network's outputs.
 * An optional ``pumit_pretrained_weights`` key per configuration names the encoder weights that
   `pumit_seg.trainers.PUMITTrainer` loads.
@@ -33,12 +33,12 @@ import numpy as np
 import torch
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
-from pumit_seg.sac import aniso_d_from_spacing, depth_downsample_stride
-from pumit_seg.seg_net import PUMITSegNet, build_arch_kwargs, depth_factor, required_patch_divisor
+from pumit_seg.models.sac import aniso_d_from_spacing, depth_downsample_stride
+from pumit_seg.models.seg_net import PUMITSegNet, build_arch_kwargs, depth_factor, required_patch_divisor
 
 PUMIT_PLANS_NAME = "PUMITPlans"
 PRETRAINED_WEIGHTS_PLANS_KEY = "pumit_pretrained_weights"
-NETWORK_CLASS_NAME = "pumit_seg.seg_net.PUMITSegNet"
+NETWORK_CLASS_NAME = "pumit_seg.models.seg_net.PUMITSegNet"
 TWO_D_ANISO_D = 5
 NUM_LEVELS = 6  # in-plane levels 1 .. 1/32 of the network
 TOKEN_LEVEL = 4  # patch size 16

@@ -1,6 +1,6 @@
 """`make demo`: the whole nnU-Net workflow with PUMIT on synthetic abdomen phantoms.
 
-1. (if present) `pumit_seg.vit_demo`: one universal ViT on 2D images and volumes of different spacings;
+1. (if present) `pumit_seg.models.vit_demo`: one universal ViT on 2D images and volumes of different spacings;
 2. write a phantom dataset (CT-like, 3 x 0.75 x 0.75 mm) in nnU-Net's raw layout;
 3. ``pumit_plan_and_preprocess``: fingerprint, PUMIT plans (tiny ViT, small decoder), preprocessing;
 4. ``nnUNetv2_train ... -tr PUMITTrainer_demo -p PUMITPlans`` (a few hundred iterations);
@@ -27,7 +27,7 @@ import numpy as np
 
 from pumit_seg.atomic import atomic_path
 from pumit_seg.nnunet_ext_dir import nnunet_environment
-from pumit_seg.synthetic import LABELS, PhantomConfig, write_phantom_dataset
+from pumit_seg.data.synthetic import LABELS, PhantomConfig, write_phantom_dataset
 
 DATASET_ID = 990
 DATASET_NAME = "DemoPhantoms"
@@ -224,8 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", default="demo_output", help="output folder (default: ./demo_output)")
     args = parser.parse_args(argv)
     start = time.time()
-    if importlib.util.find_spec("pumit_seg.vit_demo") is not None:
-        from pumit_seg.vit_demo import run_vit_demo
+    if importlib.util.find_spec("pumit_seg.models.vit_demo") is not None:
+        from pumit_seg.models.vit_demo import run_vit_demo
 
         print("== universal ViT on images of different spacings")
         run_vit_demo()

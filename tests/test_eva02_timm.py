@@ -6,8 +6,8 @@ import torch
 timm_eva = pytest.importorskip("timm.models.eva")
 timm_rope = pytest.importorskip("timm.layers.pos_embed_sincos")
 
-from pumit_seg.rope import RotaryEmbedding3D, apply_rope  # noqa: E402
-from pumit_seg.vit import UniversalViT, load_pretrained_encoder  # noqa: E402
+from pumit_seg.models.rope import RotaryEmbedding3D, apply_rope  # noqa: E402
+from pumit_seg.models.vit import UniversalViT, load_pretrained_encoder  # noqa: E402
 
 GRID = 10
 PATCH = 16

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pumit_seg.sac import aniso_d_from_spacing
-from pumit_seg.synthetic import LABELS, PhantomConfig, write_phantom_dataset
+from pumit_seg.models.sac import aniso_d_from_spacing
+from pumit_seg.data.synthetic import LABELS, PhantomConfig, write_phantom_dataset
 
 TINY = {"model": "tiny", "decoder_channels": [8, 8, 16, 16], "full_res_channels": [4, 4]}
 # dataset id -> (phantom config, aniso_d expected for 3d_fullres or None for a 2D dataset)
@@ -103,7 +103,7 @@ def planner_factory(fingerprinted, monkeypatch):
 def test_plans_are_valid(planner_factory, fingerprinted, dataset_id):
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
-    from pumit_seg.seg_net import required_patch_divisor, sac_strides
+    from pumit_seg.models.seg_net import required_patch_divisor, sac_strides
 
     config, expected_aniso_d = DATASETS[dataset_id]
     planner_factory(dataset_id).plan_experiment()
@@ -116,7 +116,7 @@ def test_plans_are_valid(planner_factory, fingerprinted, dataset_id):
 
     for name, configuration in saved["configurations"].items():
         arch = configuration["architecture"]
-        assert arch["network_class_name"] == "pumit_seg.seg_net.PUMITSegNet"
+        assert arch["network_class_name"] == "pumit_seg.models.seg_net.PUMITSegNet"
         kwargs = arch["arch_kwargs"]
         spacing = configuration["spacing"]
         if name == "2d":

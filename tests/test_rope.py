@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from pumit_seg.rope import RotaryEmbedding3D, apply_rope, grid_positions, rope_angles
+from pumit_seg.models.rope import RotaryEmbedding3D, apply_rope, grid_positions, rope_angles
 
 HEAD_DIM = 64
 

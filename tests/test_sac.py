@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pumit_seg.sac import (
+from pumit_seg.models.sac import (
     SACConv3d,
     SACDownsample,
     SACUpsample,

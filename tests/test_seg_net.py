@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pumit_seg.seg_net import PUMITSegNet, build_arch_kwargs, required_patch_divisor, sac_strides
+from pumit_seg.models.seg_net import PUMITSegNet, build_arch_kwargs, required_patch_divisor, sac_strides
 
 SMALL = {"decoder_channels": [16, 32, 64, 64], "full_res_channels": [8, 16]}
 
@@ -202,7 +202,7 @@ def test_arch_kwargs_json_round_trip_and_nnunet_constructor():
     assert reloaded == arch_kwargs
     direct = PUMITSegNet(input_channels=2, num_classes=4, deep_supervision=True, **arch_kwargs)
     via_nnunet = get_network_from_plans(
-        "pumit_seg.seg_net.PUMITSegNet",
+        "pumit_seg.models.seg_net.PUMITSegNet",
         reloaded,
         [],
         input_channels=2,

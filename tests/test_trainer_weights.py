@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pumit_seg.nnunet_ext_dir import nnunet_environment
-from pumit_seg.synthetic import PhantomConfig, write_phantom_dataset
+from pumit_seg.data.synthetic import PhantomConfig, write_phantom_dataset
 
 DATASET_ID = 962
 DATASET_NAME = f"Dataset{DATASET_ID:03d}_WeightPhantoms"
@@ -59,7 +59,7 @@ def make_trainer(preprocessed, monkeypatch):
 
 def save_encoder(path: Path, in_channels: int = 1, seed: int = 1) -> dict:
     """Save a tiny UniversalViT like the plan's encoder; returns its state dict."""
-    from pumit_seg.vit import universal_vit_tiny
+    from pumit_seg.models.vit import universal_vit_tiny
     from pumit_seg.weights import save_model
 
     torch.manual_seed(seed)

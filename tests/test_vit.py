@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pumit_seg.vit import (
+from pumit_seg.models.vit import (
     PYRAMID_BLOCKS,
     UniversalViT,
     resample_pos_grid,
@@ -114,7 +114,7 @@ def test_presets_and_config():
 
 
 def test_vit_demo_reports_kernels_and_grids(capsys):
-    from pumit_seg.vit_demo import run_vit_demo
+    from pumit_seg.models.vit_demo import run_vit_demo
 
     run_vit_demo()
     lines = capsys.readouterr().out.splitlines()

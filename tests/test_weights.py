@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from pumit_seg.vit import load_pretrained_encoder, universal_vit_tiny
+from pumit_seg.models.vit import load_pretrained_encoder, universal_vit_tiny
 from pumit_seg.weights import load_model, load_state_dict_file, read_header, save_model
 
 
@@ -22,7 +22,7 @@ def test_save_and_load_model_round_trip(tiny, tmp_path):
     path = tmp_path / "sub" / "vit.safetensors"
     save_model(tiny, path, extra={"note": "test"})
     header = read_header(path)
-    assert header["class"] == "pumit_seg.vit.UniversalViT" and header["format_version"] == 1
+    assert header["class"] == "pumit_seg.models.vit.UniversalViT" and header["format_version"] == 1
     assert header["config"] == tiny.config and header["note"] == "test"
     assert [p.name for p in path.parent.iterdir()] == ["vit.safetensors"]  # no temporary left behind
     reloaded = load_model(path).eval()

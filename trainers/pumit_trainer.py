@@ -1,4 +1,4 @@
-"""nnU-Net trainers that fine-tune `pumit_seg.seg_net.PUMITSegNet` (SPEC section 7).
+"""nnU-Net trainers that fine-tune `pumit_seg.models.seg_net.PUMITSegNet` (SPEC section 7).
 
 Use with plans from `pumit_plan_and_preprocess` and nnU-Net's own commands::
 
@@ -25,7 +25,7 @@ Where the file comes from, first match wins:
 
 Accepted files: our safetensors files (``pumit_pretrain`` encoder exports, whole `PUMITSegNet` or MIM
 models: the encoder is found by its prefix) and EVA-02 checkpoints (timm layout), through
-`pumit_seg.vit.load_pretrained_encoder`, which adapts the patch kernel to the plan's ``aniso_d``
+`pumit_seg.models.vit.load_pretrained_encoder`, which adapts the patch kernel to the plan's ``aniso_d``
 and input channels and resamples the position grid. Pickled checkpoints (e.g. the authors'
 ``pumit.ckpt``) need ``PUMIT_PRETRAINED_ALLOW_PICKLE=1`` (only for files you trust). The report of
 loaded / adapted / skipped / missing keys goes to the training log. A missing file is an error.
@@ -43,7 +43,7 @@ from torch import nn
 from torch._dynamo import OptimizedModule
 from torch.optim.lr_scheduler import _LRScheduler
 
-from pumit_seg.vit import WeightReport, load_pretrained_encoder
+from pumit_seg.models.vit import WeightReport, load_pretrained_encoder
 
 DEFAULT_DEVICE = torch.device("cuda")  # nnU-Net's trainer default
 PRETRAINED_WEIGHTS_ENV = "PUMIT_PRETRAINED_WEIGHTS"
@@ -150,7 +150,7 @@ class PUMITTrainer(nnUNetTrainer):
     ) -> nn.Module:
         """PUMITSegNet from the plans (also used by nnUNetv2_predict); no pretrained weights here."""
         architecture = configuration_manager.network_arch_class_name
-        if architecture != "pumit_seg.seg_net.PUMITSegNet":
+        if architecture != "pumit_seg.models.seg_net.PUMITSegNet":
             raise ValueError(
                 f"{architecture} is not PUMITSegNet: plan with pumit_plan_and_preprocess and pass -p PUMITPlans"
             )

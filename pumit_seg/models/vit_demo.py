@@ -1,6 +1,6 @@
 """Show one universal ViT handling 2D images and volumes of different spacings.
 
-Run: ``python -m pumit_seg.vit_demo``. For each example it prints the image shape and
+Run: ``python -m pumit_seg.models.vit_demo``. For each example it prints the image shape and
 spacing, the degree of anisotropy, the patch kernel SAC actually applies, and the token
 grid; then the parameter counts of the presets (base / large counted on the meta device,
 so nothing is allocated).
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from pumit_seg.sac import aniso_d_from_spacing, depth_downsample_stride
-from pumit_seg.vit import universal_vit_base, universal_vit_large, universal_vit_tiny
+from pumit_seg.models.sac import aniso_d_from_spacing, depth_downsample_stride
+from pumit_seg.models.vit import universal_vit_base, universal_vit_large, universal_vit_tiny
 
 # (name, (D, H, W), spacing (s_d, s_h, s_w) in mm); a 2D image is D = 1 with aniso_d 5.
 EXAMPLES = [

@@ -9,7 +9,7 @@ Parameter names follow the authors' checkpoint layout (SPEC section 12), so thei
 also imports EVA-02 checkpoints (timm or official EVA key layout) and reports every key.
 
 Any input runs through one model: 2D images are (B, C, 1, H, W) with ``aniso_d = 5``;
-volumes are (B, C, D, H, W) with their own ``aniso_d`` (see `pumit_seg.sac`).
+volumes are (B, C, D, H, W) with their own ``aniso_d`` (see `pumit_seg.models.sac`).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from pumit_seg.rope import RotaryEmbedding3D, apply_rope
-from pumit_seg.sac import SACDownsample, inflate_depth, sum_pool_depth
+from pumit_seg.models.rope import RotaryEmbedding3D, apply_rope
+from pumit_seg.models.sac import SACDownsample, inflate_depth, sum_pool_depth
 from pumit_seg.weights import load_state_dict_file, unwrap_state_dict
 
 __all__ = [

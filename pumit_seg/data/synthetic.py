@@ -220,7 +220,7 @@ def write_phantom_dataset(
         dataset_name=f"Dataset{dataset_id:03d}_{name}",
         description=f"pumit-seg synthetic abdomen phantoms: {config}, seed {seed}",
         license="CC0 (synthetic)",
-        converted_by="pumit_seg.synthetic",
+        converted_by="pumit_seg.data.synthetic",
     )
     if os.path.exists(dataset_folder):
         shutil.rmtree(dataset_folder)

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pumit_seg.sac import MAX_ANISO_D, SACConv3d, SACDownsample, SACUpsample, depth_downsample_stride
-from pumit_seg.vit import (
+from pumit_seg.models.sac import MAX_ANISO_D, SACConv3d, SACDownsample, SACUpsample, depth_downsample_stride
+from pumit_seg.models.vit import (
     PYRAMID_BLOCKS,
     UniversalViT,
     tokens_to_grid,
