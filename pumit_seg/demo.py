@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from pumit_seg.atomic import atomic_path
-from pumit_seg.nnunet_ext_dir import nnunet_environment
 from pumit_seg.data.synthetic import LABELS, PhantomConfig, write_phantom_dataset
+from pumit_seg.nnunet_ext_dir import nnunet_environment
 
 DATASET_ID = 990
 DATASET_NAME = "DemoPhantoms"

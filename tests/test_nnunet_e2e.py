@@ -16,8 +16,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from pumit_seg.nnunet_ext_dir import nnunet_environment
 from pumit_seg.data.synthetic import LABELS, PhantomConfig, write_phantom_dataset
+from pumit_seg.nnunet_ext_dir import nnunet_environment
 
 DATASET_ID = 961
 DATASET_NAME = f"Dataset{DATASET_ID:03d}_E2EPhantoms"
