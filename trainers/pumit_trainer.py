@@ -32,16 +32,15 @@ loaded / adapted / skipped / missing keys goes to the training log. A missing fi
 `PUMITTrainer_scratch` ignores both sources: the random-init baseline of the paper.
 """
 
-import math
 import os
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from pumit_seg.trainers.optim import WarmupCosineLRScheduler, build_adamw
 from torch import nn
 from torch._dynamo import OptimizedModule
-from torch.optim.lr_scheduler import _LRScheduler
 
 from pumit_seg.models.vit import WeightReport, load_pretrained_encoder
 
@@ -49,38 +48,6 @@ DEFAULT_DEVICE = torch.device("cuda")  # nnU-Net's trainer default
 PRETRAINED_WEIGHTS_ENV = "PUMIT_PRETRAINED_WEIGHTS"
 ALLOW_PICKLE_ENV = "PUMIT_PRETRAINED_ALLOW_PICKLE"
 PRETRAINED_WEIGHTS_PLANS_KEY = "pumit_pretrained_weights"
-# Parameters without weight decay besides every bias and 1-D (norm) parameter.
-NO_WEIGHT_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token")
-
-
-class WarmupCosineLRScheduler(_LRScheduler):
-    """Linear warm-up from ``initial_lr / warmup_steps`` to ``initial_lr``, then cosine decay to ``final_lr``.
-
-    Like nnU-Net's `PolyLRScheduler`, ``step(current_step)`` sets the rate for an explicit step,
-    which makes resuming from a checkpoint exact.
-    """
-
-    def __init__(self, optimizer, initial_lr: float, final_lr: float, warmup_steps: int, max_steps: int):
-        self.initial_lr = initial_lr
-        self.final_lr = final_lr
-        self.warmup_steps = warmup_steps
-        self.max_steps = max_steps
-        self.ctr = 0
-        super().__init__(optimizer, -1)
-
-    def lr_at(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.initial_lr * (step + 1) / self.warmup_steps
-        progress = min((step - self.warmup_steps) / max(self.max_steps - self.warmup_steps, 1), 1.0)
-        return self.final_lr + 0.5 * (self.initial_lr - self.final_lr) * (1 + math.cos(math.pi * progress))
-
-    def step(self, current_step=None):
-        if current_step is None or current_step == -1:
-            current_step = self.ctr
-            self.ctr += 1
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(current_step)
-        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
 def unwrap_network(network: nn.Module) -> nn.Module:
@@ -210,18 +177,7 @@ class PUMITTrainer(nnUNetTrainer):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for name, parameter in self.network.named_parameters():
-            if not parameter.requires_grad:
-                continue
-            if parameter.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_WEIGHT_DECAY_NAMES:
-                no_decay.append(parameter)
-            else:
-                decay.append(parameter)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.initial_lr,
-        )
+        optimizer = build_adamw(self.network, self.initial_lr, self.weight_decay)
         total_steps = self.num_epochs * self.num_iterations_per_epoch
         lr_scheduler = WarmupCosineLRScheduler(
             optimizer,
