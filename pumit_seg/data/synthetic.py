@@ -228,6 +228,53 @@ def write_phantom_dataset(
     return dataset_folder
 
 
+DICOM_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)  # axial: rows along x, columns along y
+
+
+def write_dicom_slice(
+    path: str,
+    pixels: np.ndarray,
+    position,
+    modality: str = "MR",
+    pixel_spacing=(0.9, 0.8),
+    orientation=DICOM_ORIENTATION,
+    intercept: float = 0.0,
+) -> None:
+    """One uint16 DICOM slice (CT or MR image storage) with the geometry tags CHAOS-style readers use.
+
+    For tests and demos of the DICOM paths (CHAOS convert / score); SliceThickness is deliberately wrong
+    (99) because readers must take the slice step from the positions."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage if modality == "CT" else MRImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset = Dataset()
+    dataset.file_meta = meta
+    dataset.SOPClassUID = meta.MediaStorageSOPClassUID
+    dataset.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    dataset.Modality = modality
+    dataset.Rows, dataset.Columns = pixels.shape
+    dataset.PixelSpacing = [float(s) for s in pixel_spacing]
+    dataset.ImagePositionPatient = [float(p) for p in position]
+    dataset.ImageOrientationPatient = [float(o) for o in orientation]
+    dataset.SliceThickness = 99.0
+    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 16, 15, 0
+    dataset.RescaleSlope, dataset.RescaleIntercept = 1.0, float(intercept)
+    dataset.PixelData = np.ascontiguousarray(pixels, dtype=np.uint16).tobytes()
+    dataset.save_as(path, enforce_file_format=True)
+
+
+def write_dicom_series(folder: str, volume: np.ndarray, positions, names: list[str], **slice_options) -> None:
+    """`volume[k]` as `folder/names[k]` at `positions[k]` (see `write_dicom_slice` for the options)."""
+    os.makedirs(folder, exist_ok=True)
+    for pixels, position, name in zip(volume, positions, names, strict=True):
+        write_dicom_slice(os.path.join(folder, name), pixels, position, **slice_options)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description="Write an nnU-Net raw dataset of synthetic abdomen-like phantoms."
