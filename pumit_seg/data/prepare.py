@@ -1,0 +1,863 @@
+"""`pumit_pretrain prepare`: folders of images -> a pre-training store (SPEC section 6).
+
+    pumit_pretrain prepare datasets.json -o STORE [--num-workers 8]
+    pumit_pretrain prepare datasets.json -o STORE --part K --num-parts N    # one of N cluster jobs
+    pumit_pretrain prepare datasets.json -o STORE --merge                  # after all parts
+
+The dataset config (JSON) lists the datasets, images only, never labels::
+
+    {"datasets": [
+        {"name": "btcv", "path": "/data/BTCV/img", "modality": "CT", "weight": 1.0},
+        {"name": "chest", "path": "xray", "modality": "XR", "include": ["**/*.png"]},
+        {"name": "prostate", "path": "mr", "modality": "MR", "depth_axis": "z"}
+    ]}
+
+Per dataset: `name` (the key prefix), `path` (a folder, relative to the config file), `modality`
+(a label; CT and MR are clipped to percentiles, see `intensity`), `weight` (sampling weight of the
+whole dataset, default 1), optional `include` / `exclude` (glob patterns relative to `path`;
+default: every image file), `exclude_dirs` (folder names never entered; default: label folders such
+as labelsTr, Ground, masks), `depth_axis` ("x", "y" or "z": the file's axis that is the scan
+direction, when the dataset's description says so) and `intensity` ("percentile" or "divide";
+default: "divide" for 8-bit images, "percentile" for the rest).
+
+Image files: ``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``, ``.png``, ``.jpg``,
+``.jpeg``, ``.bmp``, ``.tif``, ``.tiff``; a folder holding ``*.dcm`` files is a DICOM folder, one
+image per series in it (slices ordered by position along the slice normal).
+
+Per image (SPEC 6): read (`pumit_seg.data.readers`: truncated, non-finite, 4D, no spacing refused);
+depth axis from the config, else the metadata (DICOM: the slice stack; NIfTI: ``slice_dim``), else
+the axis whose spacing differs most from the other two; moved first; crop to the box above 0
+("divide") or above the 0.5 percentile ("percentile"); shorter in-plane side above 512 resized to 512
+by area interpolation; intensities clipped to [p0.5, p99.5] and scaled to [0, 1], or divided by the
+type's maximum. 2D images get depth spacing inf, hence aniso_d 5.
+
+Work is journaled per part (``parts/part-K-of-N.jsonl``), so a rerun skips every source already
+done (unless the file changed) and a killed run continues; when every part has finished, the table
+(``table.csv``) and the report of unusable files (``report.csv``) are merged, the held-out images
+chosen (one per dataset and modality, by a hash of the key, for datasets of at least two images) and
+the sampling weights set (the dataset's weight shared by its images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fnmatch
+import hashlib
+import json
+import math
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from pumit_seg.atomic import atomic_path, write_json_atomic
+from pumit_seg.data.store import (
+    REPORT_COLUMNS,
+    STORE_FORMAT,
+    STORE_VERSION,
+    TABLE_COLUMNS,
+    ChunkConfig,
+    StoreLayout,
+    aniso_d_from_spacing,
+    write_image_array,
+)
+
+__all__ = [
+    "DatasetSpec",
+    "PrepareConfig",
+    "SourceItem",
+    "PreparedImage",
+    "UnusableImage",
+    "load_dataset_config",
+    "discover_items",
+    "preprocess_array",
+    "prepare_store",
+    "merge_parts",
+    "add_arguments",
+    "run",
+]
+
+SITK_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+PIL_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+DICOM_EXTENSION = ".dcm"
+DEFAULT_EXCLUDE_DIRS = ("labelsTr", "labelsTs", "labels", "Ground", "masks", "segmentations")
+AXIS_NAMES = {"x": 2, "y": 1, "z": 0}  # file axis name -> numpy axis (SimpleITK's z, y, x array order)
+INTENSITY_MODES = ("percentile", "divide")
+
+
+class ConfigError(ValueError):
+    """A dataset config that cannot be used; the message names the file and the entry."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset of the config file (see the module doc)."""
+
+    name: str
+    path: str
+    modality: str
+    weight: float = 1.0
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    exclude_dirs: tuple[str, ...] = DEFAULT_EXCLUDE_DIRS
+    depth_axis: str | None = None
+    intensity: str | None = None
+
+
+@dataclass
+class PrepareConfig:
+    """Preprocessing numbers of SPEC section 6 (each one a flag of `pumit_pretrain prepare`)."""
+
+    foreground_percentile: float = 0.5  # non-8-bit images: crop to the box above this percentile
+    clip_percentiles: tuple[float, float] = (0.5, 99.5)  # intensity window of "percentile" images
+    max_in_plane: int = 512  # the shorter in-plane side is resized to this when larger (area)
+    min_in_plane: int = 16  # images whose shorter in-plane side is smaller after the crop are unusable
+    isotropic_tolerance: float = 1.05  # spacings within this ratio: no axis stands out, keep the file's z
+    val_per_dataset: int = 1  # held-out images per dataset and modality (datasets of >= 2 images)
+    chunks: ChunkConfig = field(default_factory=ChunkConfig)
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One source: an image file, or a DICOM folder (which may hold several series)."""
+
+    dataset: str
+    path: str  # absolute
+    relative: str  # inside the dataset folder, "/"-separated
+    kind: str  # "sitk", "pil" or "dicom"
+
+    @property
+    def key(self) -> str:
+        return f"{self.dataset}/{self.relative}"
+
+
+@dataclass
+class PreparedImage:
+    array: np.ndarray  # (C, D, H, W) uint8 or uint16
+    spacing: tuple[float, float, float]
+    scale: int
+    intensity: str
+    intensity_low: float
+    intensity_high: float
+    depth_axis: int
+    depth_axis_from: str
+    crop: tuple[tuple[int, int], ...]
+    source_shape: tuple[int, int, int]
+
+
+class UnusableImage(ValueError):
+    """An image that cannot go into the store; `reason` is a short keyword for the report."""
+
+    def __init__(self, path: str, reason: str, problem: str):
+        self.path, self.reason, self.problem = path, reason, problem
+        super().__init__(f"{path}: {problem}")
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.reason, self.problem))
+
+
+# --------------------------------------------------------------------------------------- config
+
+
+def load_dataset_config(path: str) -> list[DatasetSpec]:
+    """Parse and check the dataset config; every error names the file and the dataset entry."""
+    try:
+        with open(path) as f:
+            content = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: dataset config not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not valid JSON ({error})") from None
+    entries = content.get("datasets") if isinstance(content, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f'{path}: expected {{"datasets": [ ... ]}} with at least one dataset')
+    base = os.path.dirname(os.path.abspath(path))
+    fields = {f.name for f in dataclasses.fields(DatasetSpec)}
+    specs, names = [], set()
+    for i, entry in enumerate(entries):
+        where = f"{path}: datasets[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where} is not an object")
+        unknown = sorted(set(entry) - fields)
+        if unknown:
+            raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(fields)}")
+        for required in ("name", "path", "modality"):
+            if not isinstance(entry.get(required), str) or not entry[required]:
+                raise ConfigError(f"{where}: {required!r} (a non-empty string) is required")
+        name = entry["name"]
+        where = f"{path}: dataset {name!r}"
+        if name in names:
+            raise ConfigError(f"{where}: the name is used twice")
+        if "/" in name or name.startswith("."):
+            raise ConfigError(f"{where}: the name must not contain '/' or start with '.'")
+        names.add(name)
+        weight = entry.get("weight", 1.0)
+        if not isinstance(weight, int | float) or not math.isfinite(weight) or weight <= 0:
+            raise ConfigError(f"{where}: weight must be a positive number, got {weight!r}")
+        depth_axis = entry.get("depth_axis")
+        if depth_axis is not None and depth_axis not in AXIS_NAMES:
+            raise ConfigError(f"{where}: depth_axis must be one of {sorted(AXIS_NAMES)}, got {depth_axis!r}")
+        intensity = entry.get("intensity")
+        if intensity is not None and intensity not in INTENSITY_MODES:
+            raise ConfigError(f"{where}: intensity must be one of {INTENSITY_MODES}, got {intensity!r}")
+        folder = os.path.join(base, os.path.expanduser(entry["path"]))
+        if not os.path.isdir(folder):
+            raise ConfigError(f"{where}: folder {folder} does not exist")
+        patterns = {}
+        for key in ("include", "exclude", "exclude_dirs"):
+            value = entry.get(key, DEFAULT_EXCLUDE_DIRS if key == "exclude_dirs" else ())
+            if isinstance(value, str):
+                value = [value]
+            if not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{where}: {key} must be a list of strings")
+            patterns[key] = tuple(value)
+        specs.append(
+            DatasetSpec(
+                name=name,
+                path=os.path.normpath(folder),
+                modality=entry["modality"],
+                weight=float(weight),
+                depth_axis=depth_axis,
+                intensity=intensity,
+                **patterns,
+            )
+        )
+    return specs
+
+
+def _kind_of(name: str) -> str | None:
+    lower = name.lower()
+    if lower.endswith(SITK_EXTENSIONS):
+        return "sitk"
+    if lower.endswith(PIL_EXTENSIONS):
+        return "pil"
+    return None
+
+
+def discover_items(spec: DatasetSpec) -> list[SourceItem]:
+    """Every image file and DICOM folder of a dataset, sorted (the order parts are assigned in)."""
+    items = []
+    for folder, dirs, files in os.walk(spec.path):
+        dirs[:] = sorted(d for d in dirs if d not in spec.exclude_dirs and not d.startswith("."))
+        relative_folder = os.path.relpath(folder, spec.path).replace(os.sep, "/")
+        relative_folder = "" if relative_folder == "." else relative_folder + "/"
+        if any(f.lower().endswith(DICOM_EXTENSION) and not f.startswith(".") for f in files):
+            relative = relative_folder.rstrip("/") or "."
+            if _selected(spec, relative):
+                items.append(SourceItem(spec.name, folder, relative, "dicom"))
+        for name in sorted(files):
+            kind = _kind_of(name)
+            relative = relative_folder + name
+            if kind and not name.startswith(".") and _selected(spec, relative):
+                items.append(SourceItem(spec.name, os.path.join(folder, name), relative, kind))
+    return sorted(items, key=lambda item: item.relative)
+
+
+def _selected(spec: DatasetSpec, relative: str) -> bool:
+    def matches(patterns):
+        # "**/" also matches no folder at all, as in glob's recursive patterns
+        return any(
+            fnmatch.fnmatch(relative, p) or fnmatch.fnmatch(relative, p.replace("**/", "")) for p in patterns
+        )
+
+    return (not spec.include or matches(spec.include)) and not matches(spec.exclude)
+
+
+# ------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class _Source:
+    array: np.ndarray  # (C, z, y, x) in the file's numpy axis order; 2D as (C, 1, y, x)
+    spacing: tuple[float, float, float]  # per array axis; inf for the depth of 2D images
+    two_d: bool
+    metadata_depth_axis: int | None  # what the file's metadata says the scan axis is
+    eight_bit: bool
+    path: str
+
+
+def _as_channels_first(array: np.ndarray, num_channels: int, path: str) -> np.ndarray:
+    """Spatial (+ trailing channels) -> (C, ...); RGBA and grey+alpha lose alpha, other counts refused."""
+    if num_channels == 1:
+        return array[None]
+    if num_channels in (2, 4):  # grey + alpha, RGBA: the alpha channel is not image content
+        array = array[..., : num_channels - 1]
+        num_channels -= 1
+    if num_channels == 1:
+        return np.moveaxis(array, -1, 0)
+    if num_channels != 3:
+        raise UnusableImage(
+            path, "unsupported channels", f"{num_channels} channels per pixel; grey or RGB expected"
+        )
+    return np.moveaxis(array, -1, 0)
+
+
+def _nifti_slice_axis(image) -> int | None:
+    """The numpy axis NIfTI's ``dim_info`` names as the slice direction (slice_dim 1..3 = i, j, k)."""
+    try:
+        dim_info = int(image.GetMetaData("dim_info"))
+    except (RuntimeError, ValueError):
+        return None
+    slice_dim = (dim_info >> 4) & 3
+    return 3 - slice_dim if slice_dim else None
+
+
+def _read_file(item: SourceItem) -> _Source:
+    from pumit_seg.data.readers import read_image, read_png
+
+    if item.kind == "pil":
+        array = read_png(item.path)
+        channels = array.shape[2] if array.ndim == 3 else 1
+        return _Source(
+            _as_channels_first(array, channels, item.path)[:, None],
+            (math.inf, 1.0, 1.0),
+            True,
+            None,
+            array.dtype == np.uint8,
+            item.path,
+        )
+    image = read_image(item.path)
+    spatial = len(image.spacing)
+    array = _as_channels_first(image.array, image.num_channels, item.path)
+    spacing = tuple(float(s) for s in image.spacing)
+    if spatial == 2:
+        array, spacing = array[:, None], (math.inf, *spacing)
+    metadata_axis = (
+        _nifti_slice_axis(image.sitk_image) if item.path.lower().endswith((".nii", ".nii.gz")) else None
+    )
+    two_d = array.shape[1:].count(1) >= 1 and min(array.shape[1:]) == 1
+    return _Source(array, spacing, two_d, metadata_axis, image.array.dtype == np.uint8, item.path)
+
+
+def _dicom_series(folder: str) -> list[list[str]]:
+    """The series of a DICOM folder: per SeriesInstanceUID its file names, ordered along the slice normal."""
+    import pydicom
+
+    series: dict[str, list[tuple[float, str]]] = {}
+    for name in sorted(os.listdir(folder)):
+        if not name.lower().endswith(DICOM_EXTENSION) or name.startswith("."):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+            position = np.asarray([float(v) for v in header.ImagePositionPatient])
+            orientation = np.asarray([float(v) for v in header.ImageOrientationPatient])
+        except Exception as error:  # noqa: BLE001 -- pydicom raises many types for broken files
+            raise UnusableImage(
+                path, "unreadable", f"not a readable DICOM slice ({type(error).__name__}: {error})"
+            ) from None
+        normal = np.cross(orientation[:3], orientation[3:])
+        series.setdefault(str(header.get("SeriesInstanceUID", "")), []).append(
+            (float(position @ normal), name)
+        )
+    return [[name for _, name in sorted(entries)] for _, entries in sorted(series.items())]
+
+
+def _read_dicom(folder: str, files: list[str]) -> _Source:
+    from pumit_seg.data.readers import read_dicom_series
+
+    image = read_dicom_series(folder, files)
+    two_d = image.array.shape[0] == 1
+    spacing = (math.inf, *image.spacing[1:]) if two_d else tuple(image.spacing)
+    return _Source(image.array[None], spacing, two_d, 0, False, folder)
+
+
+# --------------------------------------------------------------------------------- preprocessing
+
+
+def _depth_axis(source: _Source, given: str | None, tolerance: float) -> tuple[int, str]:
+    if source.two_d:
+        return int(np.argmin(source.array.shape[1:])), "2D"
+    if given is not None:
+        return AXIS_NAMES[given], "config"
+    if source.metadata_depth_axis is not None:
+        return source.metadata_depth_axis, "metadata"
+    log_spacing = np.log(np.asarray(source.spacing, dtype=float))
+    if log_spacing.max() - log_spacing.min() <= math.log(tolerance):
+        return 0, "spacing"  # isotropic: nothing stands out, keep the file's own slice axis
+    others = [(log_spacing.sum() - s) / 2 for s in log_spacing]
+    return int(np.argmax(np.abs(log_spacing - others))), "spacing"
+
+
+def _area_resize(array: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """(C, D, H, W) float32 -> (C, D, h, w) by area interpolation (each output pixel the mean of its area)."""
+    import torch
+    import torch.nn.functional as F
+
+    c, d = array.shape[:2]
+    with torch.no_grad():
+        tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).reshape(
+            c * d, 1, *array.shape[2:]
+        )
+        resized = F.interpolate(tensor, size=size_hw, mode="area")
+    return resized.reshape(c, d, *size_hw).numpy()
+
+
+def preprocess_array(
+    source: _Source, config: PrepareConfig, depth_axis_given: str | None = None, intensity: str | None = None
+) -> PreparedImage:
+    """SPEC 6 on one read image: depth first, foreground crop, in-plane downsizing, intensity scaling."""
+    path = source.path
+    axis, axis_from = _depth_axis(source, depth_axis_given, config.isotropic_tolerance)
+    array = np.moveaxis(source.array, 1 + axis, 1)
+    spacing = list(source.spacing)
+    spacing.insert(0, spacing.pop(axis))
+    source_shape = tuple(int(s) for s in array.shape[1:])
+    mode = intensity or ("divide" if source.eight_bit else "percentile")
+    if mode == "divide" and not np.issubdtype(array.dtype, np.integer):
+        raise UnusableImage(
+            path, "unsupported type", f"intensity 'divide' needs integer pixels, got {array.dtype}"
+        )
+
+    threshold = 0 if mode == "divide" else np.percentile(array, config.foreground_percentile)
+    foreground = (array > threshold).any(axis=0)
+    if not foreground.any():
+        raise UnusableImage(
+            path, "empty after crop", f"no voxel above {threshold:g}: nothing left after the foreground crop"
+        )
+    crop = []
+    for ax in range(3):
+        present = np.flatnonzero(foreground.any(axis=tuple(a for a in range(3) if a != ax)))
+        crop.append((int(present[0]), int(present[-1]) + 1))
+    array = array[(slice(None), *(slice(a, b) for a, b in crop))]
+    height, width = array.shape[2:]
+    if min(height, width) < config.min_in_plane:
+        raise UnusableImage(
+            path,
+            "too small",
+            f"{height}x{width} pixels in-plane after the foreground crop; at least {config.min_in_plane} needed",
+        )
+
+    short = min(height, width)
+    if short > config.max_in_plane:
+        factor = config.max_in_plane / short
+        size = (max(round(height * factor), 1), max(round(width * factor), 1))
+        spacing[1] *= height / size[0]
+        spacing[2] *= width / size[1]
+        array = _area_resize(array, size)
+
+    if mode == "divide":
+        maximum = 255 if source.eight_bit else int(np.iinfo(source.array.dtype).max)
+        low, high = 0.0, float(maximum)
+        if source.eight_bit:
+            stored, scale = np.clip(np.round(array), 0, 255).astype(np.uint8), 255
+        else:
+            stored, scale = _quantise(np.asarray(array, np.float64) / maximum), 65535
+    else:
+        low, high = (float(v) for v in np.percentile(array, config.clip_percentiles))
+        if not high > low:
+            raise UnusableImage(
+                path, "constant", f"intensity window [{low:g}, {high:g}] is empty: the image is constant"
+            )
+        stored, scale = _quantise((np.asarray(array, np.float64) - low) / (high - low)), 65535
+    return PreparedImage(
+        array=stored,
+        spacing=(float(spacing[0]), float(spacing[1]), float(spacing[2])),
+        scale=scale,
+        intensity=mode,
+        intensity_low=low,
+        intensity_high=high,
+        depth_axis=axis,
+        depth_axis_from=axis_from,
+        crop=tuple(crop),
+        source_shape=source_shape,
+    )
+
+
+def _quantise(unit: np.ndarray) -> np.ndarray:
+    return np.round(np.clip(unit, 0.0, 1.0) * 65535).astype(np.uint16)
+
+
+# ----------------------------------------------------------------------------------------- work
+
+
+def _source_stamp(path: str) -> tuple[int, float]:
+    """(bytes, mtime) of a file, or summed over a DICOM folder's files."""
+    if os.path.isdir(path):
+        stats = [
+            os.stat(os.path.join(path, n)) for n in os.listdir(path) if n.lower().endswith(DICOM_EXTENSION)
+        ]
+        return sum(s.st_size for s in stats), max((s.st_mtime for s in stats), default=0.0)
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime
+
+
+def process_item(item: SourceItem, spec: DatasetSpec, root: str, config: PrepareConfig) -> list[dict]:
+    """Read, preprocess and store one source; one journal record per image (or one failure)."""
+    from pumit_seg.data.readers import ImageReadError
+
+    size, mtime = _source_stamp(item.path)
+    stamp = {"source": item.path, "dataset": item.dataset, "source_size": size, "source_mtime": mtime}
+    layout = StoreLayout(root)
+    try:
+        if item.kind == "dicom":
+            series = _dicom_series(item.path)
+            loads = [
+                (
+                    item.key if len(series) == 1 else f"{item.key}@{i}",
+                    lambda files=files: _read_dicom(item.path, files),
+                )
+                for i, files in enumerate(series)
+            ]
+        else:
+            loads = [(item.key, lambda: _read_file(item))]
+        records = []
+        for key, load in loads:
+            prepared = preprocess_array(load(), config, spec.depth_axis, spec.intensity)
+            aniso_d = aniso_d_from_spacing(prepared.spacing)
+            file = layout.image_file(key)
+            write_image_array(os.path.join(root, file), prepared.array, aniso_d, config.chunks)
+            c, d, h, w = prepared.array.shape
+            records.append(
+                stamp
+                | {
+                    "type": "image",
+                    "key": key,
+                    "modality": spec.modality,
+                    "channels": c,
+                    "shape_d": d,
+                    "shape_h": h,
+                    "shape_w": w,
+                    "spacing_d": prepared.spacing[0],
+                    "spacing_h": prepared.spacing[1],
+                    "spacing_w": prepared.spacing[2],
+                    "aniso_d": aniso_d,
+                    "file": file,
+                    "scale": prepared.scale,
+                    "intensity": prepared.intensity,
+                    "intensity_low": prepared.intensity_low,
+                    "intensity_high": prepared.intensity_high,
+                    "depth_axis": prepared.depth_axis,
+                    "depth_axis_from": prepared.depth_axis_from,
+                    "crop": ",".join(f"{a}:{b}" for a, b in prepared.crop),
+                    "source_shape": ",".join(str(s) for s in prepared.source_shape),
+                }
+            )
+        return records
+    except (ImageReadError, UnusableImage) as error:
+        return [stamp | {"type": "failure", "reason": error.reason, "message": str(error)}]
+    except MemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 -- one bad file must not stop the rest: report it
+        return [
+            stamp
+            | {
+                "type": "failure",
+                "reason": "unreadable",
+                "message": f"{item.path}: {type(error).__name__}: {error}",
+            }
+        ]
+
+
+def _read_journals(layout: StoreLayout) -> dict[str, list[dict]]:
+    """source -> its records, from every part journal (any --num-parts); a torn last line is ignored."""
+    done: dict[str, list[dict]] = {}
+    if not os.path.isdir(layout.parts):
+        return done
+    by_source: dict[str, list[dict]] = {}
+    for name in sorted(os.listdir(layout.parts)):
+        if not name.endswith(".jsonl"):
+            continue
+        with open(os.path.join(layout.parts, name)) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill
+                batch = record.get("batch")
+                if isinstance(batch, list) and batch:
+                    by_source[batch[0]["source"]] = batch  # later runs of the same source win
+    done.update(by_source)
+    return done
+
+
+def _is_done(records: list[dict] | None, item: SourceItem, root: str, retry_failed: bool) -> bool:
+    if not records:
+        return False
+    if (records[0]["source_size"], records[0]["source_mtime"]) != _source_stamp(item.path):
+        return False  # the file changed since
+    if records[0]["type"] == "failure":
+        return not retry_failed
+    return all(os.path.isfile(os.path.join(root, r["file"])) for r in records)
+
+
+def _check_store_folder(layout: StoreLayout) -> None:
+    if os.path.isdir(layout.root) and os.listdir(layout.root) and not os.path.isfile(layout.meta):
+        raise ConfigError(
+            f"{layout.root}: the output folder is not empty and is not a pre-training store (no store.json); "
+            "choose an empty or new folder"
+        )
+    if os.path.isfile(layout.meta):
+        try:
+            with open(layout.meta) as f:
+                meta = json.load(f)
+        except (OSError, json.JSONDecodeError) as error:
+            raise ConfigError(f"{layout.meta}: unreadable store description ({error})") from None
+        if meta.get("format") != STORE_FORMAT:
+            raise ConfigError(f"{layout.meta}: not a {STORE_FORMAT} (format {meta.get('format')!r})")
+
+
+def _all_items(specs: list[DatasetSpec]) -> list[SourceItem]:
+    return [item for spec in specs for item in discover_items(spec)]
+
+
+def prepare_store(
+    config_path: str,
+    output: str,
+    *,
+    config: PrepareConfig | None = None,
+    part: int = 0,
+    num_parts: int = 1,
+    num_workers: int = 0,
+    retry_failed: bool = False,
+    merge: bool = True,
+    progress: bool = True,
+) -> dict:
+    """Process part `part` of `num_parts` of the sources in `config_path` into the store `output`.
+
+    Sources already done (journaled, unchanged, array present) are skipped. With `merge`, the table
+    and the report are merged as soon as every part has finished. Returns a summary dict.
+    """
+    from tqdm.auto import tqdm
+
+    config = config or PrepareConfig()
+    if not 0 <= part < num_parts:
+        raise ValueError(f"--part must be in 0..{num_parts - 1} (--num-parts {num_parts}), got {part}")
+    specs = load_dataset_config(config_path)
+    layout = StoreLayout(output)
+    _check_store_folder(layout)
+    os.makedirs(layout.parts, exist_ok=True)
+    write_json_atomic(
+        layout.meta,
+        {
+            "format": STORE_FORMAT,
+            "version": STORE_VERSION,
+            "dataset_config": os.path.abspath(config_path),
+            "datasets": [dataclasses.asdict(s) for s in specs],
+            "prepare": dataclasses.asdict(config),
+        },
+    )
+    by_name = {s.name: s for s in specs}
+    mine = [item for i, item in enumerate(_all_items(specs)) if i % num_parts == part]
+    journal = _read_journals(layout)
+    todo = [item for item in mine if not _is_done(journal.get(item.path), item, layout.root, retry_failed)]
+    stem = layout.part_stem(part, num_parts)
+    if os.path.exists(stem + ".done.json"):
+        os.remove(stem + ".done.json")
+    failures = 0
+    with (
+        open(stem + ".jsonl", "a") as journal_file,
+        tqdm(
+            total=len(todo), desc=f"prepare part {part}/{num_parts}", unit="img", disable=not progress
+        ) as bar,
+    ):
+
+        def record(records: list[dict]) -> None:
+            nonlocal failures
+            failures += records[0]["type"] == "failure"
+            journal_file.write(json.dumps({"batch": records}) + "\n")
+            journal_file.flush()
+            bar.update(1)
+            bar.set_postfix(unusable=failures)
+
+        if num_workers > 0 and len(todo) > 1:
+            with ProcessPoolExecutor(max_workers=num_workers) as pool:
+                futures = [
+                    pool.submit(process_item, item, by_name[item.dataset], layout.root, config)
+                    for item in todo
+                ]
+                for future in as_completed(futures):
+                    record(future.result())
+        else:
+            for item in todo:
+                record(process_item(item, by_name[item.dataset], layout.root, config))
+    write_json_atomic(stem + ".done.json", {"part": part, "num_parts": num_parts, "sources": len(mine)})
+    summary = {
+        "sources": len(mine),
+        "processed": len(todo),
+        "skipped": len(mine) - len(todo),
+        "unusable_new": failures,
+    }
+    done_parts = [
+        p for p in range(num_parts) if os.path.exists(layout.part_stem(p, num_parts) + ".done.json")
+    ]
+    summary["merged"] = False
+    if merge and len(done_parts) == num_parts:
+        summary |= merge_parts(config_path, output, config=config)
+        summary["merged"] = True
+    return summary
+
+
+def _held_out(keys: list[str], count: int) -> set[str]:
+    """`count` keys chosen by a hash of the key: stable whatever order or part they came from."""
+    if len(keys) < count + 1:
+        return set()
+    return set(sorted(keys, key=lambda k: hashlib.sha1(k.encode()).hexdigest())[:count])
+
+
+def merge_parts(config_path: str, output: str, *, config: PrepareConfig | None = None) -> dict:
+    """Build table.csv and report.csv from the journals for every source of the config.
+
+    Raises when a source has not been processed yet (its part has not run, or files were added)."""
+    config = config or PrepareConfig()
+    specs = load_dataset_config(config_path)
+    layout = StoreLayout(output)
+    journal = _read_journals(layout)
+    rows, failures, missing = [], [], []
+    for item in _all_items(specs):
+        records = journal.get(item.path)
+        if not _is_done(records, item, layout.root, retry_failed=False):
+            missing.append(item.path)
+            continue
+        for record in records:
+            (rows if record["type"] == "image" else failures).append(record)
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} source(s) not processed yet (first: {missing[0]}); run the missing parts "
+            "(or prepare without --part) before merging"
+        )
+    weights = {s.name: s.weight for s in specs}
+    table = pd.DataFrame(rows, columns=[c for c in TABLE_COLUMNS if c not in ("weight", "split")])
+    table["split"] = "train"
+    for (_, _), group in table.groupby(["dataset", "modality"], sort=False):
+        table.loc[table.key.isin(_held_out(group.key.tolist(), config.val_per_dataset)), "split"] = "val"
+    counts = table.groupby(["dataset", "split"]).key.transform("count")
+    table["weight"] = table.dataset.map(weights) / counts
+    table = table[list(TABLE_COLUMNS)].sort_values("key").reset_index(drop=True)
+    if table.key.duplicated().any():
+        raise RuntimeError(f"duplicate keys in the store: {table.key[table.key.duplicated()].tolist()[:5]}")
+    report = pd.DataFrame(failures, columns=list(REPORT_COLUMNS)).sort_values("source").reset_index(drop=True)
+    with atomic_path(layout.table) as tmp:
+        table.to_csv(tmp, index=False)
+    with atomic_path(layout.report) as tmp:
+        report.to_csv(tmp, index=False)
+    return {"images": len(table), "unusable": len(report), "table": layout.table, "report": layout.report}
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+def _percentile(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"a percentile must be in [0, 100], got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = PrepareConfig()
+    parser.add_argument("config", help="dataset config (JSON; see `pydoc pumit_seg.data.prepare`)")
+    parser.add_argument("-o", "--output", required=True, help="store folder (created, or continued)")
+    parser.add_argument(
+        "--part", type=_non_negative_int, default=0, help="this job's part, 0-based (default: 0)"
+    )
+    parser.add_argument("--num-parts", type=_positive_int, default=1, help="number of parts (default: 1)")
+    parser.add_argument("--merge", action="store_true", help="only merge the finished parts into table.csv")
+    parser.add_argument(
+        "--no-merge", action="store_true", help="do not merge even when every part has finished"
+    )
+    parser.add_argument(
+        "--retry-failed", action="store_true", help="try again the files reported unusable before"
+    )
+    parser.add_argument(
+        "--num-workers",
+        type=_non_negative_int,
+        default=min(8, os.cpu_count() or 1),
+        help="worker processes (0: none)",
+    )
+    parser.add_argument(
+        "--foreground-percentile",
+        type=_percentile,
+        default=defaults.foreground_percentile,
+        help="crop non-8-bit images to the box above this percentile (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--clip-percentiles",
+        type=_percentile,
+        nargs=2,
+        default=list(defaults.clip_percentiles),
+        metavar=("LOW", "HIGH"),
+        help="intensity window of CT/MR-like images (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-in-plane",
+        type=_positive_int,
+        default=defaults.max_in_plane,
+        help="shorter side limit (default: 512)",
+    )
+    parser.add_argument(
+        "--min-in-plane",
+        type=_positive_int,
+        default=defaults.min_in_plane,
+        help="smaller images after the crop are unusable (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--val-per-dataset",
+        type=_non_negative_int,
+        default=defaults.val_per_dataset,
+        help="held-out images per dataset and modality (default: %(default)s)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    low, high = args.clip_percentiles
+    if not low < high:
+        print(
+            f"pumit_pretrain prepare: --clip-percentiles LOW must be below HIGH, got {low} {high}",
+            file=sys.stderr,
+        )
+        return 2
+    if args.part >= args.num_parts:
+        print(
+            f"pumit_pretrain prepare: --part must be in 0..{args.num_parts - 1}, got {args.part}",
+            file=sys.stderr,
+        )
+        return 2
+    config = PrepareConfig(
+        foreground_percentile=args.foreground_percentile,
+        clip_percentiles=(low, high),
+        max_in_plane=args.max_in_plane,
+        min_in_plane=args.min_in_plane,
+        val_per_dataset=args.val_per_dataset,
+    )
+    try:
+        if args.merge:
+            summary = merge_parts(args.config, args.output, config=config)
+        else:
+            summary = prepare_store(
+                args.config,
+                args.output,
+                config=config,
+                part=args.part,
+                num_parts=args.num_parts,
+                num_workers=args.num_workers,
+                retry_failed=args.retry_failed,
+                merge=not args.no_merge,
+                progress=not args.quiet,
+            )
+    except (ConfigError, RuntimeError, ValueError) as error:
+        print(f"pumit_pretrain prepare: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2))
+    if summary.get("unusable"):
+        print(f"{summary['unusable']} unusable file(s), reasons in {summary['report']}", file=sys.stderr)
+    return 0
