@@ -564,3 +564,43 @@ def test_imported_vit_loads_into_a_segmentation_plan(imported_mim):
     # one grey channel through the channel-summed kernel == the grey image replicated to the authors' 3 channels
     reference = ref_vit(authors, grey.expand(-1, 3, -1, -1, -1), 2, final_norm=False)
     assert_matches(ours, reference, what="1-channel plan, aniso_d 2, last block")
+
+
+def test_adaptations_prefixes_and_kinds_are_reported():
+    """VQGAN-style names, a 1x1 conv logits projection and half precision are adapted (and said so);
+    a DDP 'module.' prefix is found; two models in one file need --prefix."""
+    from pumit_seg.models.pumit_checkpoint import import_state_dict
+
+    authors = authors_tokenizer_state_dict(seed=6)
+    variant = {"module." + key: value for key, value in authors.items()}
+    variant["module.quantize.embed.weight"] = variant.pop("module.quantize.embedding.weight")
+    variant["module.quantize.proj.weight"] = variant["module.quantize.proj.weight"][:, :, None, None, None]
+    variant["module.decoder.8.bias"] = variant["module.decoder.8.bias"].half()
+    result = import_state_dict(variant)
+    report = result.report
+    assert (report.kind, report.prefix) == ("tokenizer", "module.")
+    assert set(report.adapted) == {
+        "module.quantize.embed.weight",
+        "module.quantize.proj.weight",
+        "module.decoder.8.bias",
+    }
+    assert "renamed" in report.adapted["module.quantize.embed.weight"]
+    assert "reshaped (32, 16, 1, 1, 1) -> (32, 16)" in report.adapted["module.quantize.proj.weight"]
+    assert "cast float16 -> float32" in report.adapted["module.decoder.8.bias"]
+    every_key_reported(report.as_dict(), variant)
+    expected = import_state_dict(authors).model.state_dict()
+    for name, tensor in result.model.state_dict().items():
+        reference = expected[name].half().float() if name == "decoder.8.bias" else expected[name]
+        assert torch.equal(tensor, reference), name
+
+    vit = authors_vit_state_dict(seed=7)
+    both = {**{"student." + k: v for k, v in vit.items()}, **{"teacher." + k: v for k, v in vit.items()}}
+    with pytest.raises(ValueError, match="several models .*'student.', 'teacher.'.*--prefix"):
+        import_state_dict(both, "vit")
+    from pumit_seg.models.pumit_checkpoint import ImportOptions
+
+    chosen = import_state_dict(both, None, ImportOptions(prefix="teacher.")).report
+    assert chosen.kind == "vit" and len(chosen.used) == len(vit)
+    assert all(why.startswith("outside the model's prefix") for why in chosen.skipped.values())
+    with pytest.raises(ValueError, match="cannot tell the kind of checkpoint"):
+        import_state_dict({"fc.weight": torch.zeros(2, 2)})

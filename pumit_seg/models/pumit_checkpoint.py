@@ -56,6 +56,7 @@ __all__ = [
     "ImportResult",
     "read_checkpoint",
     "extract_state_dict",
+    "prefix_candidates",
     "find_prefix",
     "detect_kind",
     "infer_vit_config",
@@ -296,29 +297,41 @@ def extract_state_dict(checkpoint, source: str) -> tuple[dict[str, Tensor], str,
     return dict(state_dict), entry, ignored
 
 
-def find_prefix(keys, anchors: tuple[str, ...]) -> str | None:
-    """The shortest wrapper prefix ("", "model.", "module.", "model.tokenizer.", ...) in front of an anchor key."""
-    candidates = [
-        key[: -len(anchor)]
-        for key in keys
-        for anchor in anchors
-        if key.endswith(anchor) and (len(key) == len(anchor) or key[-len(anchor) - 1] == ".")
-    ]
-    return min(candidates, key=len) if candidates else None
+def prefix_candidates(keys, anchors: tuple[str, ...]) -> list[str]:
+    """Every wrapper prefix ("", "model.", "module.", "model.tokenizer.", ...) found in front of an anchor key."""
+    return sorted(
+        {
+            key[: -len(anchor)]
+            for key in keys
+            for anchor in anchors
+            if key.endswith(anchor) and (len(key) == len(anchor) or key[-len(anchor) - 1] == ".")
+        }
+    )
 
 
-def detect_kind(keys) -> str:
+def find_prefix(keys, anchors: tuple[str, ...], source: str = "checkpoint") -> str | None:
+    """The one wrapper prefix in front of an anchor key; None when there is none; several are an error."""
+    candidates = prefix_candidates(keys, anchors)
+    if len(candidates) > 1:
+        raise ValueError(
+            f"{source}: several models in one checkpoint (key prefixes {', '.join(map(repr, candidates))}): "
+            "choose one with --prefix"
+        )
+    return candidates[0] if candidates else None
+
+
+def detect_kind(keys, source: str = "checkpoint") -> str:
     """The kind of checkpoint: "mim" (ViT keys + mask token / MIM head), "vit" (ViT keys), "tokenizer"."""
     keys = list(keys)
-    vit_prefix = find_prefix(keys, (VIT_ANCHOR,))
-    if vit_prefix is not None:
-        names = [key[len(vit_prefix) :] for key in keys if key.startswith(vit_prefix)]
+    vit_prefixes = prefix_candidates(keys, (VIT_ANCHOR,))
+    if vit_prefixes:
+        names = [key[len(p) :] for p in vit_prefixes for key in keys if key.startswith(p)]
         return "mim" if any(n == "mask_token" or n.startswith("mim_head.") for n in names) else "vit"
-    if find_prefix(keys, TOKENIZER_ANCHORS) is not None:
+    if prefix_candidates(keys, TOKENIZER_ANCHORS):
         return "tokenizer"
     shown = ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
     raise ValueError(
-        f"cannot tell the kind of checkpoint: no key ends in {VIT_ANCHOR!r} (ViT / MIM) or in "
+        f"{source}: cannot tell the kind of checkpoint: no key ends in {VIT_ANCHOR!r} (ViT / MIM) or in "
         f"{' / '.join(map(repr, TOKENIZER_ANCHORS))} (tokenizer); its keys: {shown or 'none'}"
     )
 
@@ -652,11 +665,11 @@ def import_state_dict(
     options = options or ImportOptions()
     keys = list(state_dict)
     if kind is None:
-        kind = detect_kind(keys)
+        kind = detect_kind(keys, source)
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     anchors = TOKENIZER_ANCHORS if kind == "tokenizer" else (VIT_ANCHOR,)
-    prefix = options.prefix if options.prefix is not None else find_prefix(keys, anchors)
+    prefix = options.prefix if options.prefix is not None else find_prefix(keys, anchors, source)
     if prefix is None:
         raise CheckpointLayoutError(
             source,
