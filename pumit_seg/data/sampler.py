@@ -4,10 +4,13 @@
 on ``(seed, b)`` (a counter-based generator seeded with both), never on what was drawn before, so:
 
 * resuming is exact: start again at the first batch not yet consumed (`state_dict` holds it);
-* ranks are disjoint: global batch ``b`` holds ``batch_size * world_size`` distinct images (drawn
-  without replacement whenever the bucket is large enough) and rank ``r`` takes positions
-  ``r * batch_size ... (r + 1) * batch_size - 1``; every rank computes the same global draw itself,
-  with no communication;
+* ranks are disjoint: global batch ``b`` is ``batch_size * world_size`` draws and rank ``r`` takes
+  draws ``r * batch_size ... (r + 1) * batch_size - 1``; every rank computes the same global draw
+  itself, with no communication, so the ranks together see exactly what one process with the global
+  batch would see. Draws are with replacement (the same image may come twice, with different crops),
+  which keeps the weights exact; ``distinct=True`` draws the images of a global batch without
+  replacement (no image on two ranks in one step), at the price of under-drawing an image that
+  carries more than about 1 / global batch of its bucket's weight;
 * a batch first draws its bucket with probability equal to the bucket's share of the total weight,
   then its images within the bucket by weight, so over many batches image ``i`` is drawn with
   probability ``weight_i / sum(weight)``: the store's weights (a dataset's weight shared by its
@@ -61,6 +64,7 @@ class AnisoBatchSampler(torch.utils.data.Sampler):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        distinct: bool = False,
     ):
         weights = np.asarray(weights, dtype=np.float64)
         aniso_d = np.asarray(aniso_d, dtype=np.int64)
@@ -73,6 +77,7 @@ class AnisoBatchSampler(torch.utils.data.Sampler):
             raise ValueError(f"bad batch_size {batch_size} / rank {rank} / world_size {world_size}")
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.global_batch_size = batch_size * world_size
+        self.distinct = distinct
         self.next_batch = 0
         bucket_of_row = np.where(two_d, TWO_D_BUCKET, aniso_d)
         self.bucket_ids, self.bucket_rows, self.bucket_cdfs = [], [], []
@@ -97,7 +102,7 @@ class AnisoBatchSampler(torch.utils.data.Sampler):
         which = int(self._weighted(rng, self.bucket_cdf, 1)[0])
         cdf, rows = self.bucket_cdfs[which], self.bucket_rows[which]
         picks = self._weighted(rng, cdf, self.global_batch_size)
-        if len(rows) >= self.global_batch_size:
+        if self.distinct and len(rows) >= self.global_batch_size:
             # without replacement: redraw repeated picks (successive weighted sampling)
             for _ in range(MAX_REDRAWS):
                 _, first = np.unique(picks, return_index=True)
