@@ -234,12 +234,13 @@ def test_pretrained_encoder_fills_the_classifier(tmp_path):
     write_synthetic_medmnist(tmp_path / "d.npz", samples=(8, 4, 4))
     data = load_medmnist(tmp_path / "d.npz")
     torch.manual_seed(1)
-    encoder = build_encoder("tiny", in_channels=3, depth=2, norm_eps=1e-5)
+    encoder = build_encoder("tiny", in_channels=1, depth=2, norm_eps=1e-5)
     save_model(encoder, tmp_path / "encoder.safetensors")
     config = clf.ClassificationConfig(data="d", output_dir="o", model="base", pretrained=str(tmp_path / "encoder.safetensors"), input_size=32)  # fmt: skip
     model, report = clf._build_model(config, data)
-    # the architecture comes from the file's header (not --model base), LayerNorm eps included
+    # the architecture comes from the file's header (not --model base), LayerNorm eps and channels included
     assert model.encoder.config["depth"] == 2 and model.encoder.config["norm_eps"] == 1e-5
+    assert model.encoder.config["in_channels"] == 1
     assert "pos_embed" in report and model.num_classes == 3
     for name, tensor in encoder.state_dict().items():
         if name != "pos_embed":  # resampled from 5x10x10 to the 2x2x2 token grid
@@ -253,6 +254,14 @@ def test_pretrained_encoder_fills_the_classifier(tmp_path):
     config.pretrained, config.model, config.norm_eps = str(tmp_path / "partial.safetensors"), "tiny", None
     with pytest.raises(ValueError, match=r"partial\.safetensors: leaves 8 encoder parameter\(s\) unfilled"):
         clf._build_model(config, data)
+
+
+def test_input_normalisation_follows_the_weights_header():
+    imported = {"input": {"value_range": [0.0, 1.0], "normalization": "imagenet"}}  # `pumit_pretrain import`
+    assert clf.resolve_input_norm("auto", imported) == "imagenet"
+    assert clf.resolve_input_norm("auto", {"input": {"value_range": [0.0, 1.0]}}) == "none"
+    assert clf.resolve_input_norm("auto", None) == "imagenet"  # EVA-02 / random initialisation (SPEC 5)
+    assert clf.resolve_input_norm("none", imported) == "none"
 
 
 def test_lr_schedule_and_best_epoch_selection():

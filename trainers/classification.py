@@ -69,6 +69,8 @@ __all__ = [
 ]
 
 PRECISIONS = ("auto", "fp32", "bf16")
+INPUT_NORM_MODES = ("auto", *INPUT_NORMS)
+DEFAULT_IN_CHANNELS = 3  # the authors' and EVA-02's weights take RGB; grey volumes are replicated
 BEST_MODEL = "best_model.safetensors"
 LAST_WEIGHTS = "checkpoint_last.safetensors"
 LAST_STATE = "checkpoint_state.pt"
@@ -105,15 +107,22 @@ class ClassificationConfig:
         default=None,
         metadata={"help": "ViT LayerNorm eps; default: the weight file's header, else the preset's (1e-6)"},
     )
-    in_channels: int = field(
-        default=3,
-        metadata={"help": "model input channels (3 for PUMIT / EVA-02 weights; grey is replicated)"},
+    in_channels: int | None = field(
+        default=None,
+        metadata={
+            "help": "model input channels; default: the weight file's header, else 3 (PUMIT / EVA-02 weights "
+            "take 3: grey is replicated)"
+        },
     )
     input_size: int = field(
         default=160, metadata={"help": "images are resized to this size (S^3, or S^2 for 2D)"}
     )
     input_norm: str = field(
-        default="imagenet", metadata={"help": f"input normalisation, one of {INPUT_NORMS}"}
+        default="auto",
+        metadata={
+            "help": f"input normalisation, one of {INPUT_NORM_MODES}; auto: what the weight file's header "
+            "names, else imagenet (SPEC 5: the ViT's pre-training input)"
+        },
     )
     intensity_scale: str = field(
         default="auto",
@@ -155,7 +164,7 @@ class ClassificationConfig:
         if self.model not in ENCODER_PRESETS:
             raise ValueError(f"--model must be one of {sorted(ENCODER_PRESETS)}, got {self.model!r}")
         for name in ("epochs", "batch_size", "in_channels", "input_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name, value in [("lr", self.lr), *(("lr-sweep", lr) for lr in self.lr_sweep)]:
             if not math.isfinite(value) or value <= 0:
@@ -172,8 +181,8 @@ class ClassificationConfig:
             raise ValueError(
                 f"--lr-milestones must be increasing fractions in (0, 1), got {list(self.lr_milestones)}"
             )
-        if self.input_norm not in INPUT_NORMS:
-            raise ValueError(f"--input-norm must be one of {INPUT_NORMS}, got {self.input_norm!r}")
+        if self.input_norm not in INPUT_NORM_MODES:
+            raise ValueError(f"--input-norm must be one of {INPUT_NORM_MODES}, got {self.input_norm!r}")
         if self.intensity_scale not in INTENSITY_SCALE_MODES:
             raise ValueError(
                 f"--intensity-scale must be one of {INTENSITY_SCALE_MODES}, got {self.intensity_scale!r}"
@@ -389,14 +398,16 @@ def _load_checkpoint(run_dir: Path, model: ViTClassifier, optimizer) -> dict:
 
 def _build_model(config: ClassificationConfig, data: MedMNISTData) -> tuple[ViTClassifier, str | None]:
     """The classifier, and the pretrained weights' report (None for random initialisation)."""
-    overrides: dict = {"in_channels": config.in_channels, "grad_checkpointing": config.grad_checkpointing}
-    header_config = _encoder_config_from_header(config.pretrained) if config.pretrained else None
+    overrides: dict = {"in_channels": DEFAULT_IN_CHANNELS, "grad_checkpointing": config.grad_checkpointing}
+    header_config = _encoder_config(_weights_header(config.pretrained))
     if header_config is not None:
         architecture = ("embed_dim", "depth", "num_heads", "mlp_hidden_dim", "patch_size", "rope_base",
-                        "rope_base_depth", "norm_eps")  # fmt: skip
+                        "rope_base_depth", "norm_eps", "in_channels")  # fmt: skip
         overrides.update({k: header_config[k] for k in architecture if k in header_config})
     if config.norm_eps is not None:
         overrides["norm_eps"] = config.norm_eps
+    if config.in_channels is not None:
+        overrides["in_channels"] = config.in_channels
     patch = overrides.get("patch_size", DEFAULT_PATCH_SIZE)
     if config.input_size % patch:
         raise ValueError(
@@ -419,16 +430,32 @@ def _build_model(config: ClassificationConfig, data: MedMNISTData) -> tuple[ViTC
     return model, report.summary()
 
 
-def _encoder_config_from_header(path: str) -> dict | None:
-    """The ViT architecture stored in one of our safetensors headers (a UniversalViT or a model holding one)."""
-    if not str(path).endswith(".safetensors"):
+def _weights_header(path: str | None) -> dict | None:
+    """The header of one of our safetensors files; None for other files (the preset decides then)."""
+    if path is None or not str(path).endswith(".safetensors"):
         return None
     try:
-        header = read_header(path)
+        return read_header(path)
     except ValueError:
-        return None  # a safetensors file of someone else: the preset decides
+        return None  # a safetensors file written by someone else
+
+
+def _encoder_config(header: dict | None) -> dict | None:
+    """The ViT architecture in a header: a UniversalViT's config, or the ``encoder`` of a model holding one."""
+    if header is None:
+        return None
     config = header.get("config", {})
     return config.get("encoder") if isinstance(config.get("encoder"), dict) else config
+
+
+def resolve_input_norm(mode: str, header: dict | None) -> str:
+    """``auto``: the normalisation a weight file's ``input`` header entry names, else ``imagenet``."""
+    if mode != "auto":
+        return mode
+    spec = (header or {}).get("input")
+    if isinstance(spec, dict) and "value_range" in spec:
+        return "imagenet" if spec.get("normalization") == "imagenet" else "none"
+    return "imagenet"
 
 
 def train_classifier(config: ClassificationConfig, data: MedMNISTData | None = None) -> dict:
@@ -450,7 +477,7 @@ def train_classifier(config: ClassificationConfig, data: MedMNISTData | None = N
         spatial_dims=data.spatial_dims,
         in_channels=model.encoder.config["in_channels"],
         input_size=config.input_size,
-        input_norm=config.input_norm,
+        input_norm=resolve_input_norm(config.input_norm, _weights_header(config.pretrained)),
         intensity_scale=resolve_intensity_scale(config.intensity_scale, data.name),
         flip_prob=config.flip_prob,
     )
