@@ -400,6 +400,7 @@ def test_mim_import_matches_reference_head(imported_mim):
     assert detected["kind"] == "mim"  # the released pumit.ckpt is a MIM checkpoint
     model = load_model(folder / "mim.safetensors").eval()
     assert isinstance(model, MIMModel) and model.encoder.config["norm_eps"] == EPS
+    assert model.config["mask_count_rule"] == "reference"  # the authors' masking count
     report = json.loads((folder / "mim.import.json").read_text())
     every_key_reported(report, checkpoint["state_dict"])
     assert report["used"]["model.blocks.3.mlp.w3.weight"] == "encoder.blocks.3.mlp.w3.weight"
@@ -443,6 +444,8 @@ def test_tokenizer_import_matches_reference(tmp_path, capsys):
     model = load_model(tmp_path / "tok.safetensors").eval()
     assert isinstance(model, VisualTokenizer)
     assert model.config["down_channels"] == list(TOK_DOWN) and model.config["num_codes"] == TOK_CODES
+    # what pumit_pretrain mim needs of its frozen tokenizer: one token per 16x16 patch
+    assert model.token_distribution(torch.zeros(1, 3, 1, 32, 32), 5).shape == (1, TOK_CODES, 1, 2, 2)
 
     with torch.no_grad():
         for depth, aniso_d in INPUTS:
@@ -569,7 +572,7 @@ def test_imported_vit_loads_into_a_segmentation_plan(imported_mim):
 def test_adaptations_prefixes_and_kinds_are_reported():
     """VQGAN-style names, a 1x1 conv logits projection and half precision are adapted (and said so);
     a DDP 'module.' prefix is found; two models in one file need --prefix."""
-    from pumit_seg.models.pumit_checkpoint import import_state_dict
+    from pumit_seg.models.pumit_checkpoint import ImportOptions, import_state_dict
 
     authors = authors_tokenizer_state_dict(seed=6)
     variant = {"module." + key: value for key, value in authors.items()}
@@ -597,10 +600,10 @@ def test_adaptations_prefixes_and_kinds_are_reported():
     both = {**{"student." + k: v for k, v in vit.items()}, **{"teacher." + k: v for k, v in vit.items()}}
     with pytest.raises(ValueError, match="several models .*'student.', 'teacher.'.*--prefix"):
         import_state_dict(both, "vit")
-    from pumit_seg.models.pumit_checkpoint import ImportOptions
-
     chosen = import_state_dict(both, None, ImportOptions(prefix="teacher.")).report
     assert chosen.kind == "vit" and len(chosen.used) == len(vit)
     assert all(why.startswith("outside the model's prefix") for why in chosen.skipped.values())
+    with pytest.raises(ValueError, match="--num-heads: ViT options, not used by the tokenizer"):
+        import_state_dict(authors, "tokenizer", ImportOptions(num_heads=2))
     with pytest.raises(ValueError, match="cannot tell the kind of checkpoint"):
         import_state_dict({"fc.weight": torch.zeros(2, 2)})

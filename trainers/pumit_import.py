@@ -95,19 +95,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--norm-eps",
         type=_positive_float,
         default=AUTHORS_NORM_EPS,
-        help="LayerNorm eps (authors: %(default)g)",
+        help="ViT LayerNorm eps (authors: %(default)g)",
     )
     parser.add_argument(
         "--rope-base",
         type=_positive_float,
         default=AUTHORS_ROPE_BASE,
-        help="in-plane RoPE base (%(default)g)",
+        help="ViT in-plane RoPE base (%(default)g)",
     )
     parser.add_argument(
         "--rope-base-depth",
         type=_positive_float,
         default=AUTHORS_ROPE_BASE_DEPTH,
-        help="depth RoPE base (%(default)g)",
+        help="ViT depth RoPE base (%(default)g)",
     )
     parser.add_argument(
         "--prefix",

@@ -440,6 +440,15 @@ def infer_tokenizer_config(
     (``transposed_conv``, ``conv.0``), and a last transposed conv.
     """
     kind = "tokenizer"
+    vit_only = {
+        "--num-heads": options.num_heads is not None,
+        "--norm-eps": options.norm_eps != AUTHORS_NORM_EPS,
+        "--rope-base": options.rope_base != AUTHORS_ROPE_BASE,
+        "--rope-base-depth": options.rope_base_depth != AUTHORS_ROPE_BASE_DEPTH,
+    }
+    if any(vit_only.values()):
+        given = ", ".join(flag for flag, set_ in vit_only.items() if set_)
+        raise ValueError(f"{given}: ViT options, not used by the tokenizer (its norms are fixed at eps 1e-5)")
 
     def numbered(pattern: str) -> list[int]:
         regex = re.compile(pattern)
@@ -691,7 +700,9 @@ def import_state_dict(
             head = _need(
                 state_dict, prefix + "mim_head.2.weight", source, kind, "the MIM head's output layer"
             )
-            model = MIMModel(encoder=config, codebook_size=int(head.shape[0]))
+            # the authors' masking rule (L - int(0.45 L) masked); only used if this model is trained further
+            model = MIMModel(encoder=config, codebook_size=int(head.shape[0]), mask_count_rule="reference")
+            report.assumptions["mask_count_rule"] = "reference (the authors' count of masked tokens)"
             encoder_prefix = "encoder."
         _fill(
             model,
