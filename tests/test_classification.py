@@ -368,9 +368,10 @@ def test_benchmark_tabulates_beside_the_paper(tmp_path, capsys):
     assert "cannot run here" in capsys.readouterr().err and not results.exists()
 
     write_synthetic_medmnist(tmp_path / "data" / "nodulemnist3d.npz", TASK_BINARY, samples=(32, 16, 16))
-    assert bench.main([*common, *TINY, "--epochs", "1", "--lr-sweep", "1e-4"]) == 0
+    assert bench.main([*common, *TINY, "--epochs", "1", "--lr-sweep", "1e-4", "1e30"]) == 0
     table = results.read_text()
     ours = json.loads(results.with_suffix(".json").read_text())["ours"]["nodulemnist3d"]
+    assert ours["chosen_lr"] == 1e-4 and "loss became nan" in ours["diverged_lrs"]["1e+30"]  # left out
     row = next(line for line in table.splitlines() if line.startswith("| pumit-seg"))
     assert row.split("|")[4:6] == [f" {100 * ours['test_auc']:.1f} ", f" {100 * ours['test_acc']:.1f} "]
     assert "| PUMIT (paper) | 99.8 | 95.6 | 94.3 | 88.4 |" in table and "92.2 | 84.6 |" in table

@@ -65,6 +65,7 @@ __all__ = [
     "predict",
     "lr_at_epoch",
     "select_best_epoch",
+    "TrainingDiverged",
     "main",
 ]
 
@@ -79,6 +80,12 @@ CONFIG = "config.json"
 LOG = "log.csv"
 CURVES = "curves.png"
 STATE_FORMAT = 1
+
+
+class TrainingDiverged(ValueError):
+    """The training loss became NaN / inf before any epoch was complete (a learning rate too high)."""
+
+
 # Options that may change between a run and its resumption (they do not change the result).
 RESUMABLE_CHANGES = ("device", "output_dir", "lr_sweep", "trust_pickle")
 
@@ -506,6 +513,7 @@ def train_classifier(config: ClassificationConfig, data: MedMNISTData | None = N
         print(report if report is not None else "random initialisation (no --pretrained)")
 
     train = data.splits["train"]
+    diverged = None
     title = f"{data.name or Path(config.data).name}: lr {config.lr:g}"
     for epoch in range(start_epoch, config.epochs):
         lr = lr_at_epoch(config.lr, epoch, config.epochs, config.lr_milestones, config.lr_gamma)
@@ -523,11 +531,19 @@ def train_classifier(config: ClassificationConfig, data: MedMNISTData | None = N
             with _autocast(config.precision, device):
                 logits = model(x, data.aniso_d)
             loss = loss_fn(logits.float(), _targets(train.labels[index], data.task, device))
+            if not torch.isfinite(loss):
+                diverged = f"the training loss became {loss.item()} in epoch {epoch} at lr {lr:g}"
+                break
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             loss_sum += loss.item() * index.numel()
             batches.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2g}")
+        if diverged:
+            batches.close()
+            if rows:
+                print(f"{run_dir}: stopped: {diverged}; the best epoch before it is kept", file=sys.stderr)
+            break
         val = _evaluate_split(model, data, "val", preprocess, config.batch_size, device, config.precision)
         rows.append({
             "epoch": epoch, "lr": lr, "train_loss": loss_sum / len(train), "val_loss": val["loss"],
@@ -544,6 +560,8 @@ def train_classifier(config: ClassificationConfig, data: MedMNISTData | None = N
         _plot_curves(run_dir / CURVES, rows, best_epoch, title)
         _save_checkpoint(run_dir, model, optimizer, epoch + 1, {"rows": rows})
 
+    if not rows:
+        raise TrainingDiverged(f"{run_dir}: {diverged}, before a first epoch was complete; try a lower --lr")
     best_epoch = select_best_epoch([row["val_auc"] for row in rows])
     best = load_model(run_dir / BEST_MODEL).to(device)
     test = _evaluate_split(best, data, "test", preprocess, config.batch_size, device, config.precision)
@@ -561,6 +579,7 @@ def train_classifier(config: ClassificationConfig, data: MedMNISTData | None = N
         "test_loss": test["loss"],
         "model": str(run_dir / BEST_MODEL),
         "pretrained": config.pretrained,
+        "stopped_early": diverged,
     }
     write_json_atomic(run_dir / RESULTS, results)
     print(f"{run_dir}: test AUC {test['auc']:.4f}, ACC {test['acc']:.4f} (epoch {best_epoch})")
@@ -571,14 +590,19 @@ def sweep_learning_rates(config: ClassificationConfig, data: MedMNISTData | None
     """One run per learning rate in ``output_dir/lr_<lr>``; the best validation AUC is chosen."""
     config.check()
     data = data if data is not None else load_medmnist(config.data, task=config.task)
-    runs = []
+    runs, diverged = [], {}
     for lr in config.lr_sweep:
-        run_config = dataclasses.replace(
-            config, lr=lr, lr_sweep=(), output_dir=str(Path(config.output_dir) / f"lr_{lr:g}")
-        )
-        runs.append(train_classifier(run_config, data))
+        run_dir = str(Path(config.output_dir) / f"lr_{lr:g}")
+        run_config = dataclasses.replace(config, lr=lr, lr_sweep=(), output_dir=run_dir)
+        try:
+            runs.append(train_classifier(run_config, data))
+        except TrainingDiverged as error:
+            print(f"lr {lr:g} left out: {error}", file=sys.stderr)
+            diverged[lr] = str(error)
+    if not runs:
+        raise TrainingDiverged(f"{config.output_dir}: every learning rate of --lr-sweep diverged")
     chosen = runs[select_best_epoch([run["val_auc"] for run in runs])]
-    results = {**chosen, "chosen_lr": chosen["lr"], "sweep": [
+    results = {**chosen, "chosen_lr": chosen["lr"], "diverged_lrs": diverged, "sweep": [
         {k: run[k] for k in ("lr", "best_epoch", "val_auc", "val_acc", "test_auc", "test_acc")} for run in runs
     ]}  # fmt: skip
     write_json_atomic(Path(config.output_dir) / RESULTS, results)

@@ -457,6 +457,8 @@ def _as_arrays(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:
     y_score = np.asarray(y_score.cpu() if isinstance(y_score, Tensor) else y_score, dtype=np.float64)
     if y_score.ndim != 2 or y_true.shape[0] != y_score.shape[0]:
         raise ValueError(f"scores {y_score.shape} must be (N, classes) for {y_true.shape[0]} labels")
+    if not np.isfinite(y_score).all():
+        raise ValueError("the scores hold NaN or inf (a diverged model?)")
     return y_true, y_score
 
 
