@@ -257,16 +257,17 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False, trust_flag:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        try:  # a torch checkpoint whose pickle names objects weights_only does not allow?
-            objects = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:  # not a torch zip checkpoint at all
-            objects = []
-        if not objects:
-            raise CheckpointReadError(
-                f"{path}: not a readable torch checkpoint (truncated, corrupt or another format): "
-                f"{str(error).splitlines()[0]}"
-            ) from error
+        # weights_only refuses both pickled objects and files that are no torch checkpoint at all
+        try:
+            objects, detail = torch.serialization.get_unsafe_globals_in_checkpoint(path), ""
+        except Exception as inner:  # not a torch zip checkpoint (a legacy-format one can still be trusted)
+            objects, detail = [], str(inner).splitlines()[0] if str(inner) else type(inner).__name__
         if not trust_pickle:
+            if not objects:
+                raise CheckpointReadError(
+                    f"{path}: not a readable torch checkpoint (truncated, corrupt or another format)"
+                    + (f": {detail}" if detail else "")
+                ) from error
             raise PickledCheckpointError(path, objects, trust_flag) from error
     except Exception as error:  # torch.load raises RuntimeError / EOFError / OSError on broken files
         raise CheckpointReadError(
