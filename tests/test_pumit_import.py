@@ -547,26 +547,27 @@ def test_broken_files_and_options(tmp_path, capsys):
     assert not list(tmp_path.glob("a.*")) and not list(tmp_path.glob(".tmp_*"))
 
 
-def test_imported_vit_loads_into_a_segmentation_plan(imported_mim):
-    """PUMITTrainer's path: load_pretrained_encoder into the plan's encoder (1 channel, aniso_d 2)."""
+@pytest.mark.parametrize("channels, aniso_d, depth", [(1, 2, 8), (2, 3, 4)])
+def test_imported_vit_loads_into_a_segmentation_plan(imported_mim, channels, aniso_d, depth):
+    """PUMITTrainer's path: load_pretrained_encoder into the plan's encoder (other channels and aniso_d)."""
     from pumit_seg.models.seg_net import PUMITSegNet, build_arch_kwargs
     from pumit_seg.models.vit import load_pretrained_encoder
 
     folder, authors, _ = imported_mim
     vit = {"embed_dim": WIDTH, "depth": DEPTH, "num_heads": HEADS, "norm_eps": EPS}
-    arch = build_arch_kwargs("tiny", 3, aniso_d=2, vit_overrides=vit, decoder_channels=[8, 8, 8, 8],
+    arch = build_arch_kwargs("tiny", 3, aniso_d=aniso_d, vit_overrides=vit, decoder_channels=[8, 8, 8, 8],
                              full_res_channels=[4, 4])  # fmt: skip
-    network = PUMITSegNet(input_channels=1, num_classes=2, deep_supervision=False, **arch)
+    network = PUMITSegNet(input_channels=channels, num_classes=2, deep_supervision=False, **arch)
     report = load_pretrained_encoder(network.encoder, folder / "vit.safetensors")
     assert not report.missing and "patch_embed.proj.weight" in report.adapted
     # the network may leave the final norm out (the reference normalises pyramid levels instead)
     assert set(report.skipped) <= {"norm.weight", "norm.bias"}
-    grey = image(8, seed=30, channels=1)
+    grey = image(depth, seed=30, channels=1)
     with torch.no_grad():
-        ours = network.encoder(grey, 2, return_blocks=[DEPTH - 1]).block_outputs[0]
-    # one grey channel through the channel-summed kernel == the grey image replicated to the authors' 3 channels
-    reference = ref_vit(authors, grey.expand(-1, 3, -1, -1, -1), 2, final_norm=False)
-    assert_matches(ours, reference, what="1-channel plan, aniso_d 2, last block")
+        ours = network.encoder(grey.expand(-1, channels, -1, -1, -1), aniso_d, return_blocks=[DEPTH - 1])
+    # a grey image through the channel-adapted kernel == the grey image replicated to the authors' 3 channels
+    reference = ref_vit(authors, grey.expand(-1, 3, -1, -1, -1), aniso_d, final_norm=False)
+    assert_matches(ours.block_outputs[0], reference, what=f"{channels}-channel plan, aniso_d {aniso_d}")
 
 
 def test_adaptations_prefixes_and_kinds_are_reported():
