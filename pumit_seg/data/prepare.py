@@ -446,14 +446,17 @@ def preprocess_array(
         if source.eight_bit:
             stored, scale = np.clip(np.round(array), 0, 255).astype(np.uint8), 255
         else:
-            stored, scale = _quantise(np.asarray(array, np.float64) / maximum), 65535
+            stored, scale = _quantise(np.asarray(array, np.float32) / np.float32(maximum)), 65535
     else:
         low, high = (float(v) for v in np.percentile(array, config.clip_percentiles))
         if not high > low:
             raise UnusableImage(
                 path, "constant", f"intensity window [{low:g}, {high:g}] is empty: the image is constant"
             )
-        stored, scale = _quantise((np.asarray(array, np.float64) - low) / (high - low)), 65535
+        stored, scale = (
+            _quantise((np.asarray(array, np.float32) - np.float32(low)) / np.float32(high - low)),
+            65535,
+        )
     return PreparedImage(
         array=stored,
         spacing=(float(spacing[0]), float(spacing[1]), float(spacing[2])),
@@ -815,6 +818,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.val_per_dataset,
         help="held-out images per dataset and modality (default: %(default)s)",
     )
+    parser.add_argument(
+        "--codec",
+        default=defaults.chunks.codec,
+        choices=("ZSTD", "LZ4HC", "LZ4", "ZLIB", "BLOSCLZ"),
+        help="blosc2 codec of the stored arrays (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--clevel",
+        type=int,
+        choices=range(0, 10),
+        default=defaults.chunks.clevel,
+        metavar="0..9",
+        help="blosc2 compression level (default: %(default)s)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -838,6 +855,7 @@ def run(args: argparse.Namespace) -> int:
         max_in_plane=args.max_in_plane,
         min_in_plane=args.min_in_plane,
         val_per_dataset=args.val_per_dataset,
+        chunks=ChunkConfig(codec=args.codec, clevel=args.clevel),
     )
     try:
         if args.merge:
