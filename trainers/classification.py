@@ -217,7 +217,7 @@ def lr_at_epoch(base_lr: float, epoch: int, epochs: int, milestones=(0.5, 0.75),
     With 100 epochs: epochs 0-49 at lr, 50-74 at 0.1 lr, 75-99 at 0.01 lr (torch's MultiStepLR
     with milestones [50, 75], stepped once per epoch, as the official baselines).
     """
-    passed = sum(epoch >= int(round(m * epochs)) for m in milestones)
+    passed = sum(epoch >= m * epochs for m in milestones)
     return base_lr * gamma**passed
 
 
