@@ -295,7 +295,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--broken", action="store_true", help="add a dataset of unusable files")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty folder")
     args = parser.parse_args(argv)
-    print(write_pretrain_corpus(args.output, seed=args.seed, broken=args.broken, overwrite=args.overwrite))
+    try:
+        print(
+            write_pretrain_corpus(args.output, seed=args.seed, broken=args.broken, overwrite=args.overwrite)
+        )
+    except FileExistsError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
 
 
 if __name__ == "__main__":
