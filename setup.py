@@ -58,6 +58,7 @@ setup(
             "pumit_btcv=pumit_seg.evaluation.btcv:main",
             "pumit_pretrain=pumit_seg.trainers.pretrain_cli:main",
             "pumit_classify=pumit_seg.trainers.classification:main",
+            "pumit_demo=pumit_seg.demo:main",
         ],
     },
 )
