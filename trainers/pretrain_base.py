@@ -61,6 +61,7 @@ __all__ = [
     "config_from_args",
     "load_checkpoint",
     "DistributedContext",
+    "run_pretraining",
 ]
 
 CHECKPOINT_NAME = "checkpoint_last.pt"
@@ -470,8 +471,14 @@ class PretrainTrainer:
             k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()
         }
 
-    def backward_and_step(self, loss: Tensor, optimizer_name: str, module: nn.Module) -> float:
-        """Backward, optional grad clip, optimiser step (GradScaler-aware); returns the grad norm (or nan)."""
+    def backward_and_step(
+        self, loss: Tensor, optimizer_name: str, module: nn.Module, update_scaler: bool = True
+    ) -> float:
+        """Backward, optional grad clip, optimiser step (GradScaler-aware); returns the grad norm (or nan).
+
+        With several optimisers per step pass ``update_scaler=False`` to all but the last one
+        (the GradScaler is updated once per step).
+        """
         optimizer, _ = self.optimizers[optimizer_name]
         optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -480,7 +487,8 @@ class PretrainTrainer:
             self.scaler.unscale_(optimizer)
             grad_norm = float(nn.utils.clip_grad_norm_(module.parameters(), self.config.grad_clip))
         self.scaler.step(optimizer)
-        self.scaler.update()
+        if update_scaler:
+            self.scaler.update()
         return grad_norm
 
     # ---- checkpoints ---------------------------------------------------------------
@@ -731,3 +739,23 @@ class PretrainTrainer:
             self._tensorboard.close()
         if self.dist.enabled and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def run_pretraining(trainer_class: type, config_class: type, args: argparse.Namespace, command: str) -> int:
+    """Body of a training subcommand's ``run(args)``: config from flags, fit, clean error messages.
+
+    Bad options, unusable stores and unreadable checkpoints raise ValueError / FileNotFoundError
+    naming the option or file; they end the command with that message and exit status 2.
+    """
+    trainer = None
+    try:
+        config = config_from_args(config_class, args)
+        trainer = trainer_class(config)
+        trainer.fit()
+    except (ValueError, FileNotFoundError) as error:
+        print(f"pumit_pretrain {command}: error: {error}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if trainer is not None:
+            trainer.close()
+    return 0

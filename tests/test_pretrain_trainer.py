@@ -1,0 +1,252 @@
+"""The pre-training trainer base through the tokenizer trainer: flags, fit, DDP, kill and resume."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from pumit_seg.trainers.pretrain_base import (
+    CHECKPOINT_NAME,
+    add_config_arguments,
+    config_from_args,
+    load_checkpoint,
+)
+from pumit_seg.trainers.tokenizer_trainer import TokenizerConfig, TokenizerTrainer
+from pumit_seg.trainers.tokenizer_trainer import run as run_tokenizer
+from safetensors import safe_open
+
+from pumit_seg.models.tokenizer import VisualTokenizer
+from pumit_seg.weights import load_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pretrain_worker import PhantomTokenizerTrainer, generator_gradients, tiny_config  # noqa: E402
+
+WORKER = Path(__file__).parent / "pretrain_worker.py"
+REPO = Path(__file__).resolve().parents[1]
+LOSS_COLUMNS = ("loss", "l1", "prior", "entropy", "disc", "disc_ema")
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _read_log(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, TokenizerConfig)
+    return parser.parse_args(argv)
+
+
+# ---- flags --------------------------------------------------------------------------
+
+
+def test_flags_default_to_the_paper_presets_override_and_given_flags_win():
+    paper = config_from_args(TokenizerConfig, _parse(["--store", "s", "-o", "o"]))
+    assert (paper.lr, paper.disc_lr, paper.warmup_steps, paper.batch_size) == (1e-4, 1e-3, 25_000, 48)
+    assert (paper.prior_weight, paper.entropy_weight, paper.gan_weight, paper.gan_threshold) == (
+        1.0,
+        0.2,
+        3e-3,
+        0.025,
+    )
+    assert (paper.num_codes, paper.code_dim, paper.down_channels, paper.max_perceptual_slices) == (
+        1024,
+        512,
+        (128, 256, 512),
+        24,
+    )
+    tiny = config_from_args(
+        TokenizerConfig,
+        _parse(
+            [
+                "--store",
+                "s",
+                "-o",
+                "o",
+                "--preset",
+                "tiny",
+                "--num-codes",
+                "48",
+                "--down-channels",
+                "8",
+                "16",
+                "24",
+            ]
+        ),
+    )
+    assert tiny.num_codes == 48 and tiny.code_dim == 16 and tiny.down_channels == (8, 16, 24)
+    assert tiny.batch_size == 4 and tiny.crop_in_plane == 32
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--max-steps", "0"], "--max-steps"),
+        (["--quantizer", "fancy"], "--quantizer"),
+        (["--crop-in-plane", "40"], "--crop-in-plane"),
+        (["--num-codes", "32", "--down-channels", "12", "16", "16"], "--down-channels"),
+        (["--init-from", "/nonexistent/tok.safetensors"], "/nonexistent/tok.safetensors"),
+    ],
+)
+def test_bad_options_end_with_a_message_naming_them_and_create_nothing(tmp_path, capsys, flags, named):
+    out = tmp_path / "run"
+    args = _parse(["--preset", "tiny", "--store", str(tmp_path / "store"), "-o", str(out), *flags])
+    assert run_tokenizer(args) == 2
+    assert named in capsys.readouterr().err
+    assert not out.exists()
+
+
+# ---- one short run -----------------------------------------------------------------
+
+
+def test_fit_logs_every_term_writes_health_pictures_checkpoint_and_export(tmp_path):
+    out = tmp_path / "run"
+    trainer = PhantomTokenizerTrainer(
+        tiny_config(out, max_steps=6, log_every=1, val_every=3, ckpt_every=3, perceptual_weight=0.0)
+    )
+    export_path = trainer.fit()
+    trainer.close()
+    rows = _read_log(out / "log.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert {"l1", "perceptual", "prior", "entropy", "quant", "gen_adv", "disc", "disc_ema", "gan_on"} <= set(
+        rows[0]
+    )
+    assert all(float(r["gan_on"]) == 0.0 for r in rows)  # EMA starts at 0.1 > 0.025: GAN term gated off
+    assert float(rows[0]["lr_generator"]) < float(rows[-1]["lr_generator"]) or len(rows) > 10
+    val = _read_log(out / "val.csv")
+    assert [int(r["step"]) for r in val] == [3, 6]
+    num_codes = trainer.model.num_codes
+    for row in val:
+        assert 1.0 <= float(row["val_perplexity"]) <= num_codes + 1e-3
+        assert 0.0 <= float(row["val_token_entropy"]) <= torch.log(torch.tensor(num_codes)).item() + 1e-4
+    pictures = out / "pictures"
+    for name in (
+        "reconstruction_2D_step0000006.png",
+        "reconstruction_3D_step0000006.png",
+        "codebook_usage_step0000006.png",
+    ):
+        assert (pictures / name).stat().st_size > 1000
+    assert (out / "loss_curves.png").is_file()
+    checkpoint = load_checkpoint(out / CHECKPOINT_NAME)  # weights_only
+    assert checkpoint["step"] == 6 and checkpoint["kind"] == "tokenizer"
+    assert set(checkpoint["optimizers"]) == {"generator", "discriminator"}
+    assert export_path.name == "tokenizer.safetensors"
+    model = load_model(export_path)
+    assert isinstance(model, VisualTokenizer)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, trainer.model.state_dict()[key])
+    with safe_open(str(export_path), framework="pt") as f:
+        assert '"kind": "tokenizer"' in f.metadata()["pumit_seg"]
+
+
+def test_gan_gate_follows_the_discriminator_loss_ema():
+    trainer = TokenizerTrainer.__new__(TokenizerTrainer)
+    trainer.config = TokenizerConfig(store="s", output_dir="o")
+    trainer.disc_loss_ema, trainer.last_disc_loss = 0.1, 0.01
+    assert not trainer.gan_enabled
+    trainer.disc_loss_ema = 0.02
+    assert trainer.gan_enabled
+    trainer.last_disc_loss = 0.03
+    assert not trainer.gan_enabled
+
+
+# ---- DDP -----------------------------------------------------------------------------
+
+
+def test_two_gloo_ranks_compute_the_prior_term_and_gradients_of_one_process(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(WORKER),
+            "grads",
+            str(tmp_path),
+        ],
+        env=_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = PhantomTokenizerTrainer(tiny_config(tmp_path / "single", perceptual_weight=0.0))
+    assert single.local_batch_size == 4
+    grads, values = generator_gradients(single, use_gan=True)
+    with safe_open(str(tmp_path / "grads.safetensors"), framework="pt") as f:
+        ddp_values = {k: float(v) for k, v in f.metadata().items()}
+        for key, grad in grads.items():
+            torch.testing.assert_close(f.get_tensor(key), grad, rtol=1e-4, atol=1e-6, msg=key)
+    assert ddp_values["prior"] == pytest.approx(values["prior"], rel=1e-5)
+    assert ddp_values["batch_perplexity"] == pytest.approx(values["batch_perplexity"], rel=1e-5)
+    # the 2-rank run really split the batch: rank 0's L1 is on its half only
+    assert ddp_values["l1"] != pytest.approx(values["l1"], rel=1e-6)
+
+
+# ---- kill and resume -------------------------------------------------------------------
+
+
+def test_a_killed_run_resumes_on_the_same_loss_curve(tmp_path):
+    flags = ["--max-steps", "9", "--ckpt-every", "3", "--log-every", "1", "--val-every", "100"]
+    flags += ["--perceptual-weight", "0"]
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        [sys.executable, str(WORKER), "fit", str(killed), *flags],
+        env=_env(),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        for line in process.stdout:
+            if line.startswith("checkpoint step 3"):
+                process.send_signal(signal.SIGKILL)
+                break
+        process.wait(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == -signal.SIGKILL
+    assert not (killed / "tokenizer.safetensors").exists()
+    assert load_checkpoint(killed / CHECKPOINT_NAME)["step"] == 3
+
+    # resume in this process (same thread settings as the uninterrupted reference below)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    overrides = {"max_steps": 9, "ckpt_every": 3, "log_every": 1, "val_every": 100, "perceptual_weight": 0.0}
+    resumed = PhantomTokenizerTrainer(tiny_config(killed, **overrides))
+    resumed.fit()
+    resumed.close()
+    reference = PhantomTokenizerTrainer(tiny_config(tmp_path / "reference", **overrides))
+    reference.fit()
+    reference.close()
+    torch.set_num_threads(threads)
+
+    got, want = _read_log(killed / "log.csv"), _read_log(tmp_path / "reference" / "log.csv")
+    assert [int(r["step"]) for r in got] == list(range(1, 10))
+    for row_got, row_want in zip(got, want, strict=True):
+        for column in LOSS_COLUMNS:
+            assert float(row_got[column]) == pytest.approx(float(row_want[column]), rel=1e-5, abs=1e-7), (
+                row_got["step"],
+                column,
+            )
+    for key, value in resumed.model.state_dict().items():
+        torch.testing.assert_close(value, reference.model.state_dict()[key], rtol=1e-4, atol=1e-6)

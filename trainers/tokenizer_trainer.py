@@ -1,0 +1,446 @@
+"""`pumit_pretrain tokenizer`: pre-training of the universal visual tokenizer (SPEC section 4).
+
+    pumit_pretrain tokenizer --store STORE -o RUN [--preset tiny] [--lpips-weights VGG LPIPS_HEADS]
+    torchrun --nproc_per_node 8 -m pumit_seg.trainers.pretrain_cli tokenizer --store STORE -o RUN
+
+Generator loss = L1 + perceptual (LPIPS on at most 24 random slices per sample)
++ prior (``sum p_bar log p_bar`` over the global batch, weight 1.0) + entropy (mean H(p),
+weight 0.2) + quantisation (hard mode) + adversarial (weight 3e-3, only while
+``max(EMA of the discriminator loss, last discriminator loss) <= 0.025``). The discriminator
+(hinge loss) trains every step with its own AdamW. Every number is a flag with the paper's
+default; ``--preset tiny`` runs on a CPU.
+
+On the held-out images every ``--val-every`` steps: L1, perplexity of the mean token
+distribution, mean token entropy, codes in use, PNG grids of input vs reconstruction
+(2D and 3D samples) and a codebook-usage plot. The final export is ``tokenizer.safetensors``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from pumit_seg.trainers.pretrain_base import (
+    PretrainConfig,
+    PretrainTrainer,
+    add_config_arguments,
+    run_pretraining,
+)
+from torch import Tensor, nn
+
+from pumit_seg.atomic import atomic_path
+from pumit_seg.models.discriminator import (
+    PatchDiscriminator,
+    generator_adversarial_loss,
+    hinge_discriminator_loss,
+)
+from pumit_seg.models.lpips import build_perceptual_loss
+from pumit_seg.models.tokenizer import (
+    QUANTIZER_MODES,
+    VisualTokenizer,
+    mean_token_entropy,
+    perplexity,
+    prior_regularization,
+)
+from pumit_seg.weights import load_state_dict_file
+
+__all__ = ["TokenizerConfig", "TokenizerTrainer", "add_arguments", "run", "build_tokenizer"]
+
+TINY_PRESET = {
+    "down_channels": (8, 16, 16),
+    "up_channels": (8, 16, 16),
+    "num_codes": 32,
+    "code_dim": 16,
+    "disc_channels": (16, 16, 16),
+    "crop_in_plane": 32,
+    "crop_depth_units": 1,
+    "batch_size": 4,
+    "max_steps": 300,
+    "warmup_steps": 10,
+    "lr": 2e-3,
+    "disc_lr": 2e-3,
+    "num_workers": 0,
+    "log_every": 10,
+    "val_every": 100,
+    "ckpt_every": 100,
+    "val_batch_size": 4,
+    "val_max_batches": 4,
+}
+
+
+@dataclass
+class TokenizerConfig(PretrainConfig):
+    """Flags of `pumit_pretrain tokenizer`; defaults are the authors' main run (SPEC section 4)."""
+
+    PRESETS: ClassVar[dict] = {"tiny": TINY_PRESET}
+
+    max_steps: int = field(default=600_000, metadata={"help": "optimisation steps (paper: 600K)"})
+    batch_size: int = field(default=48, metadata={"help": "global batch size (split over ranks)"})
+    lr: float = field(default=1e-4, metadata={"help": "generator (tokenizer) peak learning rate"})
+    warmup_steps: int = field(default=25_000, metadata={"help": "linear warm-up steps (both optimisers)"})
+    crop_in_plane: int = field(default=128, metadata={"help": "crop size in-plane (pixels)"})
+    crop_depth_units: int = field(
+        default=4, metadata={"help": "crop depth = units * max(16 >> aniso_d, 1) slices (1 slice in 2D)"}
+    )
+    # model
+    in_channels: int = field(default=3, metadata={"help": "image channels (grey replicated to 3)"})
+    start_stride: int = field(default=4, metadata={"help": "stride of the first encoder conv"})
+    down_channels: tuple[int, ...] = field(default=(128, 256, 512), metadata={"help": "encoder widths"})
+    up_channels: tuple[int, ...] = field(default=(128, 256, 512), metadata={"help": "decoder widths"})
+    num_codes: int = field(default=1024, metadata={"help": "codebook size K"})
+    code_dim: int = field(default=512, metadata={"help": "code embedding dimension"})
+    quantizer: str = field(default="soft", metadata={"help": f"quantizer: one of {QUANTIZER_MODES}"})
+    commitment: float = field(default=0.25, metadata={"help": "commitment weight of the hard quantizer"})
+    num_groups: int = field(default=8, metadata={"help": "GroupNorm groups in the tokenizer"})
+    gumbel_t_max: float = field(default=0.9, metadata={"help": "Gumbel temperature at step 0 (cosine)"})
+    gumbel_t_min: float = field(default=1e-6, metadata={"help": "Gumbel temperature at the last step"})
+    init_from: str = field(default="", metadata={"help": "warm start: tokenizer weights (safetensors / .pt)"})
+    # loss
+    prior_weight: float = field(
+        default=1.0, metadata={"help": "weight of sum p_bar log p_bar (the 'sharpen' run: -0.1)"}
+    )
+    entropy_weight: float = field(default=0.2, metadata={"help": "weight of the mean token entropy"})
+    quant_weight: float = field(default=1.0, metadata={"help": "weight of the hard quantizer's VQ loss"})
+    perceptual_weight: float = field(default=1.0, metadata={"help": "weight of LPIPS"})
+    max_perceptual_slices: int = field(
+        default=24, metadata={"help": "LPIPS on at most this many slices/sample"}
+    )
+    lpips_weights: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "files with VGG16 (torchvision vgg16) and LPIPS head (vgg.pth) weights; none: no LPIPS"
+        },
+    )
+    gan_weight: float = field(default=3e-3, metadata={"help": "fixed weight of the generator's GAN term"})
+    gan_threshold: float = field(
+        default=0.025, metadata={"help": "GAN term on while max(disc-loss EMA, last disc loss) <= this"}
+    )
+    disc_ema_init: float = field(default=0.1, metadata={"help": "initial EMA of the discriminator loss"})
+    disc_ema_momentum: float = field(default=0.9, metadata={"help": "momentum of the discriminator-loss EMA"})
+    disc_lr: float = field(default=1e-3, metadata={"help": "discriminator peak learning rate"})
+    disc_channels: tuple[int, ...] = field(default=(128, 256, 512), metadata={"help": "discriminator widths"})
+    disc_num_groups: int = field(default=16, metadata={"help": "GroupNorm groups in the discriminator"})
+    disc_post_convs: int = field(default=1, metadata={"help": "3x3x3 convs after the last downsampling"})
+    # health pictures
+    picture_samples: int = field(
+        default=4, metadata={"help": "2D and 3D samples in each reconstruction grid"}
+    )
+
+    def check(self) -> None:
+        super().check()
+        if self.quantizer not in QUANTIZER_MODES:
+            raise ValueError(f"--quantizer must be one of {QUANTIZER_MODES}, got {self.quantizer!r}")
+        if self.crop_in_plane % (self.start_stride << (len(self.down_channels) - 1)):
+            raise ValueError(
+                f"--crop-in-plane {self.crop_in_plane} must be a multiple of the tokenizer stride "
+                f"{self.start_stride << (len(self.down_channels) - 1)}"
+            )
+        for name in ("down_channels", "up_channels"):
+            bad = [c for c in getattr(self, name) if c % self.num_groups]
+            if bad:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} {bad} not divisible by --num-groups {self.num_groups}"
+                )
+        bad = [c for c in self.disc_channels if c % self.disc_num_groups]
+        if bad:
+            raise ValueError(
+                f"--disc-channels {bad} not divisible by --disc-num-groups {self.disc_num_groups}"
+            )
+        if self.max_perceptual_slices < 1:
+            raise ValueError(f"--max-perceptual-slices must be >= 1, got {self.max_perceptual_slices}")
+        if not 0 <= self.disc_ema_momentum < 1:
+            raise ValueError(f"--disc-ema-momentum must be in [0, 1), got {self.disc_ema_momentum}")
+
+
+def build_tokenizer(config: TokenizerConfig) -> VisualTokenizer:
+    return VisualTokenizer(
+        in_channels=config.in_channels,
+        start_stride=config.start_stride,
+        down_channels=config.down_channels,
+        up_channels=config.up_channels,
+        num_codes=config.num_codes,
+        code_dim=config.code_dim,
+        quantizer=config.quantizer,
+        commitment=config.commitment,
+        num_groups=config.num_groups,
+    )
+
+
+def _sample_slices(x: Tensor, y: Tensor, max_slices: int) -> tuple[Tensor, Tensor]:
+    """(B, C, D, H, W) pair -> (B * s, C, H, W) with the same random s <= max_slices slices per sample."""
+    batch, channels, depth, height, width = x.shape
+    if depth > max_slices:
+        index = torch.stack([torch.randperm(depth, device=x.device)[:max_slices] for _ in range(batch)])
+        index = index.view(batch, 1, max_slices, 1, 1).expand(-1, channels, -1, height, width)
+        x, y = x.gather(2, index), y.gather(2, index)
+
+    def flat(t: Tensor) -> Tensor:
+        return t.transpose(1, 2).reshape(-1, channels, height, width)
+
+    return flat(x), flat(y)
+
+
+class TokenizerTrainer(PretrainTrainer):
+    kind = "tokenizer"
+    export_name = "tokenizer.safetensors"
+    config: TokenizerConfig
+
+    def __init__(self, config: TokenizerConfig):
+        self.disc_loss_ema = config.disc_ema_init
+        self.last_disc_loss = config.disc_ema_init
+        super().__init__(config)
+        self.perceptual = None
+        if config.perceptual_weight > 0:
+            self.perceptual = build_perceptual_loss(config.lpips_weights)
+            if self.perceptual is not None:
+                self.perceptual.to(self.device)
+
+    # ---- hooks ---------------------------------------------------------------------
+
+    def build_model(self) -> nn.Module:
+        model = build_tokenizer(self.config)
+        if self.config.init_from:
+            state = load_state_dict_file(self.config.init_from)
+            state = {k.removeprefix("tokenizer."): v for k, v in state.items()}
+            try:
+                model.load_state_dict(state, strict=True)
+            except RuntimeError as error:
+                raise ValueError(
+                    f"--init-from {self.config.init_from}: weights do not fit the tokenizer built from "
+                    f"the flags: {error}"
+                ) from error
+        return model
+
+    def build_extra_modules(self) -> dict[str, nn.Module]:
+        c = self.config
+        return {
+            "discriminator": PatchDiscriminator(
+                c.in_channels, c.disc_channels, c.disc_post_convs, c.disc_num_groups
+            )
+        }
+
+    def build_optimizers(self):
+        return {
+            "generator": self.make_optimizer(self.model, self.config.lr),
+            "discriminator": self.make_optimizer(self.extra_modules["discriminator"], self.config.disc_lr),
+        }
+
+    def extra_checkpoint_state(self) -> dict:
+        return {"disc_loss_ema": self.disc_loss_ema, "last_disc_loss": self.last_disc_loss}
+
+    def load_extra_checkpoint_state(self, state: dict) -> None:
+        self.disc_loss_ema = float(state.get("disc_loss_ema", self.config.disc_ema_init))
+        self.last_disc_loss = float(state.get("last_disc_loss", self.config.disc_ema_init))
+
+    # ---- one step ------------------------------------------------------------------
+
+    @property
+    def gan_enabled(self) -> bool:
+        """SPEC 4: the GAN term is on while max(EMA, last discriminator loss) <= threshold."""
+        return max(self.disc_loss_ema, self.last_disc_loss) <= self.config.gan_threshold
+
+    def gumbel_temperature(self, step: int) -> float:
+        c = self.config
+        progress = min(step / max(c.max_steps, 1), 1.0)
+        return c.gumbel_t_min + 0.5 * (c.gumbel_t_max - c.gumbel_t_min) * (1 + math.cos(math.pi * progress))
+
+    def generator_loss(
+        self, x: Tensor, aniso_d: int, use_gan: bool
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """The tokenizer's loss on one (local) batch in [-1, 1] -> (loss, reconstruction, terms)."""
+        c = self.config
+        discriminator = self.extra_modules["discriminator"]
+        with self.autocast():
+            out = self.train_model(x, aniso_d)
+            reconstruction = out.reconstruction
+            l1 = F.l1_loss(reconstruction.float(), x.float())
+            zero = l1.new_zeros(())
+            perceptual = zero
+            if self.perceptual is not None:
+                slices_x, slices_rec = _sample_slices(x, reconstruction, c.max_perceptual_slices)
+                perceptual = self.perceptual(slices_x, slices_rec).float()
+            adversarial = zero
+            if use_gan:
+                adversarial = generator_adversarial_loss(discriminator(reconstruction, aniso_d))
+        prior, p_bar = prior_regularization(out.probs)
+        entropy = mean_token_entropy(out.probs)
+        loss = (
+            l1
+            + c.perceptual_weight * perceptual
+            + c.prior_weight * prior
+            + c.entropy_weight * entropy
+            + c.quant_weight * out.quant_loss
+            + (c.gan_weight * adversarial if use_gan else 0.0)
+        )
+        terms = {
+            "l1": l1,
+            "perceptual": perceptual,
+            "prior": prior,
+            "entropy": entropy,
+            "quant": out.quant_loss,
+            "gen_adv": adversarial,
+            "batch_perplexity": perplexity(p_bar.detach()),
+        }
+        return loss, reconstruction, terms
+
+    def training_step(self, batch: dict, step: int) -> dict[str, float]:
+        c = self.config
+        x = batch["image"] * 2 - 1
+        aniso_d = int(batch["aniso_d"])
+        if c.quantizer == "gumbel":
+            self.model.quantize.temperature = self.gumbel_temperature(step)
+        discriminator = self.extra_modules["discriminator"]
+
+        use_gan = self.gan_enabled
+        discriminator.requires_grad_(False)  # the generator's GAN term must not touch D's grads / DDP hooks
+        loss, reconstruction, terms = self.generator_loss(x, aniso_d, use_gan)
+        self.backward_and_step(loss, "generator", self.model, update_scaler=False)
+        discriminator.requires_grad_(True)
+
+        with self.autocast():
+            scores = self.train_extra["discriminator"](torch.cat([x, reconstruction.detach()]), aniso_d)
+            score_real, score_fake = scores.chunk(2)
+            disc_loss = hinge_discriminator_loss(score_real, score_fake)
+        self.backward_and_step(disc_loss, "discriminator", discriminator)
+
+        # the gate must agree on every rank: use the loss averaged over ranks
+        self.last_disc_loss = self.dist.mean({"disc": disc_loss.item()}, self.device)["disc"]
+        m = c.disc_ema_momentum
+        self.disc_loss_ema = m * self.disc_loss_ema + (1 - m) * self.last_disc_loss
+        metrics = {"loss": loss.item(), **{k: float(v.item()) for k, v in terms.items()}}
+        metrics.update(
+            {"disc": float(disc_loss.item()), "disc_ema": self.disc_loss_ema, "gan_on": float(use_gan)}
+        )
+        return metrics
+
+    # ---- validation ----------------------------------------------------------------
+
+    def validate(self, step: int) -> dict[str, float]:
+        batches = self.validation_batches()
+        if not batches:
+            return {}
+        l1_sum, l1_count, entropy_sum, positions = 0.0, 0, 0.0, 0
+        p_sum = torch.zeros(self.model.num_codes, dtype=torch.float64)
+        shown: dict[str, list] = {"2D": [], "3D": []}
+        for batch in batches:
+            batch = self.to_device(batch)
+            x = batch["image"] * 2 - 1
+            aniso_d = int(batch["aniso_d"])
+            with self.autocast():
+                out = self.model(x, aniso_d)
+            rec = out.reconstruction.float()
+            l1_sum += float(F.l1_loss(rec, x, reduction="sum"))
+            l1_count += x.numel()
+            per_position = out.probs.float().movedim(1, -1).reshape(-1, self.model.num_codes)
+            p_sum += per_position.sum(0).double().cpu()
+            entropy_sum += float(mean_token_entropy(out.probs)) * per_position.shape[0]
+            positions += per_position.shape[0]
+            kind = "2D" if x.shape[2] == 1 else "3D"
+            for i in range(x.shape[0]):
+                if len(shown[kind]) < self.config.picture_samples:
+                    shown[kind].append(
+                        (x[i].cpu(), rec[i].cpu(), batch["keys"][i] if "keys" in batch else "")
+                    )
+        p_bar = (p_sum / positions).float()
+        metrics = {
+            "val_l1": l1_sum / l1_count,
+            "val_perplexity": float(perplexity(p_bar)),
+            "val_token_entropy": entropy_sum / positions,
+            "val_codes_used": float((p_bar > 0.1 / self.model.num_codes).sum()),
+        }
+        pictures = self.output_dir / "pictures"
+        for kind, samples in shown.items():
+            if samples:
+                write_reconstruction_grid(
+                    samples, pictures / f"reconstruction_{kind}_step{step:07d}.png", kind, step
+                )
+        write_codebook_usage(p_bar, metrics, pictures / f"codebook_usage_step{step:07d}.png", step)
+        return metrics
+
+
+# --------------------------------------------------------------------------------------
+# Pictures
+# --------------------------------------------------------------------------------------
+
+
+def _display(volume: Tensor, depth_index: int):
+    """(C, D, H, W) in [-1, 1] -> an (H, W) or (H, W, 3) array in [0, 1] for imshow."""
+    image = ((volume[:, depth_index] + 1) / 2).clamp(0, 1)
+    if image.shape[0] == 1:
+        return image[0].numpy()
+    return image[:3].permute(1, 2, 0).numpy()
+
+
+def write_reconstruction_grid(samples: list[tuple[Tensor, Tensor, str]], path, kind: str, step: int) -> None:
+    """One row per sample: input and reconstruction (3D: three slices each, at 1/4, 1/2, 3/4 depth)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depth = samples[0][0].shape[1]
+    slice_ids = [0] if depth == 1 else sorted({depth // 4, depth // 2, (3 * depth) // 4})
+    columns = 2 * len(slice_ids)
+    fig, axes = plt.subplots(
+        len(samples), columns, figsize=(1.9 * columns, 1.9 * len(samples)), squeeze=False
+    )
+    for row, (x, rec, key) in enumerate(samples):
+        for j, d in enumerate(slice_ids):
+            for offset, (volume, label) in enumerate(((x, "input"), (rec, "reconstruction"))):
+                ax = axes[row, 2 * j + offset]
+                image = _display(volume, d)
+                ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=1)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if row == 0:
+                    ax.set_title(f"{label}" + (f" z={d}" if depth > 1 else ""), fontsize=7)
+        axes[row, 0].set_ylabel(str(key)[-24:], fontsize=6)
+    fig.suptitle(f"{kind} held-out samples, step {step}", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+
+
+def write_codebook_usage(p_bar: Tensor, metrics: dict[str, float], path, step: int) -> None:
+    """Every code's share of p_bar, sorted, with the uniform share, perplexity and entropy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shares = p_bar.double().sort(descending=True).values.numpy()
+    num_codes = len(shares)
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.bar(range(num_codes), shares, width=1.0)
+    ax.axhline(1 / num_codes, color="red", lw=0.8, label="uniform 1/K")
+    ax.set_yscale("log")
+    ax.set_xlabel("code (sorted by share)")
+    ax.set_ylabel("share of p_bar")
+    ax.set_title(
+        f"step {step}: perplexity {metrics['val_perplexity']:.1f} / {num_codes}, token entropy "
+        f"{metrics['val_token_entropy']:.3f} nats (max {math.log(num_codes):.2f})",
+        fontsize=8,
+    )
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, TokenizerConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_pretraining(TokenizerTrainer, TokenizerConfig, args, "tokenizer")
