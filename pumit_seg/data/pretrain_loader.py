@@ -239,24 +239,33 @@ class PretrainCropDataset(torch.utils.data.Dataset):
 
 def _resample(region: torch.Tensor, region_low, centre, out_size, zoom, angle) -> torch.Tensor:
     """Trilinear resampling of `region` (C, d, h, w), whose voxel 0 is source voxel `region_low`, onto the
-    crop grid: crop voxel o maps to source centre + R(angle) diag(1/zoom) (o - (out_size - 1) / 2)."""
+    crop grid: crop voxel o maps to source centre + R(angle) diag(1/zoom) (o - (out_size - 1) / 2), in
+    continuous coordinates where voxel i covers [i, i + 1)."""
     # one voxel of zeros around the region: the image fades to zero outside, and a single-slice region
     # (a 2D image) still has neighbours to interpolate with
     region = F.pad(region, (1, 1, 1, 1, 1, 1))
-    region_low = np.asarray(region_low) - 1
-    od, oh, ow = torch.meshgrid(
-        *[torch.arange(n, dtype=torch.float64) - (n - 1) / 2 for n in out_size], indexing="ij"
-    )
-    sd, sh, sw = od / zoom[0], oh / zoom[1], ow / zoom[2]
+    region_low = np.asarray(region_low, dtype=np.float64) - 1
+    n_in = np.array(region.shape[1:], dtype=np.float64)
+    n_out = np.asarray(out_size, dtype=np.float64)
     cos, sin = math.cos(angle), math.sin(angle)
-    # continuous source coordinates; voxel i covers [i, i + 1), its centre is i + 0.5
-    source = [sd + centre[0], cos * sh - sin * sw + centre[1], sin * sh + cos * sw + centre[2]]
-    # -> grid_sample's [-1, 1] with align_corners=True (-1, 1: centres of the first and last voxel)
-    norm = [
-        2 * (s - 0.5 - low) / (n - 1) - 1
-        for s, low, n in zip(source, region_low, region.shape[1:], strict=True)
-    ]
-    grid = torch.stack([norm[2], norm[1], norm[0]], dim=-1).to(torch.float32)[None]
+    rotate_zoom = np.array([[1, 0, 0], [0, cos, -sin], [0, sin, cos]]) @ np.diag(1 / np.asarray(zoom, float))
+    # grid_sample's normalised coordinates (align_corners=True: -1 and 1 are the first and last voxel
+    # centres): output o = (n_out - 1) / 2 * (u + 1), input index = (n_in - 1) / 2 * (v + 1)
+    to_input = np.diag(2 / (n_in - 1))
+    linear = to_input @ rotate_zoom @ np.diag((n_out - 1) / 2)
+    offset = to_input @ (np.asarray(centre, float) - 0.5 - region_low) - 1
+    # affine_grid orders axes (x, y, z) = (w, h, d)
+    # the grid as broadcast sums of per-axis terms (affine_grid's general matrix product is ~5x slower)
+    axes = [torch.linspace(-1, 1, int(n)) if n > 1 else torch.zeros(1) for n in out_size]
+    shapes = [(-1, 1, 1), (1, -1, 1), (1, 1, -1)]
+    components = []
+    for row in (2, 1, 0):  # grid_sample wants (x, y, z) = (w, h, d)
+        value = torch.full((1, 1, 1), float(offset[row]))
+        for col in range(3):
+            if linear[row, col] != 0:
+                value = value + float(linear[row, col]) * axes[col].view(shapes[col])
+        components.append(value.expand(*[int(n) for n in out_size]))
+    grid = torch.stack(components, dim=-1)[None]
     return F.grid_sample(region[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
 
 
