@@ -450,7 +450,11 @@ class PretrainTrainer:
             from pumit_seg.data.pretrain_loader import validation_batches
 
             batches = validation_batches(self.store, self.crop_config(), self.config.val_batch_size)
-            self._val_batches = list(batches)[: self.config.val_max_batches]
+            batches = list(batches)
+            if len(batches) > self.config.val_max_batches:  # spread over the aniso_d groups (2D come last)
+                picks = np.linspace(0, len(batches) - 1, self.config.val_max_batches).round().astype(int)
+                batches = [batches[i] for i in sorted(set(picks.tolist()))]
+            self._val_batches = batches
         return self._val_batches
 
     def training_step(self, batch: dict, step: int) -> dict[str, float]:

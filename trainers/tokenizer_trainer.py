@@ -382,22 +382,25 @@ def write_reconstruction_grid(samples: list[tuple[Tensor, Tensor, str]], path, k
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    depth = samples[0][0].shape[1]
-    slice_ids = [0] if depth == 1 else sorted({depth // 4, depth // 2, (3 * depth) // 4})
-    columns = 2 * len(slice_ids)
+    def slice_ids(depth: int) -> list[int]:
+        return [0] if depth == 1 else [depth // 4, depth // 2, (3 * depth) // 4]
+
+    num_slices = max(len(slice_ids(x.shape[1])) for x, _, _ in samples)
+    columns = 2 * num_slices
     fig, axes = plt.subplots(
         len(samples), columns, figsize=(1.9 * columns, 1.9 * len(samples)), squeeze=False
     )
     for row, (x, rec, key) in enumerate(samples):
-        for j, d in enumerate(slice_ids):
+        depth = x.shape[1]
+        for j, d in enumerate(slice_ids(depth)):
             for offset, (volume, label) in enumerate(((x, "input"), (rec, "reconstruction"))):
                 ax = axes[row, 2 * j + offset]
                 image = _display(volume, d)
                 ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=1)
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if row == 0:
-                    ax.set_title(f"{label}" + (f" z={d}" if depth > 1 else ""), fontsize=7)
+                ax.set_title(f"{label}" + (f" z={d}/{depth}" if depth > 1 else ""), fontsize=6)
+        for ax in axes[row]:
+            ax.set_xticks([])
+            ax.set_yticks([])
         axes[row, 0].set_ylabel(str(key)[-24:], fontsize=6)
     fig.suptitle(f"{kind} held-out samples, step {step}", fontsize=9)
     fig.tight_layout()
