@@ -193,3 +193,22 @@ def test_nifti_slice_dim_metadata(tmp_path):
     assert row.depth_axis_from == "metadata" and row.depth_axis == 1  # numpy (z, y, x): y is axis 1
     assert row["spacing"] == pytest.approx((1.0, 3.0, 1.0))
     assert sitk.ReadImage(str(tmp_path / "data" / "a.nii.gz")).GetSize() == (20, 30, 36)
+
+
+def test_cli(corpus, tmp_path, capsys):
+    from pumit_seg.trainers.pretrain_cli import main
+
+    out = tmp_path / "cli_store"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare", corpus, "-o", str(out), "--part", "2", "--num-parts", "2"])
+    assert exit_info.value.code == 2 and "--part" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare", corpus, "-o", str(out), "--merge"])
+    assert exit_info.value.code == 1 and "not processed yet" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare", corpus, "-o", str(out), "--num-workers", "2", "--quiet", "--max-in-plane", "256"])
+    assert exit_info.value.code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["merged"] and summary["unusable"] == 6
+    table = PretrainStore(out).table
+    assert table.loc[table.dataset == "large", "shape"].iloc[0] == (1, 256, 384)  # --max-in-plane
