@@ -52,6 +52,7 @@ def store_dir(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("store") / "store"
     summary = prepare_store(corpus, str(out), progress=False)
     assert summary["merged"] and summary["processed"] == summary["sources"]
+    assert Image.open(summary["overview"]).size[0] > 500  # the picture of the store
     return out
 
 

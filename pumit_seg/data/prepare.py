@@ -33,7 +33,8 @@ type's maximum. 2D images get depth spacing inf, hence aniso_d 5.
 
 Work is journaled per part (``parts/part-K-of-N.jsonl``), so a rerun skips every source already
 done (unless the file changed) and a killed run continues; when every part has finished, the table
-(``table.csv``) and the report of unusable files (``report.csv``) are merged, the held-out images
+(``table.csv``), the report of unusable files (``report.csv``) and a picture of the store
+(``overview.png``: one slice per dataset, images per aniso_d) are merged, the held-out images
 chosen (one per dataset and modality, by a hash of the key, for datasets of at least two images) and
 the sampling weights set (the dataset's weight shared by its images).
 """
@@ -77,6 +78,7 @@ __all__ = [
     "preprocess_array",
     "prepare_store",
     "merge_parts",
+    "write_overview",
     "add_arguments",
     "run",
 ]
@@ -738,7 +740,58 @@ def merge_parts(config_path: str, output: str, *, config: PrepareConfig | None =
         table.to_csv(tmp, index=False)
     with atomic_path(layout.report) as tmp:
         report.to_csv(tmp, index=False)
-    return {"images": len(table), "unusable": len(report), "table": layout.table, "report": layout.report}
+    overview = os.path.join(layout.root, "overview.png")
+    if len(table):
+        write_overview(layout.root, overview)
+    return {
+        "images": len(table),
+        "unusable": len(report),
+        "table": layout.table,
+        "report": layout.report,
+        "overview": overview,
+    }
+
+
+def write_overview(root: str, path: str, max_datasets: int = 24) -> None:
+    """A PNG to look at: per dataset its first image's middle slice (as stored, in [0, 1]) with its
+    shape, spacing and aniso_d, and the number of images per aniso_d and split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pumit_seg.data.store import PretrainStore
+
+    store = PretrainStore(root)
+    table = store.table
+    firsts = table.groupby("dataset", observed=True).head(1).head(max_datasets)
+    columns = min(6, len(firsts) + 1)
+    rows = -(-(len(firsts) + 1) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.8 * rows), squeeze=False)
+    for ax, row in zip(axes.flat, firsts.itertuples(), strict=False):
+        depth = row.shape_d // 2
+        image = store.read(row.key, (slice(depth, depth + 1), slice(None), slice(None)))[:, 0]
+        ax.imshow(image.transpose(1, 2, 0) if image.shape[0] == 3 else image[0], cmap="gray", vmin=0, vmax=1)
+        spacing = (
+            "2D" if row.shape_d == 1 else f"{row.spacing_d:.2g}x{row.spacing_h:.2g}x{row.spacing_w:.2g} mm"
+        )
+        ax.set_title(
+            f"{row.dataset} ({row.modality})\n{row.shape_d}x{row.shape_h}x{row.shape_w}, {spacing}, "
+            f"aniso_d {row.aniso_d}",
+            fontsize=7,
+        )
+        ax.axis("off")
+    ax = axes.flat[len(firsts)]
+    counts = table.groupby(["aniso_d", "split"], observed=True).size().unstack(fill_value=0)
+    counts.plot.bar(ax=ax, stacked=True, fontsize=7)
+    ax.set_title(f"{len(table)} images by aniso_d", fontsize=8)
+    ax.set_xlabel("aniso_d (5: 2D or very thick)", fontsize=7)
+    for ax in axes.flat[len(firsts) + 1 :]:
+        ax.axis("off")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90)
+    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------- CLI
