@@ -6,15 +6,53 @@ so this command runs the same three steps through nnU-Net's API with `PUMITPlann
     pumit_plan_and_preprocess -d 501 --model base
     nnUNetv2_train 501 3d_fullres 0 -tr PUMITTrainer -p PUMITPlans
 
+    pumit_plan_and_preprocess -d 300 --preset btcv --pretrained_weights pumit-b.safetensors
+
+``--preset btcv|chaos`` plans the paper's configuration (`pumit_seg.planners.presets`) and prints the
+matching ``nnUNetv2_train`` / ``nnUNetv2_predict`` lines. A fingerprint that no longer matches the raw
+images is recomputed, and the command says so (`pumit_seg.planners.fingerprint_state`).
+
 Afterwards the stock commands (``nnUNetv2_preprocess -plans_name PUMITPlans``, ``nnUNetv2_train -p
 PUMITPlans``, ``nnUNetv2_predict -p PUMITPlans``) work on the plans as usual.
 """
 
 import argparse
+import os
 
+from pumit_seg.planners.presets import PAPER_PRESETS
 from pumit_seg.planners.pumit_planner import PUMIT_PLANS_NAME, PUMITPlanner
 
+from pumit_seg.cli_checks import exit_on_bad_input, float_in_range, int_in_range
+
 DEFAULT_CONFIGURATIONS = ("2d", "3d_fullres")
+DEFAULT_MODEL = "base"
+DEFAULT_GPU_MEMORY_GB = 8.0
+MAX_PROCESSES = 256
+MAX_PATCH_SIZE = 4096
+MAX_BATCH_SIZE = 4096
+MAX_CHANNELS = 16384
+MAX_SPACING_MM = 1000.0
+MAX_GPU_MEMORY_GB = 4096.0
+
+
+def check_fingerprints(dataset_ids: list[int], verbose: bool = False) -> list[int]:
+    """Dataset ids whose existing fingerprint is stale (printed with the reason); they are recomputed."""
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from pumit_seg.planners.fingerprint_state import fingerprint_staleness
+
+    stale = []
+    for dataset_id in dataset_ids:
+        name = maybe_convert_to_dataset_name(dataset_id)
+        reason = fingerprint_staleness(
+            os.path.join(nnUNet_raw, name), os.path.join(nnUNet_preprocessed, name)
+        )
+        if reason is not None:
+            print(f"{name}: the existing fingerprint is stale ({reason}); recomputing it")
+            stale.append(dataset_id)
+        elif verbose:
+            print(f"{name}: the fingerprint (if any) matches the raw data")
+    return stale
 
 
 def plan_and_preprocess(
@@ -23,7 +61,7 @@ def plan_and_preprocess(
     num_processes=None,
     num_processes_fingerprint: int | None = None,
     plans_name: str = PUMIT_PLANS_NAME,
-    gpu_memory_target_in_gb: float = 8,
+    gpu_memory_target_in_gb: float = DEFAULT_GPU_MEMORY_GB,
     overwrite_target_spacing=None,
     verify_dataset_integrity: bool = False,
     clean: bool = False,
@@ -31,7 +69,8 @@ def plan_and_preprocess(
     verbose: bool = False,
     **planner_kwargs,
 ) -> str:
-    """Extract fingerprints, plan with `PUMITPlanner(**planner_kwargs)` and preprocess `configurations`.
+    """Extract fingerprints (recomputing stale ones), plan with `PUMITPlanner(**planner_kwargs)` and preprocess
+    `configurations`.
 
     `num_processes` is one number or one per configuration (nnU-Net's default: 8 for 2d, 4 for
     3d_fullres, or ``nnUNet_def_n_proc``). Returns the plans identifier.
@@ -39,14 +78,21 @@ def plan_and_preprocess(
     # nnU-Net's API is imported here so `--help` stays fast and paths are read at call time.
     from nnunetv2.configuration import default_num_processes
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, preprocess
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from pumit_seg.planners.fingerprint_state import record_fingerprint_sources
 
-    extract_fingerprints(
-        dataset_ids,
-        num_processes=num_processes_fingerprint or default_num_processes,
-        check_dataset_integrity=verify_dataset_integrity,
-        clean=clean,
-        verbose=verbose,
-    )
+    stale = [] if clean else check_fingerprints(dataset_ids, verbose)
+    for dataset_id in dataset_ids:
+        extract_fingerprints(
+            [dataset_id],
+            num_processes=num_processes_fingerprint or default_num_processes,
+            check_dataset_integrity=verify_dataset_integrity,
+            clean=clean or dataset_id in stale,
+            verbose=verbose,
+        )
+        name = maybe_convert_to_dataset_name(dataset_id)
+        record_fingerprint_sources(os.path.join(nnUNet_raw, name), os.path.join(nnUNet_preprocessed, name))
     for dataset_id in dataset_ids:
         planner = PUMITPlanner(
             dataset_id,
@@ -74,80 +120,92 @@ def plan_and_preprocess(
     return plans_name
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        prog="pumit_plan_and_preprocess",
         description="nnU-Net fingerprint extraction, PUMIT experiment planning (plans 'PUMITPlans': 2d and "
-        "3d_fullres for pumit_seg.models.seg_net.PUMITSegNet) and nnU-Net preprocessing."
+        "3d_fullres for pumit_seg.models.seg_net.PUMITSegNet) and nnU-Net preprocessing.",
     )
-    parser.add_argument("-d", nargs="+", type=int, required=True, help="dataset id(s)")
+    processes = int_in_range(1, MAX_PROCESSES)
+    patch = int_in_range(1, MAX_PATCH_SIZE)
+    channels = int_in_range(1, MAX_CHANNELS)
+    spacing = float_in_range(0.0, MAX_SPACING_MM, low_open=True)
+    parser.add_argument("-d", nargs="+", type=int_in_range(1, 999), required=True, help="dataset id(s)")
     parser.add_argument(
         "-c",
         nargs="+",
-        default=list(DEFAULT_CONFIGURATIONS),
-        help="configurations to preprocess (default: 2d 3d_fullres)",
-    )
-    parser.add_argument(
-        "-np",
-        nargs="+",
-        type=int,
         default=None,
+        help="configurations to preprocess (default: 2d 3d_fullres; a preset: 3d_fullres)",
+    )
+    parser.add_argument(
+        "-np", nargs="+", type=processes, default=None,
         help="preprocessing processes: one number or one per configuration (default: 8 4)",
+    )  # fmt: skip
+    parser.add_argument(
+        "-npfp", type=processes, default=None, help="fingerprint processes (default: nnUNet_def_n_proc or 8)"
     )
     parser.add_argument(
-        "-npfp", type=int, default=None, help="fingerprint processes (default: nnUNet_def_n_proc or 8)"
+        "--preset",
+        choices=sorted(PAPER_PRESETS),
+        default=None,
+        help="the paper's fine-tuning configuration for BTCV or CHAOS MR (spacing, patch, batch, foreground "
+        "oversampling, CT window, ViT-B, position grid, LayerNorm eps, inference overlap); the flags below "
+        "override single settings",
     )
     parser.add_argument(
-        "--model", choices=("tiny", "base", "large"), default="base", help="ViT size (default: base)"
+        "--model", choices=("tiny", "base", "large"), default=None, help="ViT size (default: base)"
     )
     parser.add_argument(
         "-gpu_memory_target",
-        type=float,
-        default=8,
-        help="GPU memory budget in GB for patch and batch size (default: 8)",
+        type=float_in_range(0.0, MAX_GPU_MEMORY_GB, low_open=True),
+        default=DEFAULT_GPU_MEMORY_GB,
+        help=f"GPU memory budget in GB for patch and batch size (default: {DEFAULT_GPU_MEMORY_GB:g})",
     )
     parser.add_argument(
-        "--patch_size_3d",
-        type=int,
-        nargs=3,
-        default=None,
-        metavar=("D", "H", "W"),
+        "--patch_size_3d", type=patch, nargs=3, default=None, metavar=("D", "H", "W"),
         help="fix the 3d_fullres patch size (checked)",
-    )
+    )  # fmt: skip
     parser.add_argument(
         "--patch_size_2d",
-        type=int,
+        type=patch,
         nargs=2,
         default=None,
         metavar=("H", "W"),
         help="fix the 2d patch size (checked)",
     )
     parser.add_argument(
-        "--batch_size", type=int, default=None, help="fix the batch size instead of the memory model's"
-    )
+        "--batch_size", type=int_in_range(1, MAX_BATCH_SIZE), default=None,
+        help="fix the batch size instead of the memory model's",
+    )  # fmt: skip
     parser.add_argument(
-        "--decoder_channels",
-        type=int,
-        nargs=4,
-        default=None,
+        "--decoder_channels", type=channels, nargs=4, default=None,
         help="decoder widths at 1/4..1/32 (default: 128 256 512 512)",
-    )
+    )  # fmt: skip
     parser.add_argument(
-        "--full_res_channels",
-        type=int,
-        nargs=2,
-        default=None,
+        "--full_res_channels", type=channels, nargs=2, default=None,
         help="full-resolution branch widths at 1/1, 1/2 (default: 32 64)",
-    )
+    )  # fmt: skip
     parser.add_argument(
-        "--pyramid_channels",
-        type=int,
-        nargs=2,
-        default=None,
+        "--pyramid_channels", type=channels, nargs=2, default=None,
         help="pyramid widths at 1/4, 1/8 (default: the ViT width)",
-    )
+    )  # fmt: skip
+    parser.add_argument(
+        "--pyramid_blocks", type=int_in_range(0, 1023), nargs=4, default=None,
+        help="ViT blocks feeding the pyramid (default: the model's, [3, 5, 7, 11] for base)",
+    )  # fmt: skip
     parser.add_argument(
         "--grad_checkpointing", action="store_true", help="gradient checkpointing in the ViT blocks"
     )
+    parser.add_argument(
+        "--adaptive_kernels",
+        action="store_true",
+        help="keep isotropic SAC kernels pooled at every step instead of storing the shapes this plan uses "
+        "(not the reference: Adam then moves pooled kernels 2^k times faster)",
+    )
+    parser.add_argument(
+        "--norm_eps", type=float_in_range(0.0, 1.0, low_open=True), default=None,
+        help="ViT LayerNorm eps (default: read from the weights file, else the preset's 1e-5, else 1e-6)",
+    )  # fmt: skip
     parser.add_argument(
         "--pretrained_weights",
         default=None,
@@ -157,40 +215,140 @@ def main(argv: list[str] | None = None) -> None:
         "-overwrite_plans_name", default=PUMIT_PLANS_NAME, help=f"plans name (default: {PUMIT_PLANS_NAME})"
     )
     parser.add_argument(
-        "-overwrite_target_spacing",
-        type=float,
-        nargs="+",
-        default=None,
-        help="3d_fullres target spacing (nnU-Net's option)",
-    )
+        "--target_spacing", type=spacing, nargs=3, default=None, metavar=("D", "H", "W"),
+        help="3d_fullres target spacing in mm, depth (the lowest-resolution axis) first; mapped onto the "
+        "dataset's axis order",
+    )  # fmt: skip
+    parser.add_argument(
+        "-overwrite_target_spacing", type=spacing, nargs=3, default=None,
+        help="3d_fullres target spacing in nnU-Net's axis order (nnU-Net's option)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--aniso_log2_tolerance", type=float_in_range(0.0, 0.5), default=None,
+        help="a depth / in-plane ratio this close (in log2) below a power of two rounds up to it (default 0.1)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ct_window", type=float_in_range(-1e5, 1e5), nargs=2, default=None, metavar=("LOW", "HIGH"),
+        help="clip CT channels to [LOW, HIGH] and scale to [-1, 1] (through nnU-Net's CTNormalization)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--oversample_foreground", type=float_in_range(0.0, 1.0), default=None,
+        help="share of foreground-centred patches in a batch (nnU-Net: 0.33)",
+    )  # fmt: skip
     parser.add_argument("--verify_dataset_integrity", action="store_true")
     parser.add_argument("--clean", action="store_true", help="recompute an existing fingerprint")
     parser.add_argument("--no_pp", action="store_true", help="plan only, no preprocessing")
     parser.add_argument("--verbose", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
 
-    plan_and_preprocess(
-        args.d,
-        configurations=args.c,
-        num_processes=args.np,
-        num_processes_fingerprint=args.npfp,
-        plans_name=args.overwrite_plans_name,
-        gpu_memory_target_in_gb=args.gpu_memory_target,
-        overwrite_target_spacing=args.overwrite_target_spacing,
-        verify_dataset_integrity=args.verify_dataset_integrity,
-        clean=args.clean,
-        skip_preprocessing=args.no_pp,
-        verbose=args.verbose,
-        model=args.model,
-        patch_size_2d=args.patch_size_2d,
-        patch_size_3d=args.patch_size_3d,
-        batch_size=args.batch_size,
-        decoder_channels=args.decoder_channels,
-        full_res_channels=args.full_res_channels,
-        pyramid_channels=args.pyramid_channels,
-        vit_overrides={"grad_checkpointing": True} if args.grad_checkpointing else None,
-        pretrained_weights=args.pretrained_weights,
-    )
+
+def resolve_settings(args: argparse.Namespace) -> tuple[dict, list[str]]:
+    """Planner keyword arguments from the flags and the preset; flags win. Returns (kwargs, notes)."""
+    preset = PAPER_PRESETS[args.preset] if args.preset else None
+    notes = []
+
+    def pick(flag_value, preset_value, default, name):
+        if flag_value is not None:
+            if preset is not None and preset_value is not None and flag_value != preset_value:
+                notes.append(f"--{name} {flag_value} overrides the {preset.name} preset's {preset_value}")
+            return flag_value
+        return preset_value if preset is not None and preset_value is not None else default
+
+    if args.ct_window is not None and args.ct_window[0] >= args.ct_window[1]:
+        raise ValueError(f"argument --ct_window: LOW must be below HIGH, got {args.ct_window}")
+    if args.pretrained_weights is not None:
+        # checked before any fingerprint or plan is written, so a bad file leaves the folders untouched
+        from pumit_seg.planners.pumit_planner import norm_eps_from_weights
+
+        if not os.path.isfile(args.pretrained_weights):
+            raise FileNotFoundError(f"argument --pretrained_weights: {args.pretrained_weights} does not exist")
+        norm_eps_from_weights(args.pretrained_weights)  # raises naming the file when it is not readable
+    if args.target_spacing is not None and args.overwrite_target_spacing is not None:
+        raise ValueError("give either --target_spacing or -overwrite_target_spacing, not both")
+    vit_overrides = {}
+    if args.grad_checkpointing:
+        vit_overrides["grad_checkpointing"] = True
+    if args.norm_eps is not None:
+        vit_overrides["norm_eps"] = args.norm_eps
+    kwargs = {
+        "model": pick(args.model, preset.model if preset else None, DEFAULT_MODEL, "model"),
+        "patch_size_2d": args.patch_size_2d,
+        "patch_size_3d": pick(
+            args.patch_size_3d, list(preset.patch_size_3d) if preset else None, None, "patch_size_3d"
+        ),
+        "batch_size": pick(args.batch_size, preset.batch_size if preset else None, None, "batch_size"),
+        "decoder_channels": args.decoder_channels,
+        "full_res_channels": args.full_res_channels,
+        "pyramid_channels": args.pyramid_channels,
+        "pyramid_blocks": pick(
+            args.pyramid_blocks, list(preset.pyramid_blocks) if preset else None, None, "pyramid_blocks"
+        ),
+        "vit_overrides": vit_overrides or None,
+        "pretrained_weights": args.pretrained_weights,
+        "target_spacing_dhw": None
+        if args.overwrite_target_spacing is not None
+        else pick(
+            args.target_spacing, list(preset.target_spacing_dhw) if preset else None, None, "target_spacing"
+        ),
+        "ct_window": pick(
+            args.ct_window, list(preset.ct_window) if preset and preset.ct_window else None, None, "ct_window"
+        ),
+        "oversample_foreground_percent": pick(
+            args.oversample_foreground,
+            preset.oversample_foreground_percent if preset else None,
+            None,
+            "oversample_foreground",
+        ),
+        "predict_step_size": preset.predict_step_size if preset else None,
+        "default_norm_eps": preset.norm_eps if preset else None,
+        "fixed_kernels": not args.adaptive_kernels,
+        "preset": preset.name if preset else None,
+    }
+    if args.aniso_log2_tolerance is not None:
+        kwargs["aniso_log2_tolerance"] = args.aniso_log2_tolerance
+    return kwargs, notes
+
+
+def paper_commands(dataset_id: int, preset_name: str, plans_name: str) -> list[str]:
+    """The commands that train and predict a preset's configuration as the paper did."""
+    preset = PAPER_PRESETS[preset_name]
+    return [
+        f"nnUNetv2_train {dataset_id} 3d_fullres 0 -tr PUMITTrainer -p {plans_name}",
+        f"nnUNetv2_predict -i INPUT_FOLDER -o OUTPUT_FOLDER -d {dataset_id} -c 3d_fullres -f 0 -tr PUMITTrainer "
+        f"-p {plans_name} -step_size {preset.predict_step_size:g}   # overlap {1 - preset.predict_step_size:g}, "
+        "mirroring on (the paper's test-time augmentation)",
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    with exit_on_bad_input(parser):
+        planner_kwargs, notes = resolve_settings(args)
+        for note in notes:
+            print(f"note: {note}")
+        configurations = args.c or (list(PAPER_PRESETS[args.preset].configurations) if args.preset else None)
+        plan_and_preprocess(
+            args.d,
+            configurations=configurations or list(DEFAULT_CONFIGURATIONS),
+            num_processes=args.np,
+            num_processes_fingerprint=args.npfp,
+            plans_name=args.overwrite_plans_name,
+            gpu_memory_target_in_gb=args.gpu_memory_target,
+            overwrite_target_spacing=args.overwrite_target_spacing,
+            verify_dataset_integrity=args.verify_dataset_integrity,
+            clean=args.clean,
+            skip_preprocessing=args.no_pp,
+            verbose=args.verbose,
+            **planner_kwargs,
+        )
+        if args.preset:
+            print(f"\nThe paper's {args.preset} configuration is planned. Train and predict with:")
+            for dataset_id in args.d:
+                for command in paper_commands(dataset_id, args.preset, args.overwrite_plans_name):
+                    print(f"  {command}")
+            for note in PAPER_PRESETS[args.preset].notes:
+                print(f"  ({note})")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,20 @@ What it changes, because the network is a ViT and not a conv U-Net:
 
 * Only ``2d`` and ``3d_fullres`` are planned (no 3d_lowres / cascade).
 * ``aniso_d`` (SPEC section 1) comes from the configuration's target spacing in nnU-Net's transposed
-  order (depth first); the 2D configuration is a one-slice volume with ``aniso_d = 5``.
+  order (depth first); the 2D configuration is a one-slice volume with ``aniso_d = 5``. Near a power of
+  two it is robust (`choose_aniso_d`): a depth / in-plane ratio within ``aniso_log2_tolerance`` (0.1 in
+  log2, i.e. at least 93 % of the power of two) rounds up instead of down, so nnU-Net's BTCV target
+  spacing (about 3 x 0.76 x 0.76 mm, ratio 3.94) gives aniso_d 2 and a 4x16x16 patch as the paper's
+  3 x 0.75 x 0.75, not 1 and 8x16x16. The choice and its reason are printed and stored in the plan
+  (``pumit_aniso_d_choice``). A plan whose first axis is not the lowest-resolution one (nnU-Net's
+  ``suppress_transpose``) is refused when that changes aniso_d.
+* ``target_spacing_dhw`` (``--target_spacing D H W``) sets the 3d_fullres target spacing depth first,
+  mapped onto the dataset's axis order; paper presets (`pumit_seg.planners.presets`) set it and the rest.
+* The ViT's position grid is re-parameterised to the patch's token grid (the reference's 12x12x12 for
+  BTCV): pre-trained grids are resampled once, at load, instead of at every forward pass.
+* ``ct_window`` (e.g. [-175, 250]) replaces the CT channels' intensity statistics in the plans, so that
+  nnU-Net's own ``CTNormalization`` (clip to [p0.5, p99.5], subtract the mean, divide by the std) clips
+  to the window and maps it onto [-1, 1], in preprocessing and prediction alike.
 * The patch size is a multiple of what the network needs exactly
   (`pumit_seg.models.seg_net.required_patch_divisor`: in-plane 32, depth ``2 ** max(5 - aniso_d, 0)``),
   starting from nnU-Net's aspect-ratio rule capped by the median image shape and shrunk until a batch
@@ -32,6 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+from pumit_seg.planners.presets import AUTHORS_NORM_EPS, EVA02_NORM_EPS
 
 from pumit_seg.models.sac import aniso_d_from_spacing, depth_downsample_stride
 from pumit_seg.models.seg_net import PUMITSegNet, build_arch_kwargs, depth_factor, required_patch_divisor
@@ -42,6 +56,76 @@ NETWORK_CLASS_NAME = "pumit_seg.models.seg_net.PUMITSegNet"
 TWO_D_ANISO_D = 5
 NUM_LEVELS = 6  # in-plane levels 1 .. 1/32 of the network
 TOKEN_LEVEL = 4  # patch size 16
+# A depth / in-plane spacing ratio within this distance (in log2) below a power of two rounds up to it.
+ANISO_LOG2_TOLERANCE = 0.1
+ANISO_D_CHOICE_PLANS_KEY = "pumit_aniso_d_choice"
+OVERSAMPLE_PLANS_KEY = "pumit_oversample_foreground_percent"
+PREDICT_STEP_SIZE_PLANS_KEY = "pumit_predict_step_size"
+PRESET_PLANS_KEY = "pumit_preset"
+CT_WINDOW_PLANS_KEY = "pumit_ct_window"
+CT_NORMALIZATION = "CTNormalization"
+
+
+def choose_aniso_d(spacing_dhw, log2_tolerance: float = ANISO_LOG2_TOLERANCE) -> tuple[int, str]:
+    """(aniso_d, explanation) for a depth-first spacing, robust near powers of two.
+
+    SPEC's ``floor(log2(ratio))`` falls off a cliff just below a power of two (ratio 3.94 gives 1, 4.0
+    gives 2); a ratio within `log2_tolerance` below a power of two is rounded up to it.
+    """
+    if not 0 <= log2_tolerance < 1:
+        raise ValueError(f"aniso_log2_tolerance must be in [0, 1), got {log2_tolerance}")
+    aniso_d = aniso_d_from_spacing(spacing_dhw, log_tolerance=max(log2_tolerance, 1e-6))
+    strict = aniso_d_from_spacing(spacing_dhw)
+    ratio = float(spacing_dhw[0]) / min(float(spacing_dhw[1]), float(spacing_dhw[2]))
+    text = (
+        f"aniso_d {aniso_d} from target spacing {[round(float(s), 5) for s in spacing_dhw]} "
+        f"(depth / in-plane ratio {ratio:.3f}, log2 {math.log2(max(ratio, 1e-12)):.3f})"
+    )
+    if aniso_d != strict:
+        text += (
+            f": within {log2_tolerance} of log2 = {aniso_d}, rounded up instead of floor's {strict} "
+            f"(patch depth {16 >> min(aniso_d, 4)} instead of {16 >> min(strict, 4)} slices per token)"
+        )
+    return aniso_d, text
+
+
+def norm_eps_from_weights(path: str) -> tuple[float | None, str]:
+    """(LayerNorm eps the weights were trained with, how it was found), or (None, why not).
+
+    Our safetensors files carry it in their header; a safetensors file without one is recognised by its
+    key layout (EVA-02 in timm / official layout: 1e-6; the authors' PUMIT layout: 1e-5).
+    """
+    if not path.endswith(".safetensors"):
+        return None, "not a safetensors file: the eps cannot be read without unpickling it"
+    from safetensors import SafetensorError, safe_open
+
+    from pumit_seg.weights import HEADER_KEY
+
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            keys = list(handle.keys())
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"pretrained weights {path}: not a readable safetensors file ({error})") from error
+    if HEADER_KEY in metadata:
+        found = []
+
+        def search(obj):
+            if isinstance(obj, dict):
+                for key, value in obj.items():
+                    if key == "norm_eps" and isinstance(value, int | float):
+                        found.append(float(value))
+                    else:
+                        search(value)
+
+        search(json.loads(metadata[HEADER_KEY]).get("config", {}))
+        if found:
+            return found[0], "the weights file's architecture header"
+    if any(".fc1_g." in k or ".attn.qkv." in k or "fc_norm." in k or ".mlp.w12." in k for k in keys):
+        return EVA02_NORM_EPS, "EVA-02 key layout"
+    if any(k.endswith("mlp.w1.weight") for k in keys):
+        return AUTHORS_NORM_EPS, "the authors' PUMIT key layout"
+    return None, "no header and no known key layout"
 
 
 @dataclass
@@ -116,6 +200,13 @@ def estimate_training_memory(
     return fixed_bytes + batch_size * (vit_bytes + conv_bytes)
 
 
+def token_grid(patch_size, aniso_d: int) -> list[int]:
+    """The ViT token grid (d, h, w) of a (D, H, W) or (H, W) patch."""
+    patch = [1, *patch_size] if len(patch_size) == 2 else list(patch_size)
+    patch_depth = depth_downsample_stride(2**TOKEN_LEVEL, aniso_d, 0)
+    return [patch[0] // patch_depth, patch[1] // 2**TOKEN_LEVEL, patch[2] // 2**TOKEN_LEVEL]
+
+
 def check_patch_size(patch_size, aniso_d: int) -> list[int]:
     """Return `patch_size` as a list of ints, or raise a ValueError naming the required divisors."""
     depth_divisor, inplane_divisor = required_patch_divisor(aniso_d)
@@ -166,6 +257,15 @@ class PUMITPlanner(ExperimentPlanner):
         pretrained_weights: str | None = None,
         batch_size: int | None = None,
         memory_model: MemoryModel | None = None,
+        target_spacing_dhw=None,
+        aniso_log2_tolerance: float = ANISO_LOG2_TOLERANCE,
+        pyramid_blocks=None,
+        ct_window=None,
+        oversample_foreground_percent: float | None = None,
+        predict_step_size: float | None = None,
+        default_norm_eps: float | None = None,
+        fixed_kernels: bool = True,
+        preset: str | None = None,
     ):
         super().__init__(
             dataset_name_or_id,
@@ -187,10 +287,54 @@ class PUMITPlanner(ExperimentPlanner):
         self.pretrained_weights = os.path.abspath(pretrained_weights) if pretrained_weights else None
         self.fixed_batch_size = batch_size
         self.memory_model = memory_model or MemoryModel()
+        if target_spacing_dhw is not None:
+            if overwrite_target_spacing is not None:
+                raise ValueError(
+                    "give either target_spacing_dhw (--target_spacing) or overwrite_target_spacing"
+                )
+            if len(target_spacing_dhw) != 3 or not all(float(v) > 0 for v in target_spacing_dhw):
+                raise ValueError(
+                    f"--target_spacing needs 3 positive values (depth, in-plane, in-plane), got {target_spacing_dhw}"
+                )
+        self.target_spacing_dhw = [float(v) for v in target_spacing_dhw] if target_spacing_dhw else None
+        self.aniso_log2_tolerance = aniso_log2_tolerance
+        choose_aniso_d((1.0, 1.0, 1.0), aniso_log2_tolerance)  # validates the tolerance
+        self.pyramid_blocks = list(pyramid_blocks) if pyramid_blocks is not None else None
+        if ct_window is not None and not (len(ct_window) == 2 and float(ct_window[0]) < float(ct_window[1])):
+            raise ValueError(f"ct_window must be [low, high] with low < high, got {ct_window}")
+        self.ct_window = [float(v) for v in ct_window] if ct_window is not None else None
+        if oversample_foreground_percent is not None and not 0 <= oversample_foreground_percent <= 1:
+            raise ValueError(
+                f"oversample_foreground_percent must be in [0, 1], got {oversample_foreground_percent}"
+            )
+        self.oversample_foreground_percent = oversample_foreground_percent
+        if predict_step_size is not None and not 0 < predict_step_size <= 1:
+            raise ValueError(f"predict_step_size must be in (0, 1], got {predict_step_size}")
+        self.predict_step_size = predict_step_size
+        self.fixed_kernels = fixed_kernels
+        self.preset = preset
+        self.norm_eps_choice = self.choose_norm_eps(default_norm_eps)
         self._parameter_counts = {}  # arch_kwargs (json) -> number of parameters
         self.lowres_creation_threshold = 0  # never plan 3d_lowres: the ViT plans are fullres only
 
+    def choose_norm_eps(self, default_norm_eps: float | None) -> tuple[float | None, str]:
+        """LayerNorm eps of the encoder: an explicit ``vit_overrides["norm_eps"]`` wins, then the eps of the
+        pre-trained weights (their header or key layout), then `default_norm_eps` (a preset's), else the
+        preset model's own default (None)."""
+        if self.vit_overrides and "norm_eps" in self.vit_overrides:
+            return float(self.vit_overrides["norm_eps"]), "given explicitly"
+        if self.pretrained_weights is not None:
+            eps, how = norm_eps_from_weights(self.pretrained_weights)
+            if eps is not None:
+                return eps, f"from {how} ({self.pretrained_weights})"
+        if default_norm_eps is not None:
+            return float(default_norm_eps), "the preset's (the authors' ViT)"
+        return None, "the model preset's default"
+
     def build_arch_kwargs(self, spatial_dims: int, aniso_d: int) -> dict:
+        vit_overrides = dict(self.vit_overrides or {})
+        if self.norm_eps_choice[0] is not None:
+            vit_overrides["norm_eps"] = self.norm_eps_choice[0]
         return build_arch_kwargs(
             self.model,
             spatial_dims,
@@ -198,8 +342,27 @@ class PUMITPlanner(ExperimentPlanner):
             decoder_channels=self.decoder_channels,
             full_res_channels=self.full_res_channels,
             pyramid_channels=self.pyramid_channels,
-            vit_overrides=self.vit_overrides,
+            pyramid_blocks=self.pyramid_blocks,
+            vit_overrides=vit_overrides,
+            fixed_kernels=self.fixed_kernels,
         )
+
+    def determine_fullres_target_spacing(self) -> np.ndarray:
+        """nnU-Net's rule, or `target_spacing_dhw` (depth first) placed onto the dataset's axes: depth goes to
+        the axis with the largest median spacing in the fingerprint (the one nnU-Net transposes first)."""
+        if self.target_spacing_dhw is None:
+            return super().determine_fullres_target_spacing()
+        median_spacing = np.median(np.vstack(self.dataset_fingerprint["spacings"]), 0)
+        if len(median_spacing) != 3:
+            raise ValueError(
+                f"{self.dataset_name}: --target_spacing needs 3D images, the fingerprint has 2D spacings"
+            )
+        depth_axis = int(np.argmax(median_spacing))
+        spacing = np.full(3, self.target_spacing_dhw[1])
+        spacing[depth_axis] = self.target_spacing_dhw[0]
+        inplane_axes = [a for a in range(3) if a != depth_axis]
+        spacing[inplane_axes[1]] = self.target_spacing_dhw[2]
+        return spacing
 
     def estimate_memory(self, arch_kwargs: dict, patch_size, batch_size: int) -> float:
         num_classes = len(self.dataset_json["labels"])
@@ -263,7 +426,24 @@ class PUMITPlanner(ExperimentPlanner):
         if not all(s > 0 for s in spacing):
             raise ValueError(f"{self.dataset_name}: spacing must be positive, got {spacing}")
         spatial_dims = len(spacing)
-        aniso_d = TWO_D_ANISO_D if spatial_dims == 2 else aniso_d_from_spacing(spacing)
+        if spatial_dims == 2:
+            aniso_d, aniso_d_choice = TWO_D_ANISO_D, f"aniso_d {TWO_D_ANISO_D}: 2D configuration (one slice)"
+        else:
+            aniso_d, aniso_d_choice = choose_aniso_d(spacing, self.aniso_log2_tolerance)
+            coarsest = int(np.argmax(spacing))
+            if coarsest != 0:
+                moved = [spacing[coarsest]] + [s for i, s in enumerate(spacing) if i != coarsest]
+                if choose_aniso_d(moved, self.aniso_log2_tolerance)[0] != aniso_d:
+                    raise ValueError(
+                        f"{self.dataset_name}: the first axis of the 3d_fullres spacing {list(spacing)} is not the "
+                        f"lowest-resolution axis (axis {coarsest} is), but PUMITSegNet treats the first axis as depth. "
+                        "Do not suppress nnU-Net's transposition (suppress_transpose), or give a target spacing "
+                        "whose coarsest axis comes first"
+                    )
+                aniso_d_choice += (
+                    f"; axis {coarsest} is slightly coarser than axis 0, same aniso_d either way"
+                )
+        print(f"{self.dataset_name} {'2d' if spatial_dims == 2 else '3d_fullres'}: {aniso_d_choice}")
         arch_kwargs = self.build_arch_kwargs(spatial_dims, aniso_d)
 
         fixed_patch_size = self.patch_size_2d if spatial_dims == 2 else self.patch_size_3d
@@ -276,6 +456,9 @@ class PUMITPlanner(ExperimentPlanner):
         else:
             patch_size = self.determine_patch_size(spacing, median_shape, arch_kwargs)
         check_patch_size(patch_size, aniso_d)
+        if not (self.vit_overrides and "pos_grid_shape" in self.vit_overrides):
+            # the reference re-parameterises the position grid to the fine-tuning token grid, once, at load
+            arch_kwargs["vit"]["pos_grid_shape"] = token_grid(patch_size, aniso_d)
         batch_size = self.determine_batch_size(arch_kwargs, patch_size, approximate_n_voxels_dataset)
 
         resampling_data, resampling_data_kwargs, resampling_seg, resampling_seg_kwargs = (
@@ -307,10 +490,54 @@ class PUMITPlanner(ExperimentPlanner):
                 "_kw_requires_import": [],
             },
             "pumit_model": self.model,
+            ANISO_D_CHOICE_PLANS_KEY: aniso_d_choice,
+            "pumit_norm_eps_choice": self.norm_eps_choice[1],
             "pumit_memory_estimate_gb": round(
                 self.estimate_memory(arch_kwargs, patch_size, batch_size) / 1e9, 2
             ),
         }
         if self.pretrained_weights is not None:
             plan[PRETRAINED_WEIGHTS_PLANS_KEY] = self.pretrained_weights
+        if self.oversample_foreground_percent is not None:
+            plan[OVERSAMPLE_PLANS_KEY] = self.oversample_foreground_percent
+        if self.predict_step_size is not None:
+            plan[PREDICT_STEP_SIZE_PLANS_KEY] = self.predict_step_size
+        if self.preset is not None:
+            plan[PRESET_PLANS_KEY] = self.preset
         return deepcopy(plan)
+
+    def save_plans(self, plans):
+        """Apply the CT window to the plans' intensity statistics (read by nnU-Net's CTNormalization), then save."""
+        if self.ct_window is not None:
+            self.apply_ct_window(plans)
+        super().save_plans(plans)
+
+    def apply_ct_window(self, plans: dict) -> None:
+        low, high = self.ct_window
+        channels = {
+            str(i)
+            for configuration in plans["configurations"].values()
+            for i, scheme in enumerate(configuration.get("normalization_schemes", []))
+            if scheme == CT_NORMALIZATION
+        }
+        if not channels:
+            raise ValueError(
+                f"{self.dataset_name}: a CT window was asked for, but no channel of dataset.json's channel_names is "
+                "'CT' (nnU-Net normalises only channels named CT with CTNormalization)"
+            )
+        properties = plans["foreground_intensity_properties_per_channel"]
+        plans["pumit_fingerprint_intensity_properties"] = deepcopy(properties)
+        for channel in sorted(channels):
+            # clip to [low, high], then (x - centre) / half-width: the window becomes [-1, 1]
+            properties[channel] = {
+                **properties[channel],
+                "percentile_00_5": low,
+                "percentile_99_5": high,
+                "mean": (low + high) / 2,
+                "std": (high - low) / 2,
+            }
+        plans[CT_WINDOW_PLANS_KEY] = {"window": [low, high], "channels": sorted(channels, key=int)}
+        print(
+            f"{self.dataset_name}: CT window [{low}, {high}] -> [-1, 1] for channel(s) {sorted(channels)} through "
+            "nnU-Net's CTNormalization (fingerprint statistics kept under 'pumit_fingerprint_intensity_properties')"
+        )

@@ -127,12 +127,15 @@ def unwrap_state_dict(obj: Mapping, source: str) -> dict[str, Tensor]:
     return dict(obj)
 
 
-def load_state_dict_file(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, Tensor]:
+def load_state_dict_file(
+    path: str | os.PathLike, allow_pickle: bool = False, allow_pickle_hint: str = "pass allow_pickle=True"
+) -> dict[str, Tensor]:
     """Read a state dict from ``.safetensors`` or a torch checkpoint, unwrapping common wrappers.
 
     Torch checkpoints are loaded with ``weights_only=True`` unless ``allow_pickle=True``,
     which unpickles arbitrary objects and so can run arbitrary code: use it only for
-    files you trust (see the module docstring).
+    files you trust (see the module docstring). `allow_pickle_hint` is how the user of the
+    calling tool lifts the restriction (a flag or environment variable), named in the error.
     """
     path = Path(path)
     if not path.is_file():
@@ -148,7 +151,7 @@ def load_state_dict_file(path: str | os.PathLike, allow_pickle: bool = False) ->
         hint = (
             ""
             if allow_pickle
-            else "; if it holds pickled objects and comes from a source you trust, pass allow_pickle=True"
+            else f"; if it holds pickled objects and comes from a source you trust, {allow_pickle_hint}"
         )
         raise ValueError(f"{path}: cannot read the checkpoint{hint}.\n{error}") from error
     return unwrap_state_dict(obj, source=str(path))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 from pumit_seg.data.synthetic import LABELS, PhantomConfig, write_phantom_dataset
@@ -198,10 +199,138 @@ def test_memory_budget_drives_patch_and_batch_size(planner_factory):
 
 
 def test_pretrained_weights_key(planner_factory, tmp_path):
+    from pumit_seg.models.vit import universal_vit_tiny
+    from pumit_seg.weights import save_model
+
     weights = tmp_path / "encoder.safetensors"
-    weights.write_bytes(b"")
+    save_model(universal_vit_tiny(in_channels=1, norm_eps=1e-5), weights)
     plans = planner_factory(971, pretrained_weights=str(weights)).plan_experiment()
     for configuration in plans["configurations"].values():
         assert configuration["pumit_pretrained_weights"] == str(weights.resolve())
+        # the LayerNorm eps the weights were trained with, read from their header
+        assert configuration["architecture"]["arch_kwargs"]["vit"]["norm_eps"] == 1e-5
+        assert "header" in configuration["pumit_norm_eps_choice"]
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.safetensors: not a readable safetensors file"):
+        planner_factory(971, pretrained_weights=str(tmp_path / "empty.safetensors"))
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         planner_factory(971, pretrained_weights=str(tmp_path / "missing.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("spacing", "expected"),
+    [
+        ((3.0, 0.76, 0.76), 2),  # nnU-Net's BTCV target spacing: ratio 3.95, floor would give 1
+        ((2.99, 0.75, 0.75), 2),
+        ((3.0, 0.75, 0.75), 2),  # the paper's
+        ((1.9, 1.0, 1.0), 1),
+        ((9.0, 1.62109, 1.62109), 2),  # CHAOS: ratio 5.55, not near a power of two
+        ((3.5, 1.0, 1.0), 1),  # log2 1.81: too far below 2
+        ((1.0, 1.0, 1.0), 0),
+    ],
+)
+def test_aniso_d_is_robust_just_below_powers_of_two(spacing, expected):
+    from pumit_seg.planners.pumit_planner import choose_aniso_d
+
+    aniso_d, why = choose_aniso_d(spacing)
+    assert aniso_d == expected
+    if aniso_d != aniso_d_from_spacing(spacing):
+        assert "rounded up instead of floor's" in why
+
+
+def test_btcv_like_fingerprint_gives_the_paper_aniso_d_and_patch(planner_factory, fingerprinted):
+    """A BTCV-like fingerprint (coarse axis 3 mm, in-plane 0.76 mm; nnU-Net's own target spacing gives ratio
+    3.95): with and without the preset's target spacing, aniso_d 2 and the paper's 4x16x16 patch kernel."""
+    from pumit_seg.planners.presets import PAPER_PRESETS
+
+    folder = fingerprinted / "preprocessed" / "Dataset971_PlanPhantoms"
+    fingerprint_file = folder / "dataset_fingerprint.json"
+    original = fingerprint_file.read_text()
+    fingerprint = json.loads(original)
+    fingerprint["spacings"] = [[3.0, 0.76, 0.76], [2.9, 0.76, 0.76], [3.0, 0.77, 0.77]]
+    fingerprint_file.write_text(json.dumps(fingerprint))
+    try:
+        plans = planner_factory(971, patch_size_3d=[48, 192, 192]).plan_experiment()
+        config = plans["configurations"]["3d_fullres"]
+        assert config["architecture"]["arch_kwargs"]["aniso_d"] == 2
+        assert "rounded up" in config["pumit_aniso_d_choice"]
+
+        btcv = PAPER_PRESETS["btcv"]
+        plans = planner_factory(
+            971,
+            model="tiny",
+            target_spacing_dhw=btcv.target_spacing_dhw,
+            patch_size_3d=btcv.patch_size_3d,
+            batch_size=btcv.batch_size,
+            ct_window=[-175, 250],
+            oversample_foreground_percent=btcv.oversample_foreground_percent,
+            predict_step_size=btcv.predict_step_size,
+            default_norm_eps=btcv.norm_eps,
+            preset="btcv",
+        ).plan_experiment()
+        config = plans["configurations"]["3d_fullres"]
+        kwargs = config["architecture"]["arch_kwargs"]
+        assert config["spacing"] == [3.0, 0.75, 0.75] and config["patch_size"] == [48, 192, 192]
+        assert kwargs["aniso_d"] == 2 and config["batch_size"] == 4
+        assert kwargs["vit"]["pos_grid_shape"] == [12, 12, 12]  # the reference's grid, resampled once at load
+        assert kwargs["vit"]["norm_eps"] == 1e-5 and kwargs["fixed_kernels"] is True
+        assert (
+            config["pumit_oversample_foreground_percent"] == 0.75
+            and config["pumit_predict_step_size"] == 0.25
+        )
+    finally:
+        fingerprint_file.write_text(original)
+
+
+def test_ct_window_becomes_nnunet_ct_normalisation(planner_factory, fingerprinted):
+    from nnunetv2.preprocessing.normalization.default_normalization_schemes import CTNormalization
+
+    plans = planner_factory(971, ct_window=[-175, 250]).plan_experiment()
+    assert plans["configurations"]["3d_fullres"]["normalization_schemes"] == ["CTNormalization"]
+    properties = plans["foreground_intensity_properties_per_channel"]["0"]
+    assert plans["pumit_ct_window"] == {"window": [-175.0, 250.0], "channels": ["0"]}
+    # nnU-Net's own normalisation with these properties: the window onto [-1, 1], clipped outside
+    image = np.array([-1000.0, -175.0, 37.5, 250.0, 3000.0], dtype=np.float32)
+    normalised = CTNormalization(intensityproperties=properties).run(image.copy())
+    np.testing.assert_allclose(normalised, [-1, -1, 0, 1, 1], atol=1e-6)
+    with pytest.raises(ValueError, match="no channel .* is 'CT'"):
+        planner_factory(975, ct_window=[-175, 250]).plan_experiment()  # an MR dataset
+
+
+def test_target_spacing_is_depth_first_and_suppressed_transpose_is_refused(planner_factory):
+    # dataset 974 stores its coarse axis last: the depth-first target spacing lands on that axis
+    plans = planner_factory(974, target_spacing_dhw=[2.0, 1.0, 1.0]).plan_experiment()
+    assert plans["transpose_forward"] == [2, 0, 1]
+    assert plans["configurations"]["3d_fullres"]["spacing"] == [2.0, 1.0, 1.0]
+    assert plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["aniso_d"] == 1
+    with pytest.raises(ValueError, match="not the lowest-resolution axis.*suppress_transpose"):
+        planner_factory(974, suppress_transpose=True).plan_experiment()
+
+
+def test_stale_fingerprint_is_noticed(fingerprinted, monkeypatch):
+    from pumit_seg.planners.fingerprint_state import (
+        SOURCES_FILE,
+        fingerprint_staleness,
+        record_fingerprint_sources,
+    )
+
+    raw = fingerprinted / "raw" / "Dataset972_PlanPhantoms"
+    preprocessed = fingerprinted / "preprocessed" / "Dataset972_PlanPhantoms"
+    monkeypatch.setenv("nnUNet_raw", str(fingerprinted / "raw"))
+    assert fingerprint_staleness(raw, preprocessed) is None  # no record: compared with the image headers
+    image = sorted((raw / "imagesTr").iterdir())[0]
+    original = image.read_bytes()
+    try:
+        itk = sitk.ReadImage(str(image))
+        itk.SetSpacing((1.0, 1.0, 2.5))
+        sitk.WriteImage(itk, str(image))
+        assert "spacing [1.0, 1.0, 1.0] in the fingerprint, [2.5, 1.0, 1.0]" in fingerprint_staleness(
+            raw, preprocessed
+        )
+        record_fingerprint_sources(raw, preprocessed)  # as after a recomputation
+        assert fingerprint_staleness(raw, preprocessed) is None
+        image.write_bytes(original)
+        assert "changed (size or modification time)" in fingerprint_staleness(raw, preprocessed)
+    finally:
+        image.write_bytes(original)
+        (preprocessed / SOURCES_FILE).unlink(missing_ok=True)

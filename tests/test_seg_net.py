@@ -124,14 +124,29 @@ def test_one_adamw_step_changes_every_parameter(spatial_dims, aniso_d, spatial):
         level_target = F.interpolate(target, size=logits.shape[2:], mode="nearest")[:, 0].long()
         loss = loss + 0.5**i * dice_ce_loss(logits, level_target)
     loss.backward()
+    # Provably without effect in the reference architecture (kept as it has them): a per-channel constant
+    # added to the last pyramid block's output or to the 1/16 and 1/32 block norms is removed by the
+    # InstanceNorms that follow (directly, or after the bias-free 1x1x1 lateral).
+    last = f"encoder.blocks.{net.pyramid_blocks[-1]}."
+    cancelled_by_norm = {
+        last + "attn.proj.bias",
+        last + "mlp.w3.bias",
+        last + "mlp.ffn_ln.bias",
+        "pyramid.block_norms.2.bias",
+        "pyramid.block_norms.3.bias",
+    }
     weak = {
         name: p.grad.abs().max().item() if p.grad is not None else None
         for name, p in net.named_parameters()
-        if p.grad is None or p.grad.abs().max() < 1e-7
+        if (p.grad is None or p.grad.abs().max() < 1e-7) and name not in cancelled_by_norm
     }
     assert not weak, f"parameters without gradient: {weak}"
     optimizer.step()
-    unchanged = [name for name, p in net.named_parameters() if torch.equal(p, before[name])]
+    unchanged = [
+        name
+        for name, p in net.named_parameters()
+        if torch.equal(p, before[name]) and name not in cancelled_by_norm
+    ]
     assert not unchanged, f"parameters not updated: {unchanged}"
 
 
@@ -219,7 +234,7 @@ def test_arch_kwargs_json_round_trip_and_nnunet_constructor():
     rebuilt = PUMITSegNet(**direct.config)
     assert parameter_shapes(rebuilt) == parameter_shapes(direct)
     rebuilt.load_state_dict(via_nnunet.state_dict())
-    x = torch.randn(1, 2, 4, 32, 32)
+    x = torch.randn(1, 2, 4, 64, 32)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.eval()(x)[0], via_nnunet.eval()(x)[0])
 
@@ -231,7 +246,7 @@ def test_save_model_and_load_model_round_trip(tmp_path):
     save_model(net, tmp_path / "seg.safetensors")
     loaded = load_model(tmp_path / "seg.safetensors").eval()
     assert isinstance(loaded, PUMITSegNet) and loaded.config == net.config
-    x = torch.randn(1, 3, 2, 32, 32)
+    x = torch.randn(1, 3, 2, 64, 32)
     with torch.no_grad():
         for a, b in zip(net(x), loaded(x), strict=True):
             torch.testing.assert_close(a, b)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from pumit_seg.data.synthetic import PhantomConfig, write_phantom_dataset
+from pumit_seg.models.sac import sum_pool_depth
 from pumit_seg.nnunet_ext_dir import nnunet_environment
 
 DATASET_ID = 962
@@ -74,13 +75,22 @@ def test_saved_encoder_loads_every_key(make_trainer, tmp_path, monkeypatch):
     trainer = make_trainer()
     trainer.initialize()
     report = trainer.pretrained_weight_report
-    assert sorted(report.loaded) == sorted(saved)
-    assert not report.adapted and not report.skipped and not report.missing
+    # adapted once, at load, to the plan: the patch kernel sum-pooled to the fixed 4x16x16 of aniso_d 2,
+    # the position grid to the plan's token grid; the final LayerNorm is unused by PUMITSegNet
+    adapted = {"patch_embed.proj.weight", "pos_embed"} & set(report.adapted)
+    assert "patch_embed.proj.weight" in adapted
+    assert "fixed 4x16x16 kernel for aniso_d 2" in report.adapted["patch_embed.proj.weight"]
+    assert set(report.skipped) == {"norm.weight", "norm.bias"}
+    assert sorted(report.loaded) == sorted(set(saved) - adapted - set(report.skipped))
+    assert not report.missing
     loaded = trainer.network.encoder.state_dict()
-    for key, tensor in saved.items():
-        assert torch.equal(loaded[key], tensor), key
+    for key in report.loaded:
+        assert torch.equal(loaded[key], saved[key]), key
+    torch.testing.assert_close(
+        loaded["patch_embed.proj.weight"], sum_pool_depth(saved["patch_embed.proj.weight"], 4)
+    )
     log = Path(trainer.log_file).read_text()
-    assert "Pretrained encoder weights from" in log and f"{len(saved)} loaded" in log
+    assert "Pretrained encoder weights from" in log and f"{len(report.loaded)} loaded" in log
 
 
 def test_plans_key_and_env_override(make_trainer, tmp_path, monkeypatch):
@@ -104,10 +114,10 @@ def test_input_channels_adapted(make_trainer, tmp_path, monkeypatch):
     trainer = make_trainer()
     trainer.initialize()
     report = trainer.pretrained_weight_report
-    assert list(report.adapted) == ["patch_embed.proj.weight"]
-    assert len(report.loaded) == len(saved) - 1
-    # the two input channels' kernels are summed into the plan's one channel
-    expected = saved["patch_embed.proj.weight"].sum(dim=1, keepdim=True)
+    assert "input channels 2 summed" in report.adapted["patch_embed.proj.weight"]
+    assert len(report.loaded) == len(saved) - len(report.adapted) - len(report.skipped)
+    # the two input channels' kernels are summed into the plan's one channel (and depth pooled to 4)
+    expected = sum_pool_depth(saved["patch_embed.proj.weight"].sum(dim=1, keepdim=True), 4)
     torch.testing.assert_close(trainer.network.encoder.patch_embed.proj.weight, expected)
 
 
@@ -143,7 +153,8 @@ def test_optimizer_groups_and_schedule(make_trainer):
         "encoder.pos_embed",
         "encoder.cls_token",
         "encoder.blocks.0.attn.q_bias",
-        "encoder.norm.weight",
+        "encoder.blocks.0.norm1.weight",
+        "pyramid.block_norms.0.weight",
     } <= no_decay_names
     assert all(p.ndim > 1 for p in decay["params"]) and not any(n.endswith(".bias") for n in decay_names)
     assert "encoder.blocks.0.attn.q_proj.weight" in decay_names

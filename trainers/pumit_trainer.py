@@ -13,8 +13,8 @@ supervision (nnU-Net's), 200 epochs x 250 iterations = 50K steps. The learning r
 iteration from the global step ``current_epoch * num_iterations_per_epoch + i`` (not once per epoch
 as nnU-Net's poly schedule), so continuing from a checkpoint resumes the same schedule.
 On CUDA the forward pass runs in bf16 autocast (no loss scaling needed; GPUs without bf16 fall back
-to nnU-Net's fp16 + GradScaler); on CPU in fp32. Training-time validation uses the same precision;
-``nnUNetv2_predict`` runs nnU-Net's predictor unchanged (fp16 autocast on CUDA).
+to nnU-Net's fp16 + GradScaler); on CPU in fp32. Training-time validation and ``nnUNetv2_predict``
+use the same precision.
 
 Pre-trained encoder weights are loaded in `initialize()` right after nnU-Net builds the network.
 Where the file comes from, first match wins:
@@ -28,8 +28,20 @@ models: the encoder is found by its prefix) and EVA-02 checkpoints (timm layout)
 `pumit_seg.models.vit.load_pretrained_encoder`, which adapts the patch kernel to the plan's ``aniso_d``
 and input channels and resamples the position grid. Pickled checkpoints (e.g. the authors'
 ``pumit.ckpt``) need ``PUMIT_PRETRAINED_ALLOW_PICKLE=1`` (only for files you trust). The report of
-loaded / adapted / skipped / missing keys goes to the training log. A missing file is an error.
+loaded / adapted / skipped / missing keys goes to the training log. A missing file is an error, and so
+are weights with NaN / inf values (``PUMIT_PRETRAINED_ALLOW_NON_FINITE=1`` loads them anyway) and weights
+that fill less than 90 % of the encoder (``PUMIT_PRETRAINED_ALLOW_PARTIAL=1``). The plan fixes
+``aniso_d``, so the patch kernel is pooled once, at load, to the shape it is trained in (see
+`pumit_seg.models.sac`). Weights are only loaded into a fresh network: whenever nnU-Net restores a
+checkpoint (``--c``, ``--val``, prediction) the checkpoint holds them and the file is not needed.
 `PUMITTrainer_scratch` ignores both sources: the random-init baseline of the paper.
+
+Plans from ``pumit_plan_and_preprocess --preset`` may carry ``pumit_oversample_foreground_percent``
+(BTCV: 0.75, the reference's 3 : 1 foreground crops), which replaces nnU-Net's 0.33.
+
+Precision: with CUDA bf16 support the network runs in bf16 in training, validation and
+``nnUNetv2_predict`` alike (nnU-Net's predictor opens an fp16 autocast; `PUMITSegNet` switches it to
+bf16 inside its forward, see ``PUMITSegNet.prefer_bf16_autocast``).
 """
 
 import os
@@ -47,7 +59,24 @@ from pumit_seg.models.vit import WeightReport, load_pretrained_encoder
 DEFAULT_DEVICE = torch.device("cuda")  # nnU-Net's trainer default
 PRETRAINED_WEIGHTS_ENV = "PUMIT_PRETRAINED_WEIGHTS"
 ALLOW_PICKLE_ENV = "PUMIT_PRETRAINED_ALLOW_PICKLE"
+ALLOW_NON_FINITE_ENV = "PUMIT_PRETRAINED_ALLOW_NON_FINITE"
+ALLOW_PARTIAL_ENV = "PUMIT_PRETRAINED_ALLOW_PARTIAL"
 PRETRAINED_WEIGHTS_PLANS_KEY = "pumit_pretrained_weights"
+OVERSAMPLE_PLANS_KEY = "pumit_oversample_foreground_percent"
+TRUE_VALUES = ("1", "true", "yes")
+FALSE_VALUES = ("", "0", "false", "no")
+
+
+def env_flag(name: str) -> bool:
+    """A yes / no environment variable; any other value is an error naming the variable."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in TRUE_VALUES:
+        return True
+    if value in FALSE_VALUES:
+        return False
+    raise ValueError(
+        f"environment variable {name}={os.environ[name]!r}: expected 1 / 0 (or true / false, yes / no)"
+    )
 
 
 def unwrap_network(network: nn.Module) -> nn.Module:
@@ -84,8 +113,6 @@ class PUMITTrainer(nnUNetTrainer):
         dataset_json: dict,
         device: torch.device = DEFAULT_DEVICE,
     ):
-        # nnUNetTrainer.__init__ pops this key; a continued training gets its weights from the checkpoint
-        self.is_continuing = bool(plans.get("continue_training", False))
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = self.INITIAL_LR
         self.final_lr = self.FINAL_LR
@@ -99,6 +126,12 @@ class PUMITTrainer(nnUNetTrainer):
         self.use_pretrained_weights = self.USE_PRETRAINED_WEIGHTS
         self.pretrained_weight_report: WeightReport | None = None
         self.iteration = 0  # global training step, drives the learning rate
+        self.restoring_checkpoint = False  # set while nnU-Net restores a checkpoint (it holds the weights)
+        oversample = self.configuration_manager.configuration.get(OVERSAMPLE_PLANS_KEY)
+        if oversample is not None:
+            if not isinstance(oversample, int | float) or not 0 <= oversample <= 1:
+                raise ValueError(f"plans key {OVERSAMPLE_PLANS_KEY} must be in [0, 1], got {oversample!r}")
+            self.oversample_foreground_percent = float(oversample)
 
         if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
             self.autocast_dtype = torch.bfloat16
@@ -133,6 +166,15 @@ class PUMITTrainer(nnUNetTrainer):
         super().initialize()
         self.load_pretrained_encoder()
 
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        # nnU-Net initialises inside load_checkpoint (--c, --val, prediction): the checkpoint holds the encoder,
+        # so the pre-trained file must be neither needed nor loaded.
+        self.restoring_checkpoint = True
+        try:
+            super().load_checkpoint(filename_or_checkpoint)
+        finally:
+            self.restoring_checkpoint = False
+
     def pretrained_weights_source(self) -> tuple[str | None, str]:
         """(path or None, where it came from): environment variable, then configuration, then plans top level."""
         if PRETRAINED_WEIGHTS_ENV in os.environ:
@@ -159,16 +201,24 @@ class PUMITTrainer(nnUNetTrainer):
                 "in the plans): the encoder starts from random initialisation"
             )
             return
-        if self.is_continuing:
+        if self.restoring_checkpoint:
             self.print_to_log_file(
-                f"Continuing a training: pretrained weights {path} not loaded (the checkpoint has them)"
+                f"Restoring a checkpoint: pretrained weights {path} not loaded (the checkpoint has them)"
             )
             return
         if not os.path.isfile(path):
             raise FileNotFoundError(f"pretrained encoder weights {path} (from {source}) do not exist")
-        allow_pickle = os.environ.get(ALLOW_PICKLE_ENV, "0").lower() in ("1", "true", "t", "yes")
         report = load_pretrained_encoder(
-            unwrap_network(self.network).encoder, path, allow_pickle=allow_pickle
+            unwrap_network(self.network).encoder,
+            path,
+            allow_pickle=env_flag(ALLOW_PICKLE_ENV),
+            allow_non_finite=env_flag(ALLOW_NON_FINITE_ENV),
+            allow_partial=env_flag(ALLOW_PARTIAL_ENV),
+            hints={
+                "allow_pickle": f"set {ALLOW_PICKLE_ENV}=1",
+                "allow_non_finite": f"set {ALLOW_NON_FINITE_ENV}=1",
+                "allow_partial": f"set {ALLOW_PARTIAL_ENV}=1",
+            },
         )
         self.print_to_log_file(f"Pretrained encoder weights from {path} ({source}):\n{report.summary()}")
         if not report.loaded and not report.adapted:

@@ -19,6 +19,19 @@ Kernels are shrunk along depth by **summing** contiguous groups of taps. On an i
 is constant along depth (which is what a not-yet-downsampled thick-slice axis looks like
 to the layer) the summed kernel gives exactly the output of the full kernel, the same
 argument as 2D-to-3D weight inflation.
+
+**Adaptive and fixed layers.** By default a layer keeps its isotropic kernel and pools it
+at every call, which is what mixed-``aniso_d`` pre-training needs. A layer built with
+``fixed_aniso_d=A, fixed_num_downsamples=N`` (a segmentation network, whose ``aniso_d`` is
+fixed by its plan) stores the kernel in the shape it actually uses at that anisotropy and
+level, e.g. 4x16x16 for the patch embedding at ``aniso_d`` 2, as the reference does
+(``adaptive_patch_embed: false``). This matters for training, not for the output: when an
+adaptive layer sum-pools, every tap of a pooled group receives the same gradient, so Adam
+moves the effective kernel ``group size`` times faster than a plain conv of the used shape
+(4x for the patch kernel at ``aniso_d`` 2, 16x for 2D). A fixed layer is a plain conv of the
+used shape. Isotropic (or any deeper) kernels loaded into a fixed layer with
+``load_state_dict`` are sum-pooled once; shallower ones are inflated, so pre-trained weights
+give the same output as the adaptive layer with the same weights.
 """
 
 from __future__ import annotations
@@ -40,6 +53,7 @@ __all__ = [
     "SACDownsample",
     "SACConv3d",
     "SACUpsample",
+    "sac_layers",
 ]
 
 # aniso_d is clipped to 0..MAX_ANISO_D; a 2D image is treated as aniso_d = MAX_ANISO_D.
@@ -124,7 +138,13 @@ def _check_5d(x: Tensor, layer: str) -> None:
 
 
 class _InflateOnLoadMixin:
-    """Let `load_state_dict` take 2D (4D tensor) or shallower kernels: they are inflated over depth."""
+    """Let `load_state_dict` take 2D (4D tensor) or shallower kernels: they are inflated over depth.
+
+    A fixed-aniso_d layer also takes deeper kernels (e.g. the isotropic kernel of an adaptive layer):
+    they are sum-pooled once to the stored depth, exactly what the adaptive layer does at every call.
+    """
+
+    fixed_aniso_d: int | None = None
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -137,26 +157,107 @@ class _InflateOnLoadMixin:
             if (weight.dim() == 4 or source_depth < target_depth) and target_depth % source_depth == 0:
                 # Module.load_state_dict hands each module a shallow copy: the caller's dict is untouched.
                 state_dict[key] = inflate_depth(weight, target_depth)
+            elif (
+                self.fixed_aniso_d is not None
+                and source_depth > target_depth
+                and source_depth % target_depth == 0
+                and weight.shape[3:] == self.weight.shape[3:]
+            ):
+                state_dict[key] = sum_pool_depth(weight, target_depth)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
 
-class SACDownsample(_InflateOnLoadMixin, nn.Conv3d):
+def _check_fixed(fixed_aniso_d: int | None, fixed_num_downsamples: int | None, layer: str) -> None:
+    if fixed_aniso_d is None:
+        if fixed_num_downsamples is not None:
+            raise ValueError(f"{layer}: fixed_num_downsamples needs fixed_aniso_d")
+        return
+    if (
+        isinstance(fixed_aniso_d, bool)
+        or not isinstance(fixed_aniso_d, int)
+        or not 0 <= fixed_aniso_d <= MAX_ANISO_D
+    ):
+        raise ValueError(f"{layer}: fixed_aniso_d must be an int in 0..{MAX_ANISO_D}, got {fixed_aniso_d!r}")
+    if not isinstance(fixed_num_downsamples, int) or fixed_num_downsamples < 0:
+        raise ValueError(
+            f"{layer}: a fixed layer needs fixed_num_downsamples (its in-plane level, an int >= 0), "
+            f"got {fixed_num_downsamples!r}"
+        )
+
+
+class _FixedMixin:
+    """Shared by the three layers: the run-time (aniso_d, num_downsamples) of a fixed layer must be its own."""
+
+    fixed_aniso_d: int | None = None
+    fixed_num_downsamples: int | None = None
+
+    @property
+    def is_fixed(self) -> bool:
+        return self.fixed_aniso_d is not None
+
+    def _check_call(self, aniso_d: int, num_downsamples: int) -> None:
+        if self.fixed_aniso_d is not None and (aniso_d, num_downsamples) != (
+            self.fixed_aniso_d,
+            self.fixed_num_downsamples,
+        ):
+            raise ValueError(
+                f"{type(self).__name__} was built for aniso_d={self.fixed_aniso_d}, "
+                f"num_downsamples={self.fixed_num_downsamples} (fixed kernel {tuple(self.weight.shape[2:])}), "
+                f"called with aniso_d={aniso_d}, num_downsamples={num_downsamples}"
+            )
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()
+        if self.fixed_aniso_d is None:
+            return base + ", adaptive"
+        return (
+            base + f", fixed_aniso_d={self.fixed_aniso_d}, fixed_num_downsamples={self.fixed_num_downsamples}"
+        )
+
+
+def sac_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of every SAC layer inside `module`."""
+    return [
+        (n, m) for n, m in module.named_modules() if isinstance(m, SACDownsample | SACConv3d | SACUpsample)
+    ]
+
+
+class SACDownsample(_InflateOnLoadMixin, _FixedMixin, nn.Conv3d):
     """Patchify / downsampling conv: kernel = stride = `stride` (a power of two), no padding.
 
     forward(x, aniso_d, num_downsamples): `num_downsamples` is the in-plane level BEFORE
     this layer; the caller adds log2(stride) afterwards. The depth stride is
-    ``max(stride >> pending, 1)``; a smaller depth stride sum-pools the kernel's depth.
+    ``max(stride >> pending, 1)``; a smaller depth stride sum-pools the kernel's depth
+    (adaptive), or the kernel is stored at that depth (``fixed_aniso_d``, see the module doc).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, bias: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int,
+        bias: bool = True,
+        *,
+        fixed_aniso_d: int | None = None,
+        fixed_num_downsamples: int | None = None,
+    ):
         _check_power_of_two(stride)
-        super().__init__(in_channels, out_channels, kernel_size=stride, stride=stride, bias=bias)
+        _check_fixed(fixed_aniso_d, fixed_num_downsamples, type(self).__name__)
+        depth = stride
+        if fixed_aniso_d is not None:
+            depth = depth_downsample_stride(stride, fixed_aniso_d, fixed_num_downsamples)
+        super().__init__(
+            in_channels, out_channels, kernel_size=(depth, stride, stride), stride=stride, bias=bias
+        )
         self.sac_stride = stride
+        self.fixed_aniso_d = fixed_aniso_d
+        self.fixed_num_downsamples = fixed_num_downsamples
 
     def forward(self, x: Tensor, aniso_d: int, num_downsamples: int) -> Tensor:  # type: ignore[override]
         _check_5d(x, type(self).__name__)
+        self._check_call(aniso_d, num_downsamples)
         depth_stride = depth_downsample_stride(self.sac_stride, aniso_d, num_downsamples)
         _, _, d, h, w = x.shape
         if d % depth_stride or h % self.sac_stride or w % self.sac_stride:
@@ -169,28 +270,61 @@ class SACDownsample(_InflateOnLoadMixin, nn.Conv3d):
         return F.conv3d(x, weight, self.bias, stride=(depth_stride, self.sac_stride, self.sac_stride))
 
 
-class SACConv3d(_InflateOnLoadMixin, nn.Conv3d):
-    """Stride-1 'same' conv; while in-plane downsamplings are pending it runs as a 1 x k x k conv.
+class SACConv3d(_InflateOnLoadMixin, _FixedMixin, nn.Conv3d):
+    """'Same' conv with in-plane stride 1 or 2; while in-plane downsamplings are pending it runs as 1 x k x k.
 
     The depth taps are summed into one (exact on depth-constant input) and the depth
-    padding becomes 0, so thin slices never mix before depth has been downsampled.
+    padding becomes 0, so thin slices never mix before depth has been downsampled. With
+    ``stride=2`` the depth stride follows the downsampling rule (2 once nothing is pending).
+    A fixed layer (``fixed_aniso_d``) stores the 1 x k x k or k x k x k kernel it uses.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        bias: bool = True,
+        *,
+        stride: int = 1,
+        fixed_aniso_d: int | None = None,
+        fixed_num_downsamples: int | None = None,
+    ):
         if kernel_size % 2 != 1:
             raise ValueError(f"SACConv3d needs an odd kernel size for 'same' padding, got {kernel_size}")
-        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
+        if stride not in (1, 2):
+            raise ValueError(f"SACConv3d stride must be 1 or 2, got {stride}")
+        _check_fixed(fixed_aniso_d, fixed_num_downsamples, type(self).__name__)
+        depth = kernel_size
+        if fixed_aniso_d is not None and pending_downsamples(fixed_aniso_d, fixed_num_downsamples) > 0:
+            depth = 1
+        super().__init__(
+            in_channels,
+            out_channels,
+            (depth, kernel_size, kernel_size),
+            stride=stride,
+            padding=(depth // 2, kernel_size // 2, kernel_size // 2),
+            bias=bias,
+        )
+        self.sac_stride = stride
+        self.fixed_aniso_d = fixed_aniso_d
+        self.fixed_num_downsamples = fixed_num_downsamples
 
     def forward(self, x: Tensor, aniso_d: int, num_downsamples: int) -> Tensor:  # type: ignore[override]
         _check_5d(x, type(self).__name__)
+        self._check_call(aniso_d, num_downsamples)
+        depth_stride = depth_downsample_stride(self.sac_stride, aniso_d, num_downsamples)
+        stride = (depth_stride, self.sac_stride, self.sac_stride)
+        pad = self.padding[1]
         if pending_downsamples(aniso_d, num_downsamples) > 0:
-            pad = self.padding[1]
             weight = sum_pool_depth(self.weight, 1)
-            return F.conv3d(x, weight, self.bias, padding=(0, pad, pad))
-        return F.conv3d(x, self.weight, self.bias, padding=self.padding)
+            return F.conv3d(x, weight, self.bias, stride=stride, padding=(0, pad, pad))
+        return F.conv3d(
+            x, self.weight, self.bias, stride=stride, padding=(self.weight.shape[2] // 2, pad, pad)
+        )
 
 
-class SACUpsample(_InflateOnLoadMixin, nn.ConvTranspose3d):
+class SACUpsample(_InflateOnLoadMixin, _FixedMixin, nn.ConvTranspose3d):
     """Upsampling transposed conv: kernel = stride = `stride` (a power of two).
 
     forward(x, aniso_d, num_downsamples): `num_downsamples` is the level BEFORE upsampling;
@@ -199,16 +333,40 @@ class SACUpsample(_InflateOnLoadMixin, nn.ConvTranspose3d):
     sum-pools the kernel's depth taps, as SPEC section 2 says ("weights sum-pooled the same
     way"), matching the reference implementation. Note that for a transposed conv the
     exact depth-constant equivalent would be the mean of the taps (sum / group size);
-    summing scales that path by the group size, which training absorbs.
+    summing scales that path by the group size, which training absorbs. A fixed layer
+    (``fixed_aniso_d``; `fixed_num_downsamples` is the level before upsampling) stores the
+    kernel at the depth stride it uses.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, bias: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int,
+        bias: bool = True,
+        *,
+        fixed_aniso_d: int | None = None,
+        fixed_num_downsamples: int | None = None,
+    ):
         _check_power_of_two(stride)
-        super().__init__(in_channels, out_channels, kernel_size=stride, stride=stride, bias=bias)
+        _check_fixed(fixed_aniso_d, fixed_num_downsamples, type(self).__name__)
+        depth = stride
+        if fixed_aniso_d is not None:
+            depth = depth_upsample_stride(stride, fixed_aniso_d, fixed_num_downsamples)
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size=(depth, stride, stride),
+            stride=(depth, stride, stride),
+            bias=bias,
+        )
         self.sac_stride = stride
+        self.fixed_aniso_d = fixed_aniso_d
+        self.fixed_num_downsamples = fixed_num_downsamples
 
     def forward(self, x: Tensor, aniso_d: int, num_downsamples: int) -> Tensor:  # type: ignore[override]
         _check_5d(x, type(self).__name__)
+        self._check_call(aniso_d, num_downsamples)
         depth_stride = depth_upsample_stride(self.sac_stride, aniso_d, num_downsamples)
         weight = sum_pool_depth(self.weight, depth_stride)
         return F.conv_transpose3d(

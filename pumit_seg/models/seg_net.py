@@ -14,6 +14,13 @@ depth is divided by ``2 ** max(n - aniso_d, 0)``. The ViT tokens live at level 4
           ──decoder──> laterals at 2..5; from level 5: up, concat skip, 2 x conv ... down to level 0
           ──heads──> logits at levels 0..4 (deep supervision, full resolution first)
 
+Architecture version 2 follows the authors' reference (SPEC section 7): every SAC layer is built for
+the plan's fixed ``aniso_d`` and stores the kernel shape it uses (``fixed_kernels``; pooling at every
+step would make Adam move pooled kernels 2^k times too fast), an affine InstanceNorm on each of the four
+block outputs before the pyramid, InstanceNorm in the 1/4 branch, laterals 1x1x1 conv + InstanceNorm +
+LeakyReLU, and a full-resolution branch of one conv per level (the 1/2 level by a strided 3x3 conv,
+1x3x3 while depth is not resampled). Plans written for version 1 are refused with a clear message.
+
 The class is built by nnU-Net as ``PUMITSegNet(input_channels=..., num_classes=..., **arch_kwargs,
 deep_supervision=...)``; `build_arch_kwargs` makes a valid ``arch_kwargs`` dict. This module does not
 import nnU-Net.
@@ -21,11 +28,14 @@ import nnU-Net.
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pumit_seg.models.sac import MAX_ANISO_D, SACConv3d, SACDownsample, SACUpsample, depth_downsample_stride
+from pumit_seg.models.sac import MAX_ANISO_D, SACConv3d, SACUpsample, depth_downsample_stride
 from pumit_seg.models.vit import (
     PYRAMID_BLOCKS,
     UniversalViT,
@@ -38,7 +48,10 @@ from pumit_seg.models.vit import (
 NUM_LEVELS = 6  # in-plane levels 0..5 (scales 1 .. 1/32)
 TOKEN_LEVEL = 4  # the ViT patch size 16 puts its tokens at in-plane level 4
 DEFAULT_DECODER_CHANNELS = (128, 256, 512, 512)  # at levels 2, 3, 4, 5
-DEFAULT_FULL_RES_CHANNELS = (32, 64)  # at levels 0, 1
+DEFAULT_FULL_RES_CHANNELS = (32, 64)  # at levels 0, 1 (the reference's 32, 64; 128 is the decoder's level 2)
+ARCH_VERSION = 2  # bumped when arch_kwargs / parameter layout change incompatibly
+NEGATIVE_SLOPE = 0.01  # LeakyReLU, as nnU-Net and the reference
+NORM_EPS = 1e-5  # InstanceNorm3d's default
 VIT_PRESETS = {"tiny": universal_vit_tiny, "base": universal_vit_base, "large": universal_vit_large}
 
 
@@ -84,11 +97,15 @@ def build_arch_kwargs(
     pyramid_channels: list[int] | None = None,
     pyramid_blocks: list[int] | None = None,
     vit_overrides: dict | None = None,
+    fixed_kernels: bool = True,
+    final_norm_on_last_block: bool = False,
 ) -> dict:
     """JSON-serialisable ``arch_kwargs`` for `PUMITSegNet` (what an nnU-Net plan stores).
 
     `model` picks the ViT preset ("tiny", "base" or "large") and its default pyramid blocks;
-    `vit_overrides` changes single ViT arguments (e.g. ``{"grad_checkpointing": True}``).
+    `vit_overrides` changes single ViT arguments (e.g. ``{"grad_checkpointing": True}``,
+    ``{"pos_grid_shape": [12, 12, 12], "norm_eps": 1e-5}``). `fixed_kernels` and
+    `final_norm_on_last_block`: see `PUMITSegNet`.
     """
     if model not in VIT_PRESETS:
         raise ValueError(f"model must be one of {sorted(VIT_PRESETS)}, got {model!r}")
@@ -100,7 +117,9 @@ def build_arch_kwargs(
     with torch.device("meta"):
         vit_config = dict(VIT_PRESETS[model](**(vit_overrides or {})).config)
     vit_config.pop("in_channels", None)  # set from nnU-Net's input_channels
+    vit_config.pop("fixed_aniso_d", None)  # set from aniso_d and fixed_kernels
     return {
+        "arch_version": ARCH_VERSION,
         "spatial_dims": spatial_dims,
         "aniso_d": aniso_d,
         "vit": vit_config,
@@ -109,28 +128,39 @@ def build_arch_kwargs(
         "full_res_channels": list(full_res_channels or DEFAULT_FULL_RES_CHANNELS),
         "pyramid_channels": list(pyramid_channels) if pyramid_channels is not None else None,
         "strides": sac_strides(spatial_dims, aniso_d),
+        "fixed_kernels": bool(fixed_kernels),
+        "final_norm_on_last_block": bool(final_norm_on_last_block),
     }
 
 
-class ChannelLayerNorm(nn.LayerNorm):
-    """LayerNorm over the channel axis of a (B, C, D, H, W) map, per voxel (ViTDet's LayerNorm2d in 3D).
-
-    Unlike BatchNorm / GroupNorm it does not depend on the batch or on the patch extent.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.movedim(1, -1)).movedim(-1, 1)
+def _fixed(fixed_aniso_d: int | None, level: int) -> dict:
+    """SAC keyword arguments of a layer at in-plane `level`: fixed when `fixed_aniso_d` is an int."""
+    if fixed_aniso_d is None:
+        return {}
+    return {"fixed_aniso_d": fixed_aniso_d, "fixed_num_downsamples": level}
 
 
 class ConvNormAct(nn.Module):
-    """SAC 3x3x3 conv -> InstanceNorm3d (affine) -> LeakyReLU(0.01), as in nnU-Net."""
+    """SAC 3x3x3 conv (in-plane stride 1 or 2) -> InstanceNorm3d (affine) -> LeakyReLU, as in nnU-Net.
 
-    def __init__(self, in_channels: int, out_channels: int, negative_slope: float = 0.01):
+    `level` is the in-plane level of the input; `fixed_aniso_d` (None: adaptive) fixes the kernel shape.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, level: int, fixed_aniso_d: int | None, stride: int = 1
+    ):
         super().__init__()
         # no bias: the instance norm right after would cancel it (a dead parameter)
-        self.conv = SACConv3d(in_channels, out_channels, kernel_size=3, bias=False)
-        self.norm = nn.InstanceNorm3d(out_channels, eps=1e-5, affine=True)
-        self.act = nn.LeakyReLU(negative_slope)
+        self.conv = SACConv3d(
+            in_channels,
+            out_channels,
+            kernel_size=3,
+            bias=False,
+            stride=stride,
+            **_fixed(fixed_aniso_d, level),
+        )
+        self.norm = nn.InstanceNorm3d(out_channels, eps=NORM_EPS, affine=True)
+        self.act = nn.LeakyReLU(NEGATIVE_SLOPE)
 
     def forward(self, x: torch.Tensor, aniso_d: int, level: int) -> torch.Tensor:
         return self.act(self.norm(self.conv(x, aniso_d, level)))
@@ -139,50 +169,61 @@ class ConvNormAct(nn.Module):
 class ConvBlock(nn.Module):
     """Two `ConvNormAct` layers at one resolution level."""
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, level: int, fixed_aniso_d: int | None):
         super().__init__()
-        self.conv1 = ConvNormAct(in_channels, out_channels)
-        self.conv2 = ConvNormAct(out_channels, out_channels)
+        self.conv1 = ConvNormAct(in_channels, out_channels, level, fixed_aniso_d)
+        self.conv2 = ConvNormAct(out_channels, out_channels, level, fixed_aniso_d)
 
     def forward(self, x: torch.Tensor, aniso_d: int, level: int) -> torch.Tensor:
         return self.conv2(self.conv1(x, aniso_d, level), aniso_d, level)
 
 
 class FullResolutionBranch(nn.Module):
-    """Light convs on the raw input giving the decoder's skips at levels 0 (1/1) and 1 (1/2)."""
+    """The reference's full-resolution adapter encoder: one conv-norm-act at level 0 (1/1) on the raw input,
+    one strided conv-norm-act to level 1 (1/2); they are the decoder's skips at levels 0 and 1. Kernels are
+    1x3x3 and the stride 1x2x2 while depth is not resampled (e.g. BTCV at aniso_d 2)."""
 
-    def __init__(self, in_channels: int, channels: list[int]):
+    def __init__(self, in_channels: int, channels: list[int], fixed_aniso_d: int | None):
         super().__init__()
-        self.level0 = ConvBlock(in_channels, channels[0])
-        self.down = SACDownsample(channels[0], channels[1], stride=2, bias=False)
-        self.down_norm = nn.InstanceNorm3d(channels[1], eps=1e-5, affine=True)
-        self.down_act = nn.LeakyReLU(0.01)
-        self.level1 = ConvNormAct(channels[1], channels[1])
+        self.level0 = ConvNormAct(in_channels, channels[0], 0, fixed_aniso_d)
+        self.level1 = ConvNormAct(channels[0], channels[1], 0, fixed_aniso_d, stride=2)
 
     def forward(self, x: torch.Tensor, aniso_d: int) -> list[torch.Tensor]:
         skip0 = self.level0(x, aniso_d, 0)
-        x = self.down_act(self.down_norm(self.down(skip0, aniso_d, 0)))
-        skip1 = self.level1(x, aniso_d, 1)
+        skip1 = self.level1(skip0, aniso_d, 0)
         return [skip0, skip1]
 
 
 class FeaturePyramid(nn.Module):
-    """EVA / BEiT-style simple feature pyramid from four ViT block outputs at level 4.
+    """EVA / BEiT-style simple feature pyramid from four ViT block outputs at level 4, as the reference.
 
-    level 2: SAC transposed conv, channel LayerNorm, GELU, SAC transposed conv; level 3: one SAC
-    transposed conv; level 4: as is; level 5: max-pooling with the SAC depth stride.
+    Each block output first passes an affine InstanceNorm (`block_norms`); then level 2: SAC transposed
+    conv, InstanceNorm, GELU, SAC transposed conv; level 3: one SAC transposed conv; level 4: as is;
+    level 5: max-pooling with the SAC depth stride.
     """
 
-    def __init__(self, embed_dim: int, level2_channels: int, level3_channels: int):
+    def __init__(self, embed_dim: int, level2_channels: int, level3_channels: int, fixed_aniso_d: int | None):
         super().__init__()
-        self.level2_up1 = SACUpsample(embed_dim, level2_channels, stride=2)
-        self.level2_norm = ChannelLayerNorm(level2_channels)
+        # The transposed convs have no bias: an InstanceNorm follows each of them (directly, or after the
+        # bias-free 1x1x1 lateral), which would cancel a per-channel constant.
+        self.block_norms = nn.ModuleList(
+            nn.InstanceNorm3d(embed_dim, eps=NORM_EPS, affine=True) for _ in range(4)
+        )
+        self.level2_up1 = SACUpsample(
+            embed_dim, level2_channels, stride=2, bias=False, **_fixed(fixed_aniso_d, TOKEN_LEVEL)
+        )
+        self.level2_norm = nn.InstanceNorm3d(level2_channels, eps=NORM_EPS, affine=True)
         self.level2_act = nn.GELU()
-        self.level2_up2 = SACUpsample(level2_channels, level2_channels, stride=2)
-        self.level3_up = SACUpsample(embed_dim, level3_channels, stride=2)
+        self.level2_up2 = SACUpsample(
+            level2_channels, level2_channels, stride=2, bias=False, **_fixed(fixed_aniso_d, TOKEN_LEVEL - 1)
+        )
+        self.level3_up = SACUpsample(
+            embed_dim, level3_channels, stride=2, bias=False, **_fixed(fixed_aniso_d, TOKEN_LEVEL)
+        )
 
     def forward(self, features: list[torch.Tensor], aniso_d: int) -> list[torch.Tensor]:
         """`features`: 4 maps (B, C, d, h, w) at level 4 -> maps at levels 2, 3, 4, 5."""
+        features = [norm(x) for norm, x in zip(self.block_norms, features, strict=True)]
         x2 = self.level2_up1(features[0], aniso_d, TOKEN_LEVEL)
         x2 = self.level2_up2(self.level2_act(self.level2_norm(x2)), aniso_d, TOKEN_LEVEL - 1)
         x3 = self.level3_up(features[1], aniso_d, TOKEN_LEVEL)
@@ -190,6 +231,17 @@ class FeaturePyramid(nn.Module):
         pool_depth = depth_downsample_stride(2, aniso_d, TOKEN_LEVEL)
         x5 = F.max_pool3d(features[3], kernel_size=(pool_depth, 2, 2))
         return [x2, x3, x4, x5]
+
+
+class Lateral(nn.Sequential):
+    """1x1x1 conv (no bias: the norm follows) -> InstanceNorm3d (affine) -> LeakyReLU, the reference's lateral."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(
+            nn.Conv3d(in_channels, out_channels, kernel_size=1, bias=False),
+            nn.InstanceNorm3d(out_channels, eps=NORM_EPS, affine=True),
+            nn.LeakyReLU(NEGATIVE_SLOPE),
+        )
 
 
 class UNetDecoder(nn.Module):
@@ -202,21 +254,28 @@ class UNetDecoder(nn.Module):
     """
 
     def __init__(
-        self, pyramid_channels: list[int], channels: list[int], num_classes: int, deep_supervision: bool
+        self,
+        pyramid_channels: list[int],
+        channels: list[int],
+        num_classes: int,
+        deep_supervision: bool,
+        fixed_aniso_d: int | None,
     ):
         super().__init__()
         self.deep_supervision = deep_supervision
         # laterals[i] acts on pyramid level i + 2
         self.laterals = nn.ModuleList(
-            nn.Conv3d(pyramid_channels[i], channels[i + 2], kernel_size=1)
-            for i in range(len(pyramid_channels))
+            Lateral(pyramid_channels[i], channels[i + 2]) for i in range(len(pyramid_channels))
         )
         # upsamples[n] / stages[n] / seg_layers[n] produce level n from level n + 1
         # (`seg_layers` is nnU-Net's name: its weight transfer skips '.seg_layers.' keys)
         self.upsamples = nn.ModuleList(
-            SACUpsample(channels[n + 1], channels[n], stride=2) for n in range(NUM_LEVELS - 1)
+            SACUpsample(channels[n + 1], channels[n], stride=2, **_fixed(fixed_aniso_d, n + 1))
+            for n in range(NUM_LEVELS - 1)
         )
-        self.stages = nn.ModuleList(ConvBlock(2 * channels[n], channels[n]) for n in range(NUM_LEVELS - 1))
+        self.stages = nn.ModuleList(
+            ConvBlock(2 * channels[n], channels[n], n, fixed_aniso_d) for n in range(NUM_LEVELS - 1)
+        )
         self.seg_layers = nn.ModuleList(
             nn.Conv3d(channels[n], num_classes, kernel_size=1) for n in range(NUM_LEVELS - 1)
         )
@@ -236,12 +295,18 @@ class UNetDecoder(nn.Module):
         return logits[::-1]  # full resolution first, as nnU-Net's deep supervision expects
 
 
-def init_conv_weights(module: nn.Module, negative_slope: float = 0.01) -> None:
+def init_conv_weights(module: nn.Module, negative_slope: float = NEGATIVE_SLOPE) -> None:
     """He-normal init for (transposed) convs, zero biases: nnU-Net's InitWeights_He(1e-2)."""
     if isinstance(module, nn.Conv3d | nn.ConvTranspose3d):
         nn.init.kaiming_normal_(module.weight, a=negative_slope)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+
+
+def _bf16_supported(device_type: str) -> bool:
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device_type == "cpu"
 
 
 class PUMITSegNet(nn.Module):
@@ -255,14 +320,29 @@ class PUMITSegNet(nn.Module):
         spatial_dims: 2 (input (B, C, H, W), needs aniso_d 5) or 3 (input (B, C, D, H, W)).
         aniso_d: degree of anisotropy of the (fixed) target spacing, 0..5 (SPEC section 1).
         vit: `UniversalViT` keyword arguments except ``in_channels``.
-        pyramid_blocks: 4 block indices (0-based) feeding pyramid levels 2, 3, 4, 5. When the last one
-            is the ViT's last block, its output is taken after the ViT's final LayerNorm (as MONAI's
-            UNETR does), so the pre-trained final norm is used rather than left as a dead parameter.
+        pyramid_blocks: 4 block indices (0-based) feeding pyramid levels 2, 3, 4, 5; their raw outputs
+            pass an affine InstanceNorm each (the reference).
         decoder_channels: decoder widths at levels 2, 3, 4, 5 (the lateral convs' outputs).
         full_res_channels: widths of the full-resolution branch and decoder at levels 0 and 1.
         strides: nnU-Net's pool_op_kernel_sizes, must equal `sac_strides(spatial_dims, aniso_d)`.
         pyramid_channels: channels of pyramid levels 2 and 3; None keeps the ViT width (EVA / BEiT).
+        fixed_kernels: True (default, the reference's ``adaptive_patch_embed: false``): every SAC layer
+            stores the kernel shape it uses at this ``aniso_d`` (patch kernel 4x16x16 at aniso_d 2,
+            1x3x3 convs while depth is not downsampled), so training moves each tap as a plain conv
+            would. False keeps isotropic kernels pooled at every step (outputs are the same at equal
+            weights, training is not: pooled taps move 2^k times faster under Adam).
+        final_norm_on_last_block: False (the reference): the ViT's final LayerNorm is not used (the
+            InstanceNorm before the pyramid normalises) and is removed, so no dead parameter remains
+            (DDP would refuse one); its pre-trained weights are reported as skipped. True takes the last
+            pyramid block after the final LayerNorm (pumit-seg's architecture version 1 did this).
+        arch_version: the version of this layout written by `build_arch_kwargs`; version 1 plans (from
+            before the reference pyramid) are refused with a message to re-plan.
     """
+
+    # Run in bf16 where an fp16 autocast is open and the device supports bf16: the trainer trains in bf16,
+    # and nnU-Net's predictor opens a plain (fp16) autocast; this keeps prediction in the training precision.
+    # A class attribute, not an arch kwarg: it changes no parameter and no plan.
+    prefer_bf16_autocast = True
 
     def __init__(
         self,
@@ -278,8 +358,18 @@ class PUMITSegNet(nn.Module):
         full_res_channels: list[int] = DEFAULT_FULL_RES_CHANNELS,
         strides: list[list[int]],
         pyramid_channels: list[int] | None = None,
+        fixed_kernels: bool = True,
+        final_norm_on_last_block: bool = False,
+        arch_version: int = 1,
     ):
         super().__init__()
+        if arch_version != ARCH_VERSION:
+            raise ValueError(
+                f"PUMITSegNet arch_kwargs of architecture version {arch_version} (this pumit-seg builds version "
+                f"{ARCH_VERSION}: fixed-aniso_d kernels and the reference pyramid / decoder, see the README). The "
+                "plans were written by an older pumit-seg: re-run pumit_plan_and_preprocess for this dataset and "
+                "retrain; old checkpoints do not fit the new layout"
+            )
         _check_aniso_d(aniso_d)
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
@@ -322,9 +412,16 @@ class PUMITSegNet(nn.Module):
             "full_res_channels": list(full_res_channels),
             "strides": expected_strides,
             "pyramid_channels": list(pyramid_channels) if pyramid_channels is not None else None,
+            "fixed_kernels": bool(fixed_kernels),
+            "final_norm_on_last_block": bool(final_norm_on_last_block),
+            "arch_version": ARCH_VERSION,
         }
+        if "fixed_aniso_d" in vit:
+            raise ValueError("vit must not contain 'fixed_aniso_d': it is set from aniso_d and fixed_kernels")
+        fixed_aniso_d = aniso_d if fixed_kernels else None
+        self.fixed_kernels = bool(fixed_kernels)
 
-        self.encoder = UniversalViT(in_channels=input_channels, **vit)
+        self.encoder = UniversalViT(in_channels=input_channels, fixed_aniso_d=fixed_aniso_d, **vit)
         if self.encoder.num_downsamples != TOKEN_LEVEL:
             raise ValueError(
                 f"the ViT patch size must be {2**TOKEN_LEVEL}, got {2**self.encoder.num_downsamples}"
@@ -337,17 +434,21 @@ class PUMITSegNet(nn.Module):
             raise ValueError(
                 f"pyramid_blocks must be 4 increasing block indices below {vit_depth}, got {pyramid_blocks}"
             )
-        self.last_block_after_norm = pyramid_blocks[-1] == vit_depth - 1
+        self.last_block_after_norm = bool(final_norm_on_last_block) and pyramid_blocks[-1] == vit_depth - 1
+        if not self.last_block_after_norm:
+            # unused otherwise: a dead parameter would stay at its loaded value and break DDP
+            self.encoder.norm = nn.Identity()
 
         embed_dim = self.encoder.config["embed_dim"]
         level23_channels = list(pyramid_channels) if pyramid_channels is not None else [embed_dim, embed_dim]
-        self.pyramid = FeaturePyramid(embed_dim, *level23_channels)
-        self.full_res_branch = FullResolutionBranch(input_channels, list(full_res_channels))
+        self.pyramid = FeaturePyramid(embed_dim, *level23_channels, fixed_aniso_d)
+        self.full_res_branch = FullResolutionBranch(input_channels, list(full_res_channels), fixed_aniso_d)
         self.decoder = UNetDecoder(
             pyramid_channels=[*level23_channels, embed_dim, embed_dim],
             channels=[*full_res_channels, *decoder_channels],
             num_classes=num_classes,
             deep_supervision=deep_supervision,
+            fixed_aniso_d=fixed_aniso_d,
         )
         self.init_non_encoder_weights()
 
@@ -377,8 +478,29 @@ class PUMITSegNet(nn.Module):
                 f"PUMITSegNet input spatial shape {spatial} must be divisible by {divisors} "
                 f"({'depth, ' if self.spatial_dims == 3 else ''}height, width) at aniso_d={self.aniso_d}"
             )
+        if math.prod(size // divisor for size, divisor in zip(spatial, divisors, strict=True)) < 2:
+            raise ValueError(
+                f"PUMITSegNet input spatial shape {spatial} leaves one voxel at the 1/32 level; its InstanceNorm "
+                f"needs at least two: make one axis twice {divisors}"
+            )
+
+    def autocast_context(self, x: torch.Tensor):
+        """Switch an enclosing fp16 autocast to bf16 where the device supports it (see `prefer_bf16_autocast`)."""
+        device_type = x.device.type
+        if (
+            self.prefer_bf16_autocast
+            and torch.is_autocast_enabled(device_type)
+            and torch.get_autocast_dtype(device_type) == torch.float16
+            and _bf16_supported(device_type)
+        ):
+            return torch.autocast(device_type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        with self.autocast_context(x):
+            return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         self.check_input_shape(x)
         if self.spatial_dims == 2:
             x = x.unsqueeze(2)  # a 2D image is a volume with one slice

@@ -39,6 +39,8 @@ __all__ = [
     "universal_vit_base",
     "universal_vit_large",
     "WeightReport",
+    "PretrainedWeightsError",
+    "MIN_FILLED_FRACTION",
     "load_pretrained_encoder",
 ]
 
@@ -163,7 +165,12 @@ class UniversalViT(nn.Module):
         rope_base_depth: float = 2333.0,
         norm_eps: float = 1e-6,
         grad_checkpointing: bool = False,
+        fixed_aniso_d: int | None = None,
     ):
+        """`fixed_aniso_d`: None (default) keeps the adaptive patch embedding that takes any
+        ``aniso_d`` at run time (pre-training); an int stores the patch kernel at the depth that
+        anisotropy uses (e.g. 4x16x16 at 2), as a segmentation network with a fixed plan needs
+        (see `pumit_seg.models.sac`); the model then only accepts that ``aniso_d``."""
         super().__init__()
         if mlp_hidden_dim is None:
             mlp_hidden_dim = int(embed_dim * 8 / 3)
@@ -181,6 +188,7 @@ class UniversalViT(nn.Module):
             "rope_base_depth": float(rope_base_depth),
             "norm_eps": float(norm_eps),
             "grad_checkpointing": bool(grad_checkpointing),
+            "fixed_aniso_d": fixed_aniso_d,
         }
         self.embed_dim = embed_dim
         self.num_heads = num_heads
@@ -188,7 +196,15 @@ class UniversalViT(nn.Module):
         self.grad_checkpointing = grad_checkpointing
 
         self.patch_embed = nn.Module()
-        self.patch_embed.proj = SACDownsample(in_channels, embed_dim, stride=patch_size, bias=True)
+        self.patch_embed.proj = SACDownsample(
+            in_channels,
+            embed_dim,
+            stride=patch_size,
+            bias=True,
+            fixed_aniso_d=fixed_aniso_d,
+            fixed_num_downsamples=None if fixed_aniso_d is None else 0,
+        )
+        self.fixed_aniso_d = fixed_aniso_d
         self.num_downsamples = int(math.log2(patch_size))  # in-plane level of the token grid
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, embed_dim, *pos_grid_shape))
@@ -295,6 +311,22 @@ class WeightReport:
         return "\n".join(lines)
 
 
+class PretrainedWeightsError(ValueError):
+    """Pre-trained weights that would silently give a wrong model (non-finite values, encoder mostly unfilled)."""
+
+
+# Below this share of the encoder's parameter elements filled from the source, loading is an error
+# unless allowed: a file of another width or layout would otherwise fine-tune a random encoder silently.
+MIN_FILLED_FRACTION = 0.9
+
+# How the caller's user lifts each check; a tool passes its own flag / environment variable names.
+DEFAULT_LOAD_HINTS = {
+    "allow_pickle": "pass allow_pickle=True",
+    "allow_non_finite": "pass allow_non_finite=True",
+    "allow_partial": "pass allow_partial=True",
+}
+
+
 # Renames from EVA-02 layouts (timm, and the official EVA repository) to ours.
 _EVA_RENAMES = [
     (re.compile(r"^(blocks\.\d+\.attn)\.q_proj\.bias$"), r"\1.q_bias"),
@@ -364,7 +396,14 @@ def _split_pos_embed(pos: Tensor) -> tuple[Tensor | None, Tensor, str]:
 
 
 def load_pretrained_encoder(
-    model: UniversalViT, path_or_state_dict: str | PathLike | Mapping[str, Tensor], allow_pickle: bool = False
+    model: UniversalViT,
+    path_or_state_dict: str | PathLike | Mapping[str, Tensor],
+    allow_pickle: bool = False,
+    *,
+    allow_non_finite: bool = False,
+    allow_partial: bool = False,
+    min_filled_fraction: float = MIN_FILLED_FRACTION,
+    hints: Mapping[str, str] | None = None,
 ) -> WeightReport:
     """Load a pretrained encoder into `model` (non-strict) and report what happened to every key.
 
@@ -376,11 +415,24 @@ def load_pretrained_encoder(
     into ``cls_token``, the 2D grid repeated over depth, then resampled), key renames.
     EVA-02's inner attention LayerNorm (``attn.norm`` / ``inner_attn_ln``) is *dropped and
     reported*: PUMIT blocks, and the authors' weights, have none.
+
+    Into a fixed-``aniso_d`` model (``UniversalViT(fixed_aniso_d=...)``) the patch kernel is
+    sum-pooled once here to the stored depth, and the report says so.
+
+    Raises `PretrainedWeightsError` (nothing loaded) when a used source tensor holds NaN / inf
+    (unless `allow_non_finite`) or when less than `min_filled_fraction` of the encoder's
+    parameter elements would be filled (unless `allow_partial`). `hints` maps
+    ``allow_pickle`` / ``allow_non_finite`` / ``allow_partial`` to how the calling tool's user
+    sets them (e.g. an environment variable); the error messages name them.
     """
+    hints = {**DEFAULT_LOAD_HINTS, **(hints or {})}
+    where = "the given state dict" if isinstance(path_or_state_dict, Mapping) else str(path_or_state_dict)
     if isinstance(path_or_state_dict, Mapping):
         source = unwrap_state_dict(path_or_state_dict, source="the given state dict")
     else:
-        source = load_state_dict_file(path_or_state_dict, allow_pickle=allow_pickle)
+        source = load_state_dict_file(
+            path_or_state_dict, allow_pickle=allow_pickle, allow_pickle_hint=hints["allow_pickle"]
+        )
 
     prefix = _encoder_prefix(list(source))
     report = WeightReport(encoder_prefix=prefix)
@@ -391,7 +443,13 @@ def load_pretrained_encoder(
         """Fill model keys from one source key (all parts or none); `how` None means unchanged."""
         for name, tensor in parts:
             if name not in target:
-                report.skipped[source_key] = f"no parameter {name!r} in UniversalViT"
+                if name.startswith("norm.") and isinstance(model.norm, nn.Identity):
+                    report.skipped[source_key] = (
+                        "final LayerNorm: the model does not use one (PUMITSegNet normalises each pyramid "
+                        "block output with an InstanceNorm instead, as the reference)"
+                    )
+                else:
+                    report.skipped[source_key] = f"no parameter {name!r} in UniversalViT"
                 return
             if tuple(tensor.shape) != tuple(target[name].shape):
                 report.skipped[source_key] = (
@@ -500,12 +558,35 @@ def load_pretrained_encoder(
             except ValueError as error:
                 report.skipped[key] = f"cannot adapt the patch kernel: {error}"
             else:
+                if getattr(model, "fixed_aniso_d", None) is not None and steps:
+                    steps.append(
+                        f"stored as a fixed {'x'.join(map(str, weight.shape[2:]))} kernel for aniso_d "
+                        f"{model.fixed_aniso_d} (pooled once, at load)"
+                    )
                 place(key, [(name, weight)], "; ".join(steps) if steps else None)
         else:
             place(key, [(renamed, tensor)], None if renamed == name else "renamed")
 
     if cls_position is not None and "cls_token" not in filled and pos_key in report.adapted:
         report.adapted[pos_key] += "; its CLS entry was dropped (no usable cls_token in the source)"
+
+    non_finite = [name for name, tensor in filled.items() if not torch.isfinite(tensor).all()]
+    if non_finite and not allow_non_finite:
+        raise PretrainedWeightsError(
+            f"{where}: non-finite values (NaN / inf) in {len(non_finite)} encoder tensor(s): "
+            f"{', '.join(non_finite[:5])}{' ...' if len(non_finite) > 5 else ''}. The file is damaged or "
+            f"comes from a diverged run; nothing was loaded (to load it anyway: {hints['allow_non_finite']})"
+        )
+    parameters = dict(model.named_parameters())
+    total = sum(p.numel() for p in parameters.values())
+    filled_elements = sum(parameters[name].numel() for name in filled if name in parameters)
+    if total and filled_elements / total < min_filled_fraction and not allow_partial:
+        report.missing = [name for name in target if name not in filled]
+        raise PretrainedWeightsError(
+            f"{where}: only {filled_elements / total:.1%} of the encoder's parameters could be filled "
+            f"(needed: {min_filled_fraction:.0%}); the file holds another architecture or layout. Nothing was "
+            f"loaded (to load the part that fits anyway: {hints['allow_partial']}).\n{report.summary()}"
+        )
     result = model.load_state_dict(filled, strict=False)
     if result.unexpected_keys:  # cannot happen: `place` only fills model keys
         raise RuntimeError(f"unexpected keys after conversion: {result.unexpected_keys}")
