@@ -213,3 +213,18 @@ def test_cli(corpus, tmp_path, capsys):
     assert summary["merged"] and summary["unusable"] == 6
     table = PretrainStore(out).table
     assert table.loc[table.dataset == "large", "shape"].iloc[0] == (1, 256, 384)  # --max-in-plane
+
+
+def test_single_slice_volume_is_2d(tmp_path):
+    """A 3D file with one slice (here along x, 5 mm thick) is a 2D image: depth first, aniso_d 5."""
+    (tmp_path / "data").mkdir()
+    pixels = np.random.default_rng(1).normal(300, 50, size=(30, 40, 1)).astype(np.float32)  # (z, y, x)
+    image = sitk.GetImageFromArray(pixels)
+    image.SetSpacing((5.0, 0.7, 0.7))
+    sitk.WriteImage(image, str(tmp_path / "data" / "one.nrrd"))
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"datasets": [{"name": "d", "path": "data", "modality": "MR"}]}))
+    prepare_store(str(config), str(tmp_path / "store"), progress=False)
+    row = PretrainStore(tmp_path / "store").table.iloc[0]
+    assert row.depth_axis_from == "2D" and row.aniso_d == 5 and np.isinf(row.spacing_d)
+    assert row["shape"][0] == 1 and row["spacing"][1:] == pytest.approx((0.7, 0.7))

@@ -331,7 +331,7 @@ def _read_file(item: SourceItem) -> _Source:
     metadata_axis = (
         _nifti_slice_axis(image.sitk_image) if item.path.lower().endswith((".nii", ".nii.gz")) else None
     )
-    two_d = array.shape[1:].count(1) >= 1 and min(array.shape[1:]) == 1
+    two_d = min(array.shape[1:]) == 1  # a single slice (in any axis) is a 2D image
     return _Source(array, spacing, two_d, metadata_axis, image.array.dtype == np.uint8, item.path)
 
 
@@ -408,6 +408,8 @@ def preprocess_array(
     array = np.moveaxis(source.array, 1 + axis, 1)
     spacing = list(source.spacing)
     spacing.insert(0, spacing.pop(axis))
+    if source.two_d:
+        spacing[0] = math.inf  # one slice has no depth neighbour: aniso_d 5 whatever the slice thickness
     source_shape = tuple(int(s) for s in array.shape[1:])
     mode = intensity or ("divide" if source.eight_bit else "percentile")
     if mode == "divide" and not np.issubdtype(array.dtype, np.integer):
