@@ -228,3 +228,20 @@ def test_single_slice_volume_is_2d(tmp_path):
     row = PretrainStore(tmp_path / "store").table.iloc[0]
     assert row.depth_axis_from == "2D" and row.aniso_d == 5 and np.isinf(row.spacing_d)
     assert row["shape"][0] == 1 and row["spacing"][1:] == pytest.approx((0.7, 0.7))
+
+
+def test_killed_run_continues(corpus, store_dir, tmp_path):
+    """A torn journal line (killed while writing) and a missing array are redone; nothing else is."""
+    import shutil
+
+    copy = tmp_path / "store"
+    shutil.copytree(store_dir, copy)
+    journal = copy / "parts" / "part-0-of-1.jsonl"
+    lines = journal.read_text().splitlines(keepends=True)
+    journal.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2])
+    table = pd.read_csv(copy / "table.csv")
+    (copy / table.file.iloc[0]).unlink()
+    (copy / "table.csv").unlink()
+    summary = prepare_store(corpus, str(copy), progress=False)
+    assert summary["processed"] == 2 and summary["merged"]
+    pd.testing.assert_frame_equal(table, pd.read_csv(copy / "table.csv"))
