@@ -1,0 +1,359 @@
+"""`pumit_pretrain mim`: masked image modelling of the universal ViT (SPEC section 5).
+
+    pumit_pretrain mim --store STORE --tokenizer RUN/tokenizer.safetensors -o RUN_MIM [--preset tiny]
+    torchrun --nproc_per_node 8 -m pumit_seg.trainers.pretrain_cli mim ...      # DDP, one GPU per rank
+
+The frozen tokenizer (a `save_model` file of `pumit_pretrain tokenizer`, loaded with `load_model`)
+gives the soft targets; `pumit_seg.models.mim.MIMModel` is trained on the shared trainer base
+(`pumit_seg.trainers.pretrain_base`: DDP via torchrun, bf16 autocast on CUDA, warm-up + cosine,
+atomic checkpoints with exact resume, log.csv / TensorBoard, progress bar). The run folder ends with
+``encoder.safetensors``: the `UniversalViT` alone (patch embedding, position grid, CLS token, blocks,
+final norm) with its architecture header, what `PUMITTrainer` loads through
+`load_pretrained_encoder`.
+
+Masks do not come from a per-rank random stream: sample ``i`` of the global batch at step ``s`` is
+masked by a generator seeded from ``(seed, s, i)``, so a run on N ranks masks exactly what one process
+with the same global batch masks, and a resumed run masks what the uninterrupted one did.
+
+Validation (main rank, every ``--val-every`` steps, held-out images): the loss and masked-token
+accuracy (head argmax == tokenizer argmax) with fixed masks, and a picture ``pictures/step_N.png``:
+the input with its masked patches blanked, the tokenizer's reconstruction of its own tokens, and its
+reconstruction of the tokens the ViT predicted at the masked positions (the tokenizer's elsewhere).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pumit_seg.trainers.pretrain_base import (
+    PretrainConfig,
+    PretrainTrainer,
+    add_config_arguments,
+    run_pretraining,
+)
+from torch import Tensor, nn
+
+from pumit_seg.atomic import atomic_path
+from pumit_seg.models.mim import MASK_COUNT_RULES, MIMModel, mim_step, random_token_mask
+from pumit_seg.models.vit import (
+    UniversalViT,
+    load_pretrained_encoder,
+    universal_vit_base,
+    universal_vit_large,
+    universal_vit_tiny,
+)
+from pumit_seg.weights import load_model, save_model
+
+__all__ = [
+    "MIMConfig",
+    "MIMTrainer",
+    "ENCODER_PRESETS",
+    "export_mim_checkpoint",
+    "export_encoder",
+    "add_arguments",
+    "run",
+]
+
+ENCODER_PRESETS = {"tiny": universal_vit_tiny, "base": universal_vit_base, "large": universal_vit_large}
+EXPORT_KIND = "mim_encoder"  # header "kind" of the exported encoder file
+
+
+@dataclass
+class MIMConfig(PretrainConfig):
+    """MIM options; defaults are the paper's (SPEC 5): AdamW 2e-5, 10K warm-up, 300K steps, batch 84,
+    grad-norm clip 0.5, crops of 160 in-plane x 5 depth units (a 5x10x10 token grid)."""
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        # CPU-sized: a 2x4x4 token grid, a tiny ViT, a few hundred steps at a high rate
+        "tiny": {
+            "model": "tiny", "max_steps": 200, "batch_size": 4, "lr": 1e-3, "warmup_steps": 20,
+            "crop_in_plane": 64, "crop_depth_units": 2, "num_workers": 0, "log_every": 10,
+            "val_every": 100, "ckpt_every": 50, "val_batch_size": 4, "val_max_batches": 2,
+        },
+    }  # fmt: skip
+
+    tokenizer: str = field(
+        default="", metadata={"help": "tokenizer file (pumit_pretrain tokenizer's export)"}
+    )
+    model: str = field(default="base", metadata={"help": f"ViT size: {', '.join(ENCODER_PRESETS)}"})
+    eva02_weights: str = field(
+        default="", metadata={"help": "initialise the ViT from these EVA-02 (or our) weights; '' = random"}
+    )
+    eva02_allow_pickle: bool = field(
+        default=False,
+        metadata={
+            "help": "read a pickled --eva02-weights checkpoint with full unpickling, which can RUN CODE "
+            "from the file: only for files you trust"
+        },
+    )
+    mask_ratio: float = field(default=0.55, metadata={"help": "share of patch tokens masked per sample"})
+    mask_count_rule: str = field(
+        default="round",
+        metadata={"help": "round: round(r L) masked; reference: L - int((1 - r) L) as the authors' code"},
+    )
+    patch_embed_grad_scale: float = field(
+        default=0.1, metadata={"help": "factor on the gradient reaching the patch embedding"}
+    )
+    grad_checkpointing: bool = field(default=False, metadata={"help": "recompute blocks in backward"})
+    val_pictures: int = field(default=1, metadata={"help": "samples pictured per validation"})
+    # the paper's values (SPEC 5) for the common fields
+    max_steps: int = field(default=300_000, metadata={"help": "optimisation steps"})
+    batch_size: int = field(default=84, metadata={"help": "global batch size (split over ranks)"})
+    lr: float = field(default=2e-5, metadata={"help": "peak learning rate"})
+    warmup_steps: int = field(default=10_000, metadata={"help": "linear warm-up steps"})
+    grad_clip: float = field(default=0.5, metadata={"help": "gradient-norm clip; 0 = off"})
+    crop_in_plane: int = field(default=160, metadata={"help": "crop size in-plane (pixels)"})
+    crop_depth_units: int = field(
+        default=5, metadata={"help": "crop depth = units * max(16 >> aniso_d, 1) slices (1 slice in 2D)"}
+    )
+
+    def check(self) -> None:
+        super().check()
+        if not self.tokenizer:
+            raise ValueError("--tokenizer is required (the file written by `pumit_pretrain tokenizer`)")
+        if not Path(self.tokenizer).is_file():
+            raise ValueError(f"--tokenizer {self.tokenizer}: no such file")
+        if self.eva02_weights and not Path(self.eva02_weights).is_file():
+            raise ValueError(f"--eva02-weights {self.eva02_weights}: no such file")
+        if self.model not in ENCODER_PRESETS:
+            raise ValueError(f"--model must be one of {sorted(ENCODER_PRESETS)}, got {self.model!r}")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"--mask-ratio must lie strictly between 0 and 1, got {self.mask_ratio}")
+        if self.mask_count_rule not in MASK_COUNT_RULES:
+            raise ValueError(
+                f"--mask-count-rule must be one of {MASK_COUNT_RULES}, got {self.mask_count_rule!r}"
+            )
+        if not self.patch_embed_grad_scale >= 0.0:
+            raise ValueError(f"--patch-embed-grad-scale must be >= 0, got {self.patch_embed_grad_scale}")
+        if self.val_pictures < 0:
+            raise ValueError(f"--val-pictures must be >= 0, got {self.val_pictures}")
+
+    @property
+    def pos_grid_shape(self) -> tuple[int, int, int]:
+        """The token grid of a 3D crop: depth units x in-plane patches (5x10x10 by default)."""
+        side = self.crop_in_plane // 16
+        return (self.crop_depth_units, side, side)
+
+
+TRAIN_MASKS, VALIDATION_MASKS = 0, 1  # mask streams
+
+
+def sample_mask_seed(seed: int, step: int, sample_index: int, stream: int = TRAIN_MASKS) -> int:
+    """Seed of one sample's mask: a function of (run seed, stream, step, index in the global batch) only."""
+    return int(np.random.SeedSequence([seed, stream, step, sample_index]).generate_state(1)[0])
+
+
+def batch_masks(
+    batch_size: int,
+    num_tokens: int,
+    num_masked: int,
+    *,
+    seed: int,
+    step: int,
+    first_index: int,
+    stream: int = TRAIN_MASKS,
+) -> Tensor:
+    """(B, L) masks of samples ``first_index .. first_index + B - 1`` of the global batch at `step`."""
+    rows = [
+        random_token_mask(
+            1,
+            num_tokens,
+            num_masked,
+            generator=torch.Generator().manual_seed(sample_mask_seed(seed, step, i, stream)),
+        )
+        for i in range(first_index, first_index + batch_size)
+    ]
+    return torch.cat(rows)
+
+
+def load_tokenizer(path: str | os.PathLike, device: torch.device) -> nn.Module:
+    """The frozen tokenizer: rebuilt from its file's header, eval mode, no gradients."""
+    tokenizer = load_model(path)
+    for method in ("token_distribution", "decode_probs"):
+        if not callable(getattr(tokenizer, method, None)):
+            raise ValueError(
+                f"--tokenizer {path}: a {type(tokenizer).__name__} has no {method}(); not a tokenizer"
+            )
+    tokenizer.requires_grad_(False)
+    return tokenizer.eval().to(device)
+
+
+def export_encoder(encoder: UniversalViT, path: str | os.PathLike, extra: dict | None = None) -> None:
+    """Save the encoder alone with its architecture header (gradient checkpointing switched off)."""
+    config = {**encoder.config, "grad_checkpointing": False}
+    clean = UniversalViT(**config)
+    clean.load_state_dict(encoder.state_dict())
+    save_model(clean, path, extra={"kind": EXPORT_KIND, **(extra or {})})
+
+
+def export_mim_checkpoint(checkpoint: dict, path: str | os.PathLike, source: str = "") -> None:
+    """A `pumit_pretrain mim` training checkpoint (already loaded) -> ``encoder.safetensors``."""
+    model_config = checkpoint.get("model_config")
+    if not isinstance(model_config, dict) or "encoder" not in model_config:
+        raise ValueError(f"{source}: the checkpoint has no MIM model configuration")
+    model = MIMModel(**model_config)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except (RuntimeError, KeyError) as error:
+        raise ValueError(f"{source}: its weights do not fit the MIM model it describes: {error}") from error
+    export_encoder(
+        model.encoder, path, extra={"step": int(checkpoint.get("step", -1)), "source": str(source)}
+    )
+
+
+class MIMTrainer(PretrainTrainer):
+    kind: ClassVar[str] = "mim"
+    export_name: ClassVar[str] = "encoder.safetensors"
+    config: MIMConfig
+
+    def build_model(self) -> MIMModel:
+        config = self.config
+        self.tokenizer = load_tokenizer(config.tokenizer, self.device)
+        codebook_size = self._check_tokenizer()
+        encoder = ENCODER_PRESETS[config.model](
+            pos_grid_shape=config.pos_grid_shape, grad_checkpointing=config.grad_checkpointing
+        )
+        model = MIMModel(
+            encoder=encoder.config,
+            codebook_size=codebook_size,
+            mask_ratio=config.mask_ratio,
+            mask_count_rule=config.mask_count_rule,
+            patch_embed_grad_scale=config.patch_embed_grad_scale,
+        )
+        if config.eva02_weights:
+            report = load_pretrained_encoder(
+                model.encoder,
+                config.eva02_weights,
+                allow_pickle=config.eva02_allow_pickle,
+                hints={"allow_pickle": "pass --eva02-allow-pickle"},
+            )
+            if self.dist.is_main:
+                summary = f"ViT initialised from {config.eva02_weights}\n{report.summary()}\n"
+                print(summary, flush=True)
+                with atomic_path(self.output_dir / "init_weights.txt") as tmp:
+                    Path(tmp).write_text(summary)
+        return model
+
+    def _check_tokenizer(self) -> int:
+        """Codebook size K; the tokenizer's stride must equal the ViT's patch size (16)."""
+        probe = torch.zeros(1, 3, 1, 32, 32, device=self.device)
+        with torch.no_grad():
+            probs = self.tokenizer.token_distribution(probe, 5)
+        if probs.dim() != 5 or tuple(probs.shape[2:]) != (1, 2, 2):
+            raise ValueError(
+                f"--tokenizer {self.config.tokenizer}: a 32x32 image gives a token grid of "
+                f"{tuple(probs.shape[2:])}; MIM needs the tokenizer's stride to equal the patch size 16"
+            )
+        return int(probs.shape[1])
+
+    def masks_for(self, batch_size: int, num_tokens: int, step: int, first_index: int, stream: int) -> Tensor:
+        return batch_masks(
+            batch_size, num_tokens, self.model.num_masked(num_tokens), seed=self.config.seed, step=step,
+            first_index=first_index, stream=stream,
+        ).to(self.device)  # fmt: skip
+
+    def step_result(
+        self,
+        model: nn.Module,
+        image: Tensor,
+        aniso_d: int,
+        step: int,
+        first_index: int,
+        stream: int = TRAIN_MASKS,
+    ):
+        grid = self.model.token_grid(image.shape[2:], aniso_d)
+        mask = self.masks_for(image.shape[0], int(np.prod(grid)), step, first_index, stream)
+        with self.autocast():
+            return mim_step(model, self.tokenizer, image, aniso_d, mask=mask)
+
+    def training_step(self, batch: dict, step: int) -> dict[str, float]:
+        image = batch["image"]
+        result = self.step_result(
+            self.train_model, image, int(batch["aniso_d"]), step, self.dist.rank * image.shape[0]
+        )
+        grad_norm = self.backward_and_step(result.loss, "model", self.model)
+        return {"loss": result.loss.item(), "accuracy": result.accuracy.item(), "grad_norm": grad_norm}
+
+    def validate(self, step: int) -> dict[str, float]:
+        total_loss = total_correct = total_masked = 0.0
+        pictures = []
+        # fixed masks (their own stream, "step" = batch index): every validation sees the same ones
+        for index, batch in enumerate(self.validation_batches()):
+            batch = self.to_device(batch)
+            image, aniso_d = batch["image"], int(batch["aniso_d"])
+            result = self.step_result(self.model, image, aniso_d, index, 0, VALIDATION_MASKS)
+            masked = int(result.mask.sum())
+            total_loss += result.loss.item() * masked
+            total_correct += result.accuracy.item() * masked
+            total_masked += masked
+            if len(pictures) < self.config.val_pictures:
+                pictures.append((image[:1], aniso_d, result, batch.get("keys", ["?"])[0]))
+        if not total_masked:
+            return {}
+        if pictures:
+            self.write_pictures(step, pictures)
+        return {"loss": total_loss / total_masked, "accuracy": total_correct / total_masked}
+
+    # ---- pictures ------------------------------------------------------------------
+
+    def predicted_probs(self, result) -> Tensor:
+        """Sample 0's token distributions with the head's prediction at its masked positions, (1, K, d, h, w)."""
+        probs = result.target_probs[:1].clone()
+        count = int(result.mask[0].sum())
+        probs[0, result.mask[0]] = torch.softmax(result.masked_logits[:count].float(), dim=-1)
+        return probs.transpose(1, 2).reshape(1, -1, *result.grid)
+
+    def write_pictures(self, step: int, pictures: list) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(len(pictures), 3, figsize=(9, 3.1 * len(pictures)), squeeze=False)
+        patch = self.model.encoder.patch_size
+        for row, (image, aniso_d, result, key) in enumerate(pictures):
+            target = result.target_probs[:1].transpose(1, 2).reshape(1, -1, *result.grid)
+            with self.autocast():
+                tokens_rec = self.tokenizer.decode_probs(target.to(self.device), aniso_d)
+                predicted_rec = self.tokenizer.decode_probs(
+                    self.predicted_probs(result).to(self.device), aniso_d
+                )
+            depth_patch = image.shape[2] // result.grid[0]
+            token_mask = result.mask[0].reshape(result.grid).float()
+            pixel_mask = token_mask.repeat_interleave(depth_patch, 0).repeat_interleave(patch, 1)
+            pixel_mask = pixel_mask.repeat_interleave(patch, 2)
+            middle = image.shape[2] // 2
+            masked_input = image[0, :, middle] * (1 - pixel_mask[middle])
+            panels = [
+                (masked_input, f"masked input ({int(token_mask.sum())} of {token_mask.numel()} tokens)"),
+                ((tokens_rec[0, :, middle] + 1) / 2, "tokenizer: its own tokens"),
+                ((predicted_rec[0, :, middle] + 1) / 2, "tokenizer: predicted tokens"),
+            ]
+            for ax, (panel, title) in zip(axes[row], panels, strict=True):
+                ax.imshow(panel.float().clamp(0, 1).permute(1, 2, 0).cpu().numpy())
+                ax.set_title(title, fontsize=8)
+                ax.axis("off")
+            axes[row][0].set_ylabel(str(key), fontsize=7)
+        fig.suptitle(f"MIM validation, step {step}", fontsize=9)
+        fig.tight_layout()
+        with atomic_path(self.output_dir / "pictures" / f"step_{step:07d}.png") as tmp:
+            fig.savefig(tmp, dpi=90)
+        plt.close(fig)
+
+    # ---- export --------------------------------------------------------------------
+
+    def export(self, path: str | os.PathLike) -> None:
+        export_encoder(self.model.encoder, path, extra={"step": self.step, "source": str(self.output_dir)})
+
+
+def add_arguments(parser) -> None:
+    add_config_arguments(parser, MIMConfig)
+
+
+def run(args) -> int:
+    return run_pretraining(MIMTrainer, MIMConfig, args, "mim")
