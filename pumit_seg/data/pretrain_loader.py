@@ -369,8 +369,9 @@ def build_pretrain_loader(
 
 def validation_batches(store: PretrainStore, crop: CropConfig, batch_size: int) -> list[dict]:
     """Deterministic centre crops (no augmentation) of every held-out image, batched by aniso_d
-    (2D images apart), in key order."""
-    table = _split_table(store, "val")
+    (2D images apart), in key order; empty when the store holds no held-out image (every dataset a
+    single image)."""
+    table = store.table
     val = table[table.split == "val"]
     dataset = PretrainCropDataset(store, crop, seed=0, augment=False)
     row_of = {k: i for i, k in enumerate(table.key)}
