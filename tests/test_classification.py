@@ -150,6 +150,14 @@ def test_load_errors_name_the_file_and_key(tmp_path):
     (tmp_path / "cut.npz").write_bytes((tmp_path / "whole.npz").read_bytes()[:500])
     with pytest.raises(ValueError, match=r"cut\.npz: cannot read it as a \.npz file"):
         load_medmnist(tmp_path / "cut.npz")
+    damaged = bytearray((tmp_path / "whole.npz").read_bytes())
+    damaged[len(damaged) // 3 : len(damaged) // 3 + 64] = b"x" * 64
+    (tmp_path / "damaged.npz").write_bytes(damaged)
+    with pytest.raises(ValueError, match=r"damaged\.npz: cannot read it as a \.npz file"):
+        load_medmnist(tmp_path / "damaged.npz")
+    (tmp_path / "text.npz").write_text("not an archive")
+    with pytest.raises(ValueError, match=r"text\.npz: not a \.npz file"):
+        load_medmnist(tmp_path / "text.npz")
     with pytest.raises(FileNotFoundError, match="absent.npz"):
         load_medmnist(tmp_path / "absent.npz")
 

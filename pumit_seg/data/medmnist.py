@@ -23,6 +23,7 @@ import math
 import os
 import re
 import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -167,26 +168,34 @@ def dataset_name_from_path(path: str | os.PathLike) -> str:
     return re.sub(r"_\d+$", "", stem)
 
 
+ZIP_MAGIC = b"PK\x03\x04"  # a .npz file is a zip archive of .npy files
+
+
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such MedMNIST file")
+    wanted = [f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels")]
+    with open(path, "rb") as handle:
+        if handle.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
+            raise ValueError(f"{path}: not a .npz file (it does not start like a zip archive)")
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            wanted = [f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels")]
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise ValueError("it holds a single array, not a .npz archive of named arrays")
+        with loaded as npz:
             missing = [key for key in wanted if key not in npz.files]
-            if missing:
-                raise KeyError(missing, sorted(npz.files))
-            return {key: npz[key] for key in wanted}
-    except KeyError as error:
-        missing, present = error.args
-        raise ValueError(
-            f"{path}: not a MedMNIST file: missing key(s) {', '.join(missing)} "
-            f"(it has: {', '.join(present) or 'nothing'}; expected train/val/test _images and _labels)"
-        ) from None
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+            present = sorted(npz.files)
+            arrays = {} if missing else {key: npz[key] for key in wanted}
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as error:
         raise ValueError(
             f"{path}: cannot read it as a .npz file (truncated or not an npz?): {error}"
         ) from error
+    if missing:
+        raise ValueError(
+            f"{path}: not a MedMNIST file: missing key(s) {', '.join(missing)} "
+            f"(it has: {', '.join(present) or 'nothing'}; expected train/val/test _images and _labels)"
+        )
+    return arrays
 
 
 def _images_to_tensor(images: np.ndarray, spatial_dims: int, channels: int, where: str) -> Tensor:
