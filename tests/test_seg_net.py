@@ -250,3 +250,19 @@ def test_save_model_and_load_model_round_trip(tmp_path):
     with torch.no_grad():
         for a, b in zip(net(x), loaded(x), strict=True):
             torch.testing.assert_close(a, b)
+
+
+def test_an_fp16_autocast_runs_the_network_in_bf16():
+    """nnU-Net's predictor opens a plain (fp16) autocast; the network switches it to bf16, the training
+    precision, where the device supports bf16 (checked here on the CPU, where it always does)."""
+    net = build_tiny(1, 2, spatial_dims=3, aniso_d=2).eval()
+    x = torch.randn(1, 1, 8, 64, 32)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert net(x)[0].dtype == torch.bfloat16
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert net(x)[0].dtype == torch.bfloat16
+        assert net(x)[0].dtype == torch.float32  # no autocast: fp32 as before
+        net.prefer_bf16_autocast = False
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert net(x)[0].dtype == torch.float16

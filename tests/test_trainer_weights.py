@@ -176,3 +176,71 @@ def test_optimizer_groups_and_schedule(make_trainer):
     trainer.lr_scheduler.step(trainer.iteration)
     assert trainer.optimizer.param_groups[1]["lr"] == pytest.approx(scheduler.lr_at(750))
     assert math.isclose(trainer.grad_clip_norm, 1.0)
+
+
+def test_nan_and_partial_weights_are_errors_naming_the_environment_variables(
+    make_trainer, tmp_path, monkeypatch
+):
+    from safetensors.torch import save_file
+
+    saved = save_encoder(tmp_path / "encoder.safetensors")
+    broken = dict(saved)
+    broken["blocks.0.attn.q_proj.weight"] = broken["blocks.0.attn.q_proj.weight"].clone()
+    broken["blocks.0.attn.q_proj.weight"][0, 0] = float("nan")
+    save_file(broken, tmp_path / "nan.safetensors")
+    monkeypatch.setenv("PUMIT_PRETRAINED_WEIGHTS", str(tmp_path / "nan.safetensors"))
+    with pytest.raises(
+        ValueError,
+        match=r"nan.safetensors.*non-finite.*blocks.0.attn.q_proj.weight.*PUMIT_PRETRAINED_ALLOW_NON_FINITE=1",
+    ):
+        make_trainer().initialize()
+    monkeypatch.setenv("PUMIT_PRETRAINED_ALLOW_NON_FINITE", "1")
+    trainer = make_trainer()
+    trainer.initialize()
+    assert torch.isnan(trainer.network.encoder.blocks[0].attn.q_proj.weight).any()
+
+    only_blocks_0 = {k: v for k, v in saved.items() if k.startswith("blocks.0.")}
+    save_file(only_blocks_0, tmp_path / "partial.safetensors")
+    monkeypatch.setenv("PUMIT_PRETRAINED_WEIGHTS", str(tmp_path / "partial.safetensors"))
+    with pytest.raises(
+        ValueError, match=r"partial.safetensors: only \d+\.\d% .*PUMIT_PRETRAINED_ALLOW_PARTIAL=1"
+    ):
+        make_trainer().initialize()
+    monkeypatch.setenv("PUMIT_PRETRAINED_ALLOW_PARTIAL", "maybe")
+    with pytest.raises(ValueError, match="PUMIT_PRETRAINED_ALLOW_PARTIAL='maybe'"):
+        make_trainer().initialize()
+    monkeypatch.setenv("PUMIT_PRETRAINED_ALLOW_PARTIAL", "1")
+    trainer = make_trainer()
+    trainer.initialize()
+    assert set(trainer.pretrained_weight_report.loaded) == set(only_blocks_0)
+
+
+def test_restoring_a_checkpoint_needs_no_pretrained_file(make_trainer, tmp_path, monkeypatch):
+    """What nnUNetv2_train --val (and --c, and prediction) do: load_checkpoint initialises the trainer; the
+    checkpoint holds the encoder, so a pre-trained file that is gone must not matter."""
+    save_encoder(tmp_path / "encoder.safetensors")
+    monkeypatch.setenv("PUMIT_PRETRAINED_WEIGHTS", str(tmp_path / "encoder.safetensors"))
+    trainer = make_trainer()
+    trainer.initialize()
+    checkpoint = tmp_path / "checkpoint_final.pth"
+    trainer.save_checkpoint(str(checkpoint))
+    (tmp_path / "encoder.safetensors").unlink()
+
+    restored = make_trainer()
+    restored.load_checkpoint(str(checkpoint))
+    assert restored.pretrained_weight_report is None
+    assert "Restoring a checkpoint" in Path(restored.log_file).read_text()
+    for (name, a), b in zip(
+        trainer.network.state_dict().items(), restored.network.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    with pytest.raises(FileNotFoundError, match="encoder.safetensors"):
+        make_trainer().initialize()  # a fresh training still needs it
+
+
+def test_preset_oversampling_from_the_plans(make_trainer):
+    assert make_trainer().oversample_foreground_percent == pytest.approx(0.33)
+    trainer = make_trainer(plans_update={"pumit_oversample_foreground_percent": 0.75})
+    assert trainer.oversample_foreground_percent == 0.75
+    with pytest.raises(ValueError, match="pumit_oversample_foreground_percent"):
+        make_trainer(plans_update={"pumit_oversample_foreground_percent": 3})

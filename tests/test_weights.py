@@ -180,3 +180,21 @@ def test_nonzero_k_bias_is_reported():
     source["blocks.0.attn.k_proj.bias"] = torch.ones(64)
     report = load_pretrained_encoder(universal_vit_tiny(depth=2), source)
     assert "NON-ZERO" in report.skipped["blocks.0.attn.k_proj.bias"]
+
+
+def test_non_finite_or_mostly_unfilled_weights_are_refused(tiny):
+    from pumit_seg.models.vit import PretrainedWeightsError
+
+    state = {k: v.clone() for k, v in tiny.state_dict().items()}
+    state["pos_embed"][0, 0, 0, 0, 0] = float("inf")
+    target = universal_vit_tiny(in_channels=tiny.config["in_channels"])
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(PretrainedWeightsError, match=r"non-finite.*pos_embed.*allow_non_finite=True"):
+        load_pretrained_encoder(target, state)
+    with pytest.raises(PretrainedWeightsError, match=r"only .*% of the encoder.*--my-flag"):
+        load_pretrained_encoder(
+            target, {"cls_token": state["cls_token"]}, hints={"allow_partial": "--my-flag"}
+        )
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())  # nothing was loaded
+    report = load_pretrained_encoder(target, {"cls_token": state["cls_token"]}, allow_partial=True)
+    assert report.loaded == ["cls_token"] and torch.equal(target.cls_token, state["cls_token"])
