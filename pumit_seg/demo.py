@@ -60,6 +60,7 @@ PRETRAIN_MODULES = {
     "export": "pumit_seg.trainers.export",
 }
 CORPUS_MODULE = "pumit_seg.data.pretrain_phantoms"
+MIM_ENCODER_NAME = "encoder.safetensors"  # what `pumit_pretrain mim` exports into its run folder
 PRETRAIN_LOG_ROWS = 25  # rows of log.csv per pre-training run (the loss curves' points)
 PRETRAIN_VALIDATIONS = 2  # validations (pictures, codebook health) and checkpoints per run
 
@@ -120,16 +121,17 @@ SETTINGS = {
         tokenizer_steps=10,
         mim_steps=10,
         pretrain_batch_size=2,
-        seg_shape=(16, 64, 64),
+        seg_shape=(16, 48, 48),
         seg_spacing=(3.0, 0.75, 0.75),
-        seg_num_train=5,
+        seg_num_train=5,  # nnU-Net's 5-fold split needs 5 cases
         seg_num_test=2,
-        seg_plan_args=(*_TINY_NETWORK, "--patch_size_3d", "8", "64", "64"),
+        # the smallest patch PUMITSegNet takes: two voxels at its 1/32 level (aniso_d 2 pools depth by 8)
+        seg_plan_args=(*_TINY_NETWORK, "--patch_size_3d", "16", "32", "32"),
         trainer="PUMITTrainer_test",
         chaos_num_train=5,
         chaos_num_test=1,
-        chaos_shape=(16, 64, 64),
-        chaos_plan_args=(*_TINY_NETWORK, "--patch_size_3d", "8", "64", "64"),
+        chaos_shape=(16, 48, 48),
+        chaos_plan_args=(*_TINY_NETWORK, "--patch_size_3d", "16", "32", "32"),
     ),
 }
 
@@ -351,7 +353,13 @@ def build_steps(
                 unavailable=unavailable("export"),
             )
         )
-    encoder_steps = ["pretrain_export"] if inputs.encoder is None and "pretrain" in inputs.parts else []
+        encoder_steps = ["pretrain_export"]
+        if "export" in missing:
+            # `pumit_pretrain mim` exports the encoder at its end too: fine-tune from that file
+            encoder, encoder_steps = str(Path(mim_run) / MIM_ENCODER_NAME), ["pretrain_mim"]
+        paths["encoder"] = encoder
+    else:
+        encoder_steps = []
 
     # -------------------------------------------------------------------- segmentation
     if "segmentation" in inputs.parts:

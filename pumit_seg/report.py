@@ -269,9 +269,13 @@ def _number(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
-def _image(assets: Path, path: Path, caption: str) -> str:
+def _image(assets: Path, path: Path, caption: str, css_class: str = "") -> str:
     relative = f"{assets.name}/{path.name}"
-    return f'<figure><img src="{_e(relative)}" alt="{_e(caption)}"><figcaption>{_e(caption)}</figcaption></figure>'
+    attribute = f' class="{css_class}"' if css_class else ""
+    return (
+        f'<figure{attribute}><img src="{_e(relative)}" alt="{_e(caption)}"><figcaption>{_e(caption)}</figcaption>'
+        "</figure>"
+    )
 
 
 def _copy_asset(source: Path, assets: Path, name: str) -> Path | None:
@@ -300,7 +304,7 @@ word-break:break-all}
 .done{color:#0a7a2f}.failed{color:#b00020;font-weight:bold}.skipped,.not-available{color:#a15c00}
 .missing{color:#a15c00;font-style:italic}.better{font-weight:bold}
 figure{display:inline-block;margin:8px 12px 8px 0;vertical-align:top}figcaption{font-size:13px;color:#555}
-img{max-width:100%;border:1px solid #ddd}
+img{max-width:100%;border:1px solid #ddd}figure.half{width:48%;margin-right:1%}figure.half img{width:100%}
 """
 
 
@@ -456,11 +460,17 @@ def _pretraining_section(root: Path, paths: dict, assets: Path) -> str:
 def _progress(paths: dict, key: str, assets: Path, caption: str) -> str:
     folder = paths.get(key)
     copied = _copy_asset(Path(folder) / "progress.png", assets, f"{key}_progress.png") if folder else None
-    return _image(assets, copied, caption) if copied else _missing(f"no progress.png for {caption}")
+    return _image(assets, copied, caption, "half") if copied else _missing(f"no progress.png for {caption}")
 
 
 def _segmentation_section(paths: dict, assets: Path) -> str:
-    parts = ["<h3>Fine-tuning curves (nnU-Net's progress.png)</h3>"]
+    parts = []
+    if paths.get("encoder"):
+        parts.append(
+            f"<p>The pre-trained model starts from <code>{_e(paths['encoder'])}</code>; the scratch model from "
+            "random initialisation, with the same trainer (the same budget).</p>"
+        )
+    parts.append("<h3>Fine-tuning curves (nnU-Net's progress.png)</h3>")
     for arm in ("pretrained", "scratch"):
         parts.append(_progress(paths, f"seg_fold_{arm}", assets, f"{arm}: loss, pseudo Dice, learning rate"))
     summaries = {}
@@ -618,7 +628,9 @@ class _DevToolsPipe:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            pass_fds=(3, 4),
+            # not pass_fds: it would check fds 3 and 4 in the parent, where they may not exist; the ends
+            # dup2'ed in the child are inheritable, every other descriptor of ours is close-on-exec
+            close_fds=False,
             preexec_fn=wire_fds,
         )
         for fd in high:
