@@ -89,7 +89,7 @@ def aniso_d_from_spacing(spacing_dhw, max_ratio: float = 32.0) -> int:
 
 @dataclass(frozen=True)
 class ChunkConfig:
-    """How arrays are chunked and compressed (nnU-Net's blosc2 settings, sized for pre-training crops)."""
+    """How arrays are chunked (as nnU-Net: small blocks, chunks sized for the crops) and compressed."""
 
     crop_in_plane: int = 160  # the largest crop (MIM: 160 in-plane by 5 x (16 >> aniso_d) slices)
     crop_depth_units: int = 5
