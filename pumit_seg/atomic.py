@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["atomic_path", "write_json_atomic"]
+__all__ = ["atomic_path", "atomic_folder", "write_json_atomic"]
 
 
 @contextmanager
@@ -39,3 +40,49 @@ def write_json_atomic(path: str | os.PathLike, content, indent: int = 2) -> None
     """Write `content` as JSON, atomically."""
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(content, f, indent=indent)
+
+
+def _hidden_sibling(path: str, tag: str) -> str:
+    directory, name = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{tag}_{os.getpid()}_{uuid.uuid4().hex[:8]}_{name}")
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    # hard links are free and safe here: every writer replaces files (os.replace), never edits them in place
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike, keep_existing: bool = False) -> Iterator[str]:
+    """Yield a temporary folder to build instead of the folder `path`; on success it replaces `path`.
+
+    With `keep_existing` the temporary folder starts as a copy of `path` (hard links where possible), for
+    tools that update part of a folder (e.g. add test cases to a dataset); otherwise it starts empty and
+    nothing of the old folder survives. On an exception the temporary folder is removed and `path` is left
+    exactly as it was. The swap is two renames (old aside, new in place) then the old one is deleted; only a
+    crash between the two renames can leave `path` missing, with the old folder still beside it.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"{path} exists and is not a folder")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = _hidden_sibling(path, "building")
+    try:
+        if keep_existing and os.path.isdir(path):
+            shutil.copytree(path, tmp, copy_function=_link_or_copy, symlinks=True)
+        else:
+            os.makedirs(tmp)
+        yield tmp
+        if os.path.isdir(path):
+            old = _hidden_sibling(path, "replaced")
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -86,8 +86,9 @@ def test_mr_two_channels_and_2d(tmp_path):
 def test_overwrite_protection_and_cli(tmp_path, capsys):
     main(["-o", str(tmp_path), "-d", "9", "--num_train", "1", "--num_test", "0", "--shape", "4", "32", "32"])
     assert capsys.readouterr().out.strip() == str(tmp_path / "Dataset009_Phantoms")
-    with pytest.raises(FileExistsError, match="Dataset009_Phantoms"):
+    with pytest.raises(SystemExit) as exit_info:
         main(["-o", str(tmp_path), "-d", "9", "--num_train", "1"])
+    assert exit_info.value.code == 1 and "Dataset009_Phantoms exists" in capsys.readouterr().err
     main(
         [
             "-o",

@@ -22,11 +22,13 @@ Everything is seeded and small by default (a 12-case dataset takes about a secon
 
 import argparse
 import os
-import shutil
 from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
+
+from pumit_seg.atomic import atomic_folder
+from pumit_seg.cli_checks import exit_on_bad_input, float_in_range, int_in_range
 
 LABELS = {"background": 0, "liver": 1, "spleen": 2, "kidneys": 3, "aorta": 4}
 
@@ -63,6 +65,10 @@ TISSUE_INTENSITIES = {
 }
 NOISE_STD = {"CT": 15.0, "T1": 15.0, "T2": 15.0}
 CHANNELS_BY_MODALITY = {"CT": ["CT", "CT"], "MR": ["T1", "T2"]}
+# Largest phantom (voxels of one case, before the per-case jitter) the generator builds: working memory is
+# about 60 bytes per voxel (coordinate grids, organ masks), so this caps one case near 2 GiB.
+MAX_PHANTOM_VOXELS = 2**25
+MAX_CASES = 100_000  # per split; more is a typo, not a dataset
 
 
 @dataclass
@@ -85,8 +91,14 @@ class PhantomConfig:
             raise ValueError(
                 f"shape and spacing need three values (D, H, W), got {self.shape} and {self.spacing}"
             )
-        if min(self.spacing) <= 0 or min(self.shape) < 1:
+        if not all(np.isfinite(self.spacing)) or min(self.spacing) <= 0 or min(self.shape) < 1:
             raise ValueError(f"shape and spacing must be positive, got {self.shape} and {self.spacing}")
+        voxels = int(np.prod([1 if self.two_d else self.shape[0], *self.shape[1:]], dtype=np.int64))
+        if voxels > MAX_PHANTOM_VOXELS:
+            raise ValueError(
+                f"shape {tuple(self.shape)} has {voxels} voxels per case, more than the {MAX_PHANTOM_VOXELS} "
+                "a phantom may have (--shape); phantoms are meant to be small"
+            )
 
     @property
     def channel_names(self) -> list[str]:
@@ -189,42 +201,38 @@ def write_phantom_dataset(
     dataset_folder = os.path.join(raw_folder, f"Dataset{dataset_id:03d}_{name}")
     if os.path.exists(dataset_folder) and not overwrite:
         raise FileExistsError(f"{dataset_folder} exists; pass overwrite=True (--overwrite) to replace it")
-    tmp_folder = os.path.join(raw_folder, f".Dataset{dataset_id:03d}_{name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp_folder, ignore_errors=True)
 
-    rng = np.random.default_rng(seed)
-    cases = [("Tr", f"case_{i:03d}") for i in range(num_training)]
-    cases += [("Ts", f"case_{num_training + i:03d}") for i in range(num_test)]
-    for folder in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
-        os.makedirs(os.path.join(tmp_folder, folder))
-    for split, case in cases:
-        image, label, _ = make_phantom(rng, config)
-        origin = rng.uniform(-150, 150, size=3)
-        for c in range(image.shape[0]):
-            path = os.path.join(tmp_folder, f"images{split}", f"{case}_{c:04d}.nii.gz")
-            _write_image(image[c], path, config.spacing, origin, config.two_d)
-        _write_image(
-            label,
-            os.path.join(tmp_folder, f"labels{split}", f"{case}.nii.gz"),
-            config.spacing,
-            origin,
-            config.two_d,
+    with atomic_folder(dataset_folder) as tmp_folder:
+        rng = np.random.default_rng(seed)
+        cases = [("Tr", f"case_{i:03d}") for i in range(num_training)]
+        cases += [("Ts", f"case_{num_training + i:03d}") for i in range(num_test)]
+        for folder in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+            os.makedirs(os.path.join(tmp_folder, folder))
+        for split, case in cases:
+            image, label, _ = make_phantom(rng, config)
+            origin = rng.uniform(-150, 150, size=3)
+            for c in range(image.shape[0]):
+                path = os.path.join(tmp_folder, f"images{split}", f"{case}_{c:04d}.nii.gz")
+                _write_image(image[c], path, config.spacing, origin, config.two_d)
+            _write_image(
+                label,
+                os.path.join(tmp_folder, f"labels{split}", f"{case}.nii.gz"),
+                config.spacing,
+                origin,
+                config.two_d,
+            )
+
+        generate_dataset_json(
+            tmp_folder,
+            channel_names={i: n for i, n in enumerate(config.channel_names)},
+            labels=LABELS,
+            num_training_cases=num_training,
+            file_ending=".nii.gz",
+            dataset_name=f"Dataset{dataset_id:03d}_{name}",
+            description=f"pumit-seg synthetic abdomen phantoms: {config}, seed {seed}",
+            license="CC0 (synthetic)",
+            converted_by="pumit_seg.data.synthetic",
         )
-
-    generate_dataset_json(
-        tmp_folder,
-        channel_names={i: n for i, n in enumerate(config.channel_names)},
-        labels=LABELS,
-        num_training_cases=num_training,
-        file_ending=".nii.gz",
-        dataset_name=f"Dataset{dataset_id:03d}_{name}",
-        description=f"pumit-seg synthetic abdomen phantoms: {config}, seed {seed}",
-        license="CC0 (synthetic)",
-        converted_by="pumit_seg.data.synthetic",
-    )
-    if os.path.exists(dataset_folder):
-        shutil.rmtree(dataset_folder)
-    os.replace(tmp_folder, dataset_folder)
     return dataset_folder
 
 
@@ -275,36 +283,134 @@ def write_dicom_series(folder: str, volume: np.ndarray, positions, names: list[s
         write_dicom_slice(os.path.join(folder, name), pixels, position, **slice_options)
 
 
+CHAOS_MR_GREY = {"liver": 63, "right_kidney": 126, "left_kidney": 189, "spleen": 252}
+
+
+def _chaos_mr_ground(num_slices: int, rows: int, columns: int) -> np.ndarray:
+    grey = np.zeros((num_slices, rows, columns), np.uint8)
+    grey[:, 2 : rows // 2, 2 : columns // 2] = CHAOS_MR_GREY["liver"]  # cut by the first and last slice
+    grey[1:-1, rows // 2 + 2 : rows - 2, 3:7] = CHAOS_MR_GREY["right_kidney"]
+    grey[1:, rows // 2 + 2 : rows - 2, columns // 2 + 2 : columns - 2] = CHAOS_MR_GREY["left_kidney"]
+    grey[: num_slices // 2, 3:6, columns // 2 + 2 : columns - 2] = CHAOS_MR_GREY["spleen"]
+    return grey
+
+
+def write_chaos_tree(
+    root: str,
+    mr_ids=("1",),
+    ct_ids=("2",),
+    with_ground: bool = True,
+    rows: int = 18,
+    columns: int = 20,
+    seed: int = 0,
+) -> str:
+    """A tiny CHAOS download (SPEC section 10) under `root`: ``MR/<id>/{T1DUAL,T2SPIR}``, ``CT/<id>``.
+
+    T1DUAL (6 slices) has file names running against the slice position (as some real series do), T2SPIR
+    (5 slices) and CT (4 slices, HU through RescaleIntercept) run with it. With `with_ground` every series
+    gets its Ground PNG stack (MR grey values of the four organs, CT liver 255), as in the training set;
+    without, it looks like the test set. For tests of the CHAOS tools; returns `root`.
+    """
+    from PIL import Image
+
+    def write_ground(folder: str, grey: np.ndarray, names: list[str]) -> None:
+        os.makedirs(folder, exist_ok=True)
+        for slice_grey, name in zip(grey, names, strict=True):
+            Image.fromarray(slice_grey, mode="L").save(os.path.join(folder, name))
+
+    rng = np.random.default_rng(seed)
+    for chaos_id in mr_ids:
+        base = os.path.join(root, "MR", str(chaos_id))
+        t1_slices, t2_slices = 6, 5
+        t1_positions = [(-10.0, 20.0, 30.0 - 4.5 * k) for k in range(t1_slices)]
+        in_names = [f"IMG-0004-{k + 1:05d}.dcm" for k in range(t1_slices)]
+        out_names = [f"IMG-0004-{k + 100:05d}.dcm" for k in range(t1_slices)]
+        in_phase = rng.integers(0, 900, (t1_slices, rows, columns))
+        dicom = os.path.join(base, "T1DUAL", "DICOM_anon")
+        write_dicom_series(os.path.join(dicom, "InPhase"), in_phase, t1_positions, in_names)
+        write_dicom_series(os.path.join(dicom, "OutPhase"), in_phase // 2, t1_positions, out_names)
+        t2_names = [f"IMG-0002-{k + 1:05d}.dcm" for k in range(t2_slices)]
+        t2_positions = [(-10.0, 20.0, 3.0 + 6.0 * k) for k in range(t2_slices)]
+        t2 = rng.integers(0, 900, (t2_slices, rows, columns))
+        write_dicom_series(os.path.join(base, "T2SPIR", "DICOM_anon"), t2, t2_positions, t2_names)
+        if with_ground:
+            png = [n.replace(".dcm", ".png") for n in in_names]
+            write_ground(
+                os.path.join(base, "T1DUAL", "Ground"), _chaos_mr_ground(t1_slices, rows, columns), png
+            )
+            png = [n.replace(".dcm", ".png") for n in t2_names]
+            write_ground(
+                os.path.join(base, "T2SPIR", "Ground"), _chaos_mr_ground(t2_slices, rows, columns), png
+            )
+    for chaos_id in ct_ids:
+        base = os.path.join(root, "CT", str(chaos_id))
+        ct_slices = 4
+        ct = 1000 + rng.integers(0, 300, (ct_slices, rows, columns))
+        names = [f"i{k:04d},0000b.dcm" for k in range(ct_slices)]
+        positions = [(0.0, 0.0, -2.5 * k) for k in range(ct_slices)]
+        write_dicom_series(
+            os.path.join(base, "DICOM_anon"), ct, positions, names, modality="CT", intercept=-1024
+        )
+        if with_ground:
+            grey = np.zeros((ct_slices, rows, columns), np.uint8)
+            grey[:3, 4 : rows - 4, 3 : columns // 2] = 255
+            write_ground(
+                os.path.join(base, "Ground"), grey, [f"liver_GT_{k:03d}.png" for k in range(ct_slices)]
+            )
+    return root
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description="Write an nnU-Net raw dataset of synthetic abdomen-like phantoms."
     )
     parser.add_argument("-o", "--output", required=True, help="nnU-Net raw folder (the dataset goes inside)")
-    parser.add_argument("-d", "--dataset_id", type=int, required=True, help="nnU-Net dataset id (1..999)")
-    parser.add_argument("--name", default="Phantoms", help="dataset name after the id (default: Phantoms)")
-    parser.add_argument("--num_train", type=int, default=8, help="training cases (default: 8)")
     parser.add_argument(
-        "--num_test", type=int, default=2, help="test cases in imagesTs/labelsTs (default: 2)"
+        "-d", "--dataset_id", type=int_in_range(1, 999), required=True, help="nnU-Net dataset id (1..999)"
     )
-    parser.add_argument("--shape", type=int, nargs=3, default=[24, 80, 80], metavar=("D", "H", "W"))
-    parser.add_argument("--spacing", type=float, nargs=3, default=[3.0, 0.8, 0.8], metavar=("SD", "SH", "SW"))
+    parser.add_argument("--name", default="Phantoms", help="dataset name after the id (default: Phantoms)")
+    parser.add_argument(
+        "--num_train", type=int_in_range(1, MAX_CASES), default=8, help="training cases (default: 8)"
+    )
+    parser.add_argument(
+        "--num_test",
+        type=int_in_range(0, MAX_CASES),
+        default=2,
+        help="test cases in imagesTs/labelsTs (default: 2)",
+    )
+    parser.add_argument(
+        "--shape", type=int_in_range(1), nargs=3, default=[24, 80, 80], metavar=("D", "H", "W")
+    )
+    parser.add_argument(
+        "--spacing",
+        type=float_in_range(0.0, None, low_open=True),
+        nargs=3,
+        default=[3.0, 0.8, 0.8],
+        metavar=("SD", "SH", "SW"),
+    )
     parser.add_argument("--modality", choices=sorted(CHANNELS_BY_MODALITY), default="CT")
     parser.add_argument("--channels", type=int, choices=(1, 2), default=1, help="image channels (default: 1)")
     parser.add_argument("--2d", dest="two_d", action="store_true", help="write 2D images (H, W)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
     args = parser.parse_args(argv)
-    config = PhantomConfig(tuple(args.shape), tuple(args.spacing), args.modality, args.channels, args.two_d)
-    folder = write_phantom_dataset(
-        args.output,
-        args.dataset_id,
-        args.name,
-        args.num_train,
-        args.num_test,
-        config,
-        args.seed,
-        args.overwrite,
-    )
+    try:  # refuse an absurd --shape here, before anything is allocated
+        config = PhantomConfig(
+            tuple(args.shape), tuple(args.spacing), args.modality, args.channels, args.two_d
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    with exit_on_bad_input(parser):
+        folder = write_phantom_dataset(
+            args.output,
+            args.dataset_id,
+            args.name,
+            args.num_train,
+            args.num_test,
+            config,
+            args.seed,
+            args.overwrite,
+        )
     print(folder)
 
 
