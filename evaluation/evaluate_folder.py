@@ -3,7 +3,8 @@
     pumit_evaluate REF_FOLDER PRED_FOLDER -djfile dataset.json [-o summary.json] [--convention monai|chaos] [-np N]
 
 Modelled on ``nnunetv2.evaluation.evaluate_predictions``: files are matched by name (the file ending comes
-from dataset.json), read with the dataset's reader / writer (SimpleITKIO for NIfTI), labels or regions and
+from dataset.json), read with the project's one reader (``pumit_seg.data.readers``: truncated files and
+NaN voxels are errors naming the file), labels or regions and
 the ignore label come from nnU-Net's ``LabelManager``, and ``summary.json`` has nnU-Net's layout
 (``metric_per_case``, ``mean``, ``foreground_mean``) with our metric keys (see ``metrics.METRIC_KEYS``).
 A ``summary.csv`` with one row per case and label (and the means) is written next to it.
@@ -26,8 +27,6 @@ import numpy as np
 from batchgenerators.utilities.file_and_folder_operations import load_json, subfiles
 from nnunetv2.configuration import default_num_processes
 from nnunetv2.evaluation.evaluate_predictions import label_or_region_to_key, save_summary_json
-from nnunetv2.imageio.base_reader_writer import BaseReaderWriter
-from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
 from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 from pumit_seg.evaluation.metrics import (
@@ -40,7 +39,10 @@ from pumit_seg.evaluation.metrics import (
 )
 
 from pumit_seg.atomic import atomic_path
+from pumit_seg.cli_checks import exit_on_bad_input, float_in_range, int_in_range
+from pumit_seg.data.readers import MedicalImage, read_image
 
+MAX_PROCESSES = 256  # -np beyond this is a typo
 GEOMETRY_TOLERANCE = 1e-4  # mm (and direction cosines): header round-off, not real differences
 
 
@@ -48,35 +50,28 @@ class GeometryMismatchError(ValueError):
     """Reference and prediction do not share shape, spacing, origin or direction."""
 
 
-def _geometry(properties: dict) -> dict:
-    sitk_stuff = properties.get("sitk_stuff")
-    if sitk_stuff is not None:
-        return {k: np.asarray(sitk_stuff[k], dtype=float) for k in ("spacing", "origin", "direction")}
-    return {"spacing": np.asarray(properties["spacing"], dtype=float)}
-
-
-def check_same_geometry(reference_file: str, prediction_file: str, seg_ref, props_ref, seg_pred, props_pred):
+def check_same_geometry(reference: MedicalImage, prediction: MedicalImage) -> None:
     """Raise GeometryMismatchError naming both files unless shapes and headers agree."""
-    if seg_ref.shape != seg_pred.shape:
+    if reference.array.shape != prediction.array.shape:
         raise GeometryMismatchError(
-            f"prediction {prediction_file} has shape {seg_pred.shape[1:]}, "
-            f"reference {reference_file} has shape {seg_ref.shape[1:]}"
+            f"prediction {prediction.path} has shape {prediction.array.shape}, "
+            f"reference {reference.path} has shape {reference.array.shape}"
         )
-    geometry_ref, geometry_pred = _geometry(props_ref), _geometry(props_pred)
-    for key, value_ref in geometry_ref.items():
-        value_pred = geometry_pred.get(key)
-        if value_pred is None or value_pred.shape != value_ref.shape:
-            raise GeometryMismatchError(
-                f"prediction {prediction_file} has no {key} comparable to {reference_file}"
-            )
+    for key in ("spacing", "origin", "direction"):
+        value_ref = np.asarray(getattr(reference, key), dtype=float)
+        value_pred = np.asarray(getattr(prediction, key), dtype=float)
         if not np.allclose(value_pred, value_ref, rtol=GEOMETRY_TOLERANCE, atol=GEOMETRY_TOLERANCE):
             raise GeometryMismatchError(
-                f"prediction {prediction_file} has {key} {value_pred.tolist()}, "
-                f"reference {reference_file} has {key} {value_ref.tolist()}"
+                f"prediction {prediction.path} has {key} {value_pred.ravel().tolist()}, "
+                f"reference {reference.path} has {key} {value_ref.ravel().tolist()}"
             )
 
 
 def _as_label_map(seg: np.ndarray, filename: str) -> np.ndarray:
+    if seg.ndim not in (2, 3):
+        raise ValueError(
+            f"{filename} has {seg.ndim} axes {seg.shape}; a segmentation is one 2D or 3D label map"
+        )
     if not np.isfinite(seg).all():
         raise ValueError(f"{filename} contains NaN or inf values; it is not a segmentation")
     labels = np.rint(seg)
@@ -88,19 +83,21 @@ def _as_label_map(seg: np.ndarray, filename: str) -> np.ndarray:
 def evaluate_case(
     reference_file: str,
     prediction_file: str,
-    reader_writer: BaseReaderWriter,
     labels_or_regions: list,
     convention: str = "monai",
     nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
     ignore_label: int | None = None,
 ) -> dict:
-    """Metrics of one case: {'reference_file', 'prediction_file', 'spacing', 'metrics': {label: {...}}}."""
-    seg_ref, props_ref = reader_writer.read_seg(reference_file)
-    seg_pred, props_pred = reader_writer.read_seg(prediction_file)
-    check_same_geometry(reference_file, prediction_file, seg_ref, props_ref, seg_pred, props_pred)
-    seg_ref = _as_label_map(seg_ref[0], reference_file)
-    seg_pred = _as_label_map(seg_pred[0], prediction_file)
-    spacing = [float(s) for s in props_ref["spacing"]]
+    """Metrics of one case: {'reference_file', 'prediction_file', 'spacing', 'metrics': {label: {...}}}.
+
+    Both files go through `pumit_seg.data.readers.read_image`, so a truncated file or NaN voxels are an
+    error naming the file, never zeros scored as background."""
+    reference = read_image(reference_file)
+    prediction = read_image(prediction_file)
+    check_same_geometry(reference, prediction)
+    seg_ref = _as_label_map(reference.array, reference_file)
+    seg_pred = _as_label_map(prediction.array, prediction_file)
+    spacing = [float(s) for s in reference.spacing]
     if seg_ref.ndim == 3 and seg_ref.shape[0] == 1:  # nnU-Net's 2D layout: evaluate in-plane only
         seg_ref, seg_pred, spacing = seg_ref[0], seg_pred[0], spacing[1:]
     metrics = compute_label_metrics(
@@ -131,6 +128,11 @@ def match_files(
             f"references without a prediction in {folder_pred}: {missing} (pass --chill to evaluate only the present ones)"
         )
     return [(os.path.join(folder_ref, n), os.path.join(folder_pred, n)) for n in names_pred]
+
+
+def missing_predictions(folder_ref: str, folder_pred: str, file_ending: str) -> list[str]:
+    names_pred = set(subfiles(folder_pred, suffix=file_ending, join=False))
+    return sorted(n for n in subfiles(folder_ref, suffix=file_ending, join=False) if n not in names_pred)
 
 
 def summarize(results: list[dict], labels_or_regions: list) -> dict:
@@ -184,7 +186,6 @@ def evaluate_folder(
         dataset_json = load_json(dataset_json)
     file_ending = dataset_json["file_ending"]
     pairs = match_files(folder_ref, folder_pred, file_ending, chill)
-    reader_writer = determine_reader_writer_from_dataset_json(dataset_json, pairs[0][0])()
     label_manager = LabelManager(dataset_json["labels"], dataset_json.get("regions_class_order"))
     labels_or_regions = (
         label_manager.foreground_regions if label_manager.has_regions else label_manager.foreground_labels
@@ -193,7 +194,6 @@ def evaluate_folder(
         (
             ref,
             pred,
-            reader_writer,
             labels_or_regions,
             convention,
             nsd_tolerance_mm,
@@ -207,6 +207,8 @@ def evaluate_folder(
         with multiprocessing.get_context("spawn").Pool(min(num_processes, len(arguments))) as pool:
             results = pool.starmap(evaluate_case, arguments)
     summary = summarize(results, labels_or_regions)
+    # cases skipped with --chill are named in the summary, so a partial evaluation cannot pass as complete
+    summary["references_without_prediction"] = missing_predictions(folder_ref, folder_pred, file_ending)
     summary["convention"] = convention
     summary["nsd_tolerance_mm"] = nsd_tolerance_mm
     recursive_fix_for_json_export(summary)
@@ -230,31 +232,47 @@ def main(argv=None) -> None:
     parser.add_argument("-djfile", required=True, help="dataset.json of the dataset (labels, file_ending)")
     parser.add_argument("-o", default=None, help="output summary.json (default: PRED_FOLDER/summary.json)")
     parser.add_argument(
-        "--convention", choices=CONVENTIONS, default="monai", help="surface convention (default monai)"
+        "--convention",
+        choices=CONVENTIONS,
+        default="monai",
+        help="monai: distances in mm, what to report (default); paper: MONAI without spacing (voxel units), "
+        "a missed organ NaN, to compare with the PUMIT paper's Table 3; chaos: the CHAOS challenge's rules",
     )
     parser.add_argument(
-        "-np", type=int, default=default_num_processes, help="worker processes (1: in-process)"
+        "-np",
+        type=int_in_range(1, MAX_PROCESSES),
+        default=min(default_num_processes, MAX_PROCESSES),
+        help="worker processes (1: in-process)",
     )
     parser.add_argument(
         "--nsd_tolerance",
-        type=float,
+        type=float_in_range(0.0, None, low_open=True),
         default=DEFAULT_NSD_TOLERANCE_MM,
-        help="NSD tolerance in mm (default 1)",
+        help="NSD tolerance in mm (voxels under --convention paper; default 1)",
     )
-    parser.add_argument("--chill", action="store_true", help="allow references without a prediction")
+    parser.add_argument(
+        "--chill",
+        action="store_true",
+        help="allow references without a prediction (they are listed in summary.json)",
+    )
     args = parser.parse_args(argv)
-    summary = evaluate_folder(
-        args.ref_folder,
-        args.pred_folder,
-        args.djfile,
-        args.o,
-        args.convention,
-        args.np,
-        args.nsd_tolerance,
-        args.chill,
-    )
+    with exit_on_bad_input(parser):
+        summary = evaluate_folder(
+            args.ref_folder,
+            args.pred_folder,
+            args.djfile,
+            args.o,
+            args.convention,
+            args.np,
+            args.nsd_tolerance,
+            args.chill,
+        )
     foreground = summary["foreground_mean"]
     print(" ".join(f"{k} {foreground[k]:.4f}" for k in METRIC_KEYS))
+    if summary["references_without_prediction"]:
+        print(
+            f"not evaluated (no prediction, --chill): {', '.join(summary['references_without_prediction'])}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Per-label segmentation metrics with voxel spacing in mm: Dice, IoU, ASSD, HD, HD95, NSD, RAVD, volumes.
 
-Two surface conventions (SPEC section 9), picked with ``convention=``:
+Three conventions (SPEC section 9), picked with ``convention=``:
 
 ``"monai"``
     Equal to MONAI 1.6's ``DiceMetric``, ``MeanIoU``, ``HausdorffDistanceMetric`` (with and without
@@ -14,6 +14,14 @@ Two surface conventions (SPEC section 9), picked with ``convention=``:
       of both masks within the tolerance;
     * empty reference: Dice, IoU, RAVD NaN; empty prediction: Dice 0. One mask empty: HD and ASSD inf,
       HD95 NaN (MONAI's ``torch.quantile`` of infinite distances), NSD 0. Both empty: every metric NaN.
+
+``"paper"``
+    What the PUMIT reference code reported for BTCV (the paper's Table 3): MONAI's
+    ``HausdorffDistanceMetric`` and ``SurfaceDistanceMetric`` called *without* ``spacing``, so ASSD, HD and
+    HD95 are in voxel units (NSD's tolerance too), and a missed organ (one mask empty: inf in MONAI) is NaN,
+    which the means then leave out. Dice, IoU, RAVD and the volumes are as ``monai``. Use it only to compare
+    with the paper; voxel units mix 3 mm slices with 0.75 mm pixels and dropping missed organs flatters the
+    mean, so report ``monai``.
 
 ``"chaos"``
     The official CHAOS challenge evaluation code:
@@ -46,7 +54,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-CONVENTIONS = ("monai", "chaos")
+CONVENTIONS = ("monai", "paper", "chaos")
 DEFAULT_NSD_TOLERANCE_MM = 1.0
 HD_PERCENTILE = 95.0
 METRIC_KEYS = ("Dice", "IoU", "ASSD", "HD", "HD95", "NSD", "RAVD")
@@ -113,8 +121,8 @@ def union_box(box_a: tuple[slice, ...] | None, box_b: tuple[slice, ...] | None, 
 def surface(mask: np.ndarray, convention: str) -> np.ndarray:
     """Surface voxels: the mask minus its 6-connected (face-connected) erosion.
 
-    ``monai`` erodes with the outside as background (volume-edge faces are surface), ``chaos`` with the
-    outside as foreground (``border_value=1``, as the official CHAOS code).
+    ``monai`` (and ``paper``) erode with the outside as background (volume-edge faces are surface),
+    ``chaos`` with the outside as foreground (``border_value=1``, as the official CHAOS code).
     """
     structure = ndimage.generate_binary_structure(mask.ndim, 1)
     border_value = 1 if check_convention(convention) == "chaos" else 0
@@ -252,18 +260,23 @@ def compute_metrics(
         ref_crop, pred_crop = mask_ref[box], mask_pred[box]
         n_ref, n_pred = int(np.count_nonzero(ref_crop)), int(np.count_nonzero(pred_crop))
         tp = int(np.count_nonzero(ref_crop & pred_crop))
-    distances = surface_distances(mask_ref, mask_pred, spacing, convention, box=box)
+    # the paper convention measures distances in voxels (MONAI called without spacing)
+    distance_spacing = (1.0,) * mask_ref.ndim if convention == "paper" else spacing
+    distances = surface_distances(mask_ref, mask_pred, distance_spacing, convention, box=box)
     voxel_volume = float(np.prod(spacing))
+    surface_metrics = distance_metrics(
+        distances,
+        n_ref,
+        n_pred,
+        convention,
+        nsd_tolerance_mm,
+        volume_diagonal_mm(mask_ref.shape, spacing) if worst_distance_mm is None else worst_distance_mm,
+    )
+    if convention == "paper":  # the reference's set_nan: a missed organ is NaN, left out of the means
+        surface_metrics = {k: math.nan if math.isinf(v) else v for k, v in surface_metrics.items()}
     return {
         **overlap_metrics(n_ref, n_pred, tp, convention),
-        **distance_metrics(
-            distances,
-            n_ref,
-            n_pred,
-            convention,
-            nsd_tolerance_mm,
-            volume_diagonal_mm(mask_ref.shape, spacing) if worst_distance_mm is None else worst_distance_mm,
-        ),
+        **surface_metrics,
         "n_ref": n_ref,
         "n_pred": n_pred,
         "TP": tp,

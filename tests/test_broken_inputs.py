@@ -265,6 +265,87 @@ def build_corrupt_weights(tmp: Path) -> dict:
     return {"out": tmp / "out", "bad": bad, "missing": tmp / "out" / "missing.safetensors"}
 
 
+def build_medmnist(tmp: Path) -> dict:
+    """A small MedMNIST-layout file (3D, 3 classes) and the place of a run folder (pumit_classify)."""
+    from pumit_seg.data.medmnist import write_synthetic_medmnist
+
+    write_synthetic_medmnist(tmp / "organ.npz", samples=(6, 3, 3))
+    return {"npz": tmp / "organ.npz", "run": tmp / "run"}
+
+
+def build_medmnist_truncated(tmp: Path) -> dict:
+    values = build_medmnist(tmp)
+    truncate(values["npz"])
+    return values
+
+
+def build_medmnist_missing_keys(tmp: Path) -> dict:
+    values = build_medmnist(tmp)
+    with np.load(values["npz"]) as npz:
+        kept = {key: npz[key] for key in npz.files if not key.startswith("val_")}
+    np.savez(values["npz"], **kept)
+    return values
+
+
+def build_medmnist_stale_run(tmp: Path) -> dict:
+    """A run folder of another configuration (another learning rate)."""
+    values = build_medmnist(tmp)
+    values["run"].mkdir()
+    (values["run"] / "config.json").write_text(json.dumps({"data": str(values["npz"]), "lr": 0.5}))
+    return values
+
+
+def build_pumit_checkpoints(tmp: Path) -> dict:
+    """The authors' ViT layout (SPEC 12) at width 64 with one block: a good Lightning checkpoint, a
+    truncated copy, one with a pickled object in its hyper-parameters, one missing a key."""
+    import argparse
+
+    import torch
+
+    width, hidden = 64, 170
+    state = {"patch_embed.proj.weight": torch.zeros(width, 3, 16, 16, 16), "patch_embed.proj.bias": torch.zeros(width),
+             "cls_token": torch.zeros(1, 1, width), "pos_embed": torch.zeros(1, width, 5, 10, 10)}  # fmt: skip
+    shapes = {"norm1.weight": (width,), "norm1.bias": (width,), "attn.q_proj.weight": (width, width),
+              "attn.k_proj.weight": (width, width), "attn.v_proj.weight": (width, width), "attn.q_bias": (width,),
+              "attn.v_bias": (width,), "attn.proj.weight": (width, width), "attn.proj.bias": (width,),
+              "norm2.weight": (width,), "norm2.bias": (width,), "mlp.w1.weight": (hidden, width),
+              "mlp.w1.bias": (hidden,), "mlp.w2.weight": (hidden, width), "mlp.w2.bias": (hidden,),
+              "mlp.ffn_ln.weight": (hidden,), "mlp.ffn_ln.bias": (hidden,), "mlp.w3.weight": (width, hidden),
+              "mlp.w3.bias": (width,)}  # fmt: skip
+    state.update({f"blocks.0.{name}": torch.full(shape, 0.01) for name, shape in shapes.items()})
+    state.update({"norm.weight": torch.ones(width), "norm.bias": torch.zeros(width)})
+    torch.save({"state_dict": state, "epoch": 1}, tmp / "good.ckpt")
+    data = (tmp / "good.ckpt").read_bytes()
+    (tmp / "truncated.ckpt").write_bytes(data[: len(data) // 2])
+    torch.save({"state_dict": state, "hyper_parameters": argparse.Namespace(lr=1e-4)}, tmp / "pickled.ckpt")
+    without_key = {k: v for k, v in state.items() if k != "blocks.0.norm1.weight"}
+    torch.save({"state_dict": without_key}, tmp / "missing.ckpt")
+    (tmp / "existing.safetensors").write_bytes(b"an earlier import")
+    return {name: tmp / f"{name}.ckpt" for name in ("good", "truncated", "pickled", "missing")} | {
+        "folder": tmp,
+        "out": tmp / "vit.safetensors",
+        "existing": tmp / "existing.safetensors",
+    }
+
+
+def build_mim_inputs(tmp: Path) -> dict:
+    """`pumit_pretrain mim` inputs: a tiny tokenizer file, a truncated copy, a ViT file (not a tokenizer),
+    a store path (the errors come before the store is opened) and an output folder that must stay absent."""
+    import torch
+
+    from pumit_seg.models.tokenizer import tokenizer_tiny
+    from pumit_seg.models.vit import universal_vit_tiny
+    from pumit_seg.weights import save_model
+
+    torch.manual_seed(0)
+    save_model(tokenizer_tiny(), tmp / "tokenizer.safetensors")
+    (tmp / "truncated.safetensors").write_bytes((tmp / "tokenizer.safetensors").read_bytes()[:1000])
+    save_model(universal_vit_tiny(), tmp / "vit.safetensors")
+    return {"tokenizer": tmp / "tokenizer.safetensors", "truncated": tmp / "truncated.safetensors",
+            "vit": tmp / "vit.safetensors", "missing": tmp / "missing.safetensors", "store": tmp / "store",
+            "out": tmp / "run"}  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------ CASES
 
 CASES = [
@@ -464,15 +545,104 @@ CASES = [
         watch=("out",),
         env={"nnUNet_raw": "{out}", "nnUNet_preprocessed": "{out}", "nnUNet_results": "{out}"},
     ),
+    Case(
+        "classify-truncated-npz",
+        ["pumit_classify", "train", "--data", "{npz}", "-o", "{run}", "--model", "tiny"],
+        build_medmnist_truncated,
+        "{npz}: cannot read it as a .npz file",
+        watch=("run", "npz"),
+    ),
+    Case(
+        "classify-missing-keys",
+        ["pumit_classify", "train", "--data", "{npz}", "-o", "{run}", "--model", "tiny"],
+        build_medmnist_missing_keys,
+        "{npz}: not a MedMNIST file: missing key\\(s\\) val_images, val_labels",
+        watch=("run", "npz"),
+    ),
+    Case(
+        "classify-stale-output-folder",
+        ["pumit_classify", "train", "--data", "{npz}", "-o", "{run}", "--input-size", "32"],
+        build_medmnist_stale_run,
+        "{run}: holds a run of another configuration .*--lr 0.5 -> 1e-05",
+        watch=("run", "npz"),
+    ),
+    Case(
+        "classify-input-size-out-of-range",
+        ["pumit_classify", "train", "--data", "{npz}", "-o", "{run}", "--input-size", "40"],
+        build_medmnist,
+        "--input-size 40 must be a multiple of the weights' patch size 16",
+        watch=("run", "npz"),
+    ),
+    # pumit_pretrain import (issue 11): the authors' checkpoints
+    Case(
+        "import-truncated-checkpoint",
+        ["pumit_pretrain", "import", "{truncated}", "-o", "{out}"],
+        build_pumit_checkpoints,
+        "{truncated}: not a readable torch checkpoint",
+        watch=("folder",),
+    ),
+    Case(
+        "import-pickled-without-trust",
+        ["pumit_pretrain", "import", "{pickled}", "-o", "{out}"],
+        build_pumit_checkpoints,
+        "{pickled}: the checkpoint holds pickled Python objects .*argparse.Namespace.*--trust-pickle",
+        watch=("folder",),
+    ),
+    Case(
+        "import-missing-key",
+        ["pumit_pretrain", "import", "{missing}", "-o", "{out}"],
+        build_pumit_checkpoints,
+        "{missing}: .*missing key 'blocks.0.norm1.weight'",
+        watch=("folder",),
+    ),
+    Case(
+        "import-existing-output",
+        ["pumit_pretrain", "import", "{good}", "-o", "{existing}"],
+        build_pumit_checkpoints,
+        "{existing} exists: pass --overwrite",
+        watch=("folder",),
+    ),
+    Case(
+        "import-norm-eps-out-of-range",
+        ["pumit_pretrain", "import", "{good}", "-o", "{out}", "--norm-eps", "0"],
+        build_pumit_checkpoints,
+        "argument --norm-eps: must be a finite number in \\(0.0, 1.0\\]",
+        watch=("folder",),
+    ),
+    # pumit_pretrain mim (issue 10)
+    Case(
+        "mim-missing-tokenizer",
+        ["pumit_pretrain", "mim", "--store", "{store}", "--tokenizer", "{missing}", "-o", "{out}", "--preset", "tiny"],
+        build_mim_inputs,
+        "--tokenizer {missing}: no such file",
+        watch=("out",),
+    ),
+    Case(
+        "mim-truncated-tokenizer",
+        ["pumit_pretrain", "mim", "--store", "{store}", "--tokenizer", "{truncated}", "-o", "{out}", "--preset", "tiny"],
+        build_mim_inputs,
+        "{truncated}: not a readable safetensors file",
+        watch=("out", "truncated"),
+    ),
+    Case(
+        "mim-tokenizer-is-a-vit",
+        ["pumit_pretrain", "mim", "--store", "{store}", "--tokenizer", "{vit}", "-o", "{out}", "--preset", "tiny"],
+        build_mim_inputs,
+        "--tokenizer {vit}: a UniversalViT has no token_distribution\\(\\); not a tokenizer",
+        watch=("out",),
+    ),
+    Case(
+        "mim-mask-ratio-out-of-range",
+        ["pumit_pretrain", "mim", "--store", "{store}", "--tokenizer", "{tokenizer}", "-o", "{out}", "--preset", "tiny",
+         "--mask-ratio", "1.5"],  # fmt: skip
+        build_mim_inputs,
+        "--mask-ratio must lie strictly between 0 and 1, got 1.5",
+        watch=("out",),
+    ),
 ]
 
 # Rows whose bug is not fixed yet: expected to fail (strict, so a fix must remove the name from this set).
 KNOWN_FAILING: set[str] = {
-    "evaluate-truncated-prediction",
-    "evaluate-nan-reference",
-    "evaluate-missing-prediction",
-    "evaluate-np-zero",
-    "evaluate-negative-nsd-tolerance",
     "chaos-convert-missing-t1dual-phase",
     "chaos-convert-corrupt-dicom",
     "chaos-convert-missing-ground-png",

@@ -138,7 +138,7 @@ def test_clear_errors(folders):
 
 
 def test_nan_in_a_prediction_is_refused(tmp_path):
-    # NIfTI readers turn NaN into 0, so this uses MetaImage, which keeps it
+    # (ITK's NIfTI reader turns NaN into 0; the project's reader catches that too: tests/test_readers.py)
     ref, pred = tmp_path / "ref", tmp_path / "pred"
     ref.mkdir()
     pred.mkdir()
@@ -148,5 +148,5 @@ def test_nan_in_a_prediction_is_refused(tmp_path):
     write(ref / "c.mha", seg)
     write(pred / "c.mha", nan_pred)
     (tmp_path / "dataset.json").write_text(json.dumps({**DATASET_JSON, "file_ending": ".mha"}))
-    with pytest.raises(ValueError, match="pred/c.mha contains NaN"):
+    with pytest.raises(ValueError, match="pred/c.mha: 1 NaN"):
         evaluate_folder(str(ref), str(pred), str(tmp_path / "dataset.json"), "", num_processes=1)

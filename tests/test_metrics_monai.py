@@ -142,3 +142,21 @@ def test_regions_and_ignore_label():
     ignored = compute_label_metrics(seg_ref, seg_pred, [1], (1.0, 1.0, 1.0), ignore_label=3)[1]
     expected = compute_metrics(seg_ref == 1, (seg_pred == 1) & (seg_ref != 3), (1.0, 1.0, 1.0))
     assert ignored == expected
+
+
+def test_paper_convention_is_monai_without_spacing_and_missed_organs_nan():
+    seg_ref = random_blobs((16, 24, 20), 3, 5)
+    seg_pred = random_blobs((16, 24, 20), 3, 15)
+    seg_pred[seg_pred == 3] = 0  # organ 3 missed entirely: MONAI gives inf, the paper convention NaN
+    spacing = (3.0, 0.75, 0.75)
+    ours = compute_label_metrics(seg_ref, seg_pred, [1, 2, 3], spacing, "paper", NSD_TOLERANCE_MM)
+    voxels = monai_metrics(seg_ref, seg_pred, [1, 2, 3], (1.0, 1.0, 1.0))  # MONAI without spacing
+    assert np.isinf(voxels["HD"][2]) and np.isinf(voxels["ASSD"][2])
+    for key in ("Dice", "IoU", "HD", "HD95", "ASSD", "NSD"):
+        expected = np.where(np.isinf(voxels[key]), np.nan, voxels[key])
+        np.testing.assert_allclose(
+            [ours[label][key] for label in (1, 2, 3)], expected, rtol=TOLERANCE, atol=TOLERANCE, err_msg=key
+        )
+    in_mm = compute_label_metrics(seg_ref, seg_pred, [1, 2, 3], spacing, "monai", NSD_TOLERANCE_MM)
+    assert ours[1]["HD"] != pytest.approx(in_mm[1]["HD"])  # really voxel units, not mm
+    assert ours[1]["volume_ref_mm3"] == in_mm[1]["volume_ref_mm3"]  # volumes stay in mm^3
