@@ -315,7 +315,8 @@ def test_tiny_model_learns_and_keeps_the_best_validation_epoch(tmp_path, capsys)
 
     # the same folder with another configuration is refused, and left as it was
     before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
-    assert clf.main([*args, "--lr", "1e-3"]) == 2
+    with pytest.raises(SystemExit, match="1"):
+        clf.main([*args, "--lr", "1e-3"])
     assert "holds a run of another configuration (--lr 0.0003 -> 0.001)" in capsys.readouterr().err
     assert before == {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
 

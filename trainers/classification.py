@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from pumit_seg.atomic import atomic_path, write_json_atomic
+from pumit_seg.cli_checks import exit_on_bad_input, int_in_range
 from pumit_seg.data.medmnist import (
     INPUT_NORMS,
     INTENSITY_SCALE_MODES,
@@ -670,7 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--weights", required=True, help="best_model.safetensors of a run")
     evaluate.add_argument("--data", required=True, help="MedMNIST v2 .npz file")
     evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
-    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--batch-size", type=int_in_range(1), default=32)
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--precision", default="auto", choices=PRECISIONS)
     evaluate.add_argument("-o", "--output", default=None, help="JSON file for the metrics")
@@ -678,22 +679,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    with exit_on_bad_input(parser):
         if args.command == "train":
             fit_classifier(config_from_args(ClassificationConfig, args))
         else:
-            if args.batch_size < 1:
-                raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
             metrics = evaluate_classifier(
                 args.weights, args.data, args.split, args.batch_size, args.device, args.precision
             )
             print(json.dumps(metrics, indent=2))
             if args.output:
                 write_json_atomic(args.output, metrics)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"pumit_classify {args.command}: error: {error}", file=sys.stderr)
-        return 2
     return 0
 
 
