@@ -33,6 +33,21 @@ REPO = Path(__file__).resolve().parents[1]
 LOSS_COLUMNS = ("loss", "l1", "prior", "entropy", "disc", "disc_ema")
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """A pre-training store of the phantom corpus (2D and 3D, aniso_d 0..5), made by `pumit_pretrain prepare`."""
+    from pumit_seg.trainers.pretrain_cli import main as pumit_pretrain
+
+    from pumit_seg.data.pretrain_phantoms import write_pretrain_corpus
+
+    root = tmp_path_factory.mktemp("pretrain")
+    config = write_pretrain_corpus(str(root / "corpus"))
+    with pytest.raises(SystemExit) as exit_info:
+        pumit_pretrain(["prepare", config, "-o", str(root / "store"), "--num-workers", "1", "--quiet"])
+    assert exit_info.value.code == 0
+    return root / "store"
+
+
 def _env() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("RANK", None)
@@ -113,11 +128,13 @@ def test_bad_options_end_with_a_message_naming_them_and_create_nothing(tmp_path,
 # ---- one short run -----------------------------------------------------------------
 
 
-def test_fit_logs_every_term_writes_health_pictures_checkpoint_and_export(tmp_path):
+def test_fit_on_a_prepared_store_logs_every_term_writes_health_pictures_checkpoint_and_export(
+    tmp_path, store
+):
     out = tmp_path / "run"
-    trainer = PhantomTokenizerTrainer(
-        tiny_config(out, max_steps=6, log_every=1, val_every=3, ckpt_every=3, perceptual_weight=0.0)
-    )
+    args = ["--preset", "tiny", "--store", str(store), "-o", str(out), "--max-steps", "6", "--log-every", "1"]
+    args += ["--val-every", "3", "--ckpt-every", "3", "--perceptual-weight", "0"]
+    trainer = TokenizerTrainer(config_from_args(TokenizerConfig, _parse(args)))
     export_path = trainer.fit()
     trainer.close()
     rows = _read_log(out / "log.csv")
@@ -126,7 +143,10 @@ def test_fit_logs_every_term_writes_health_pictures_checkpoint_and_export(tmp_pa
         rows[0]
     )
     assert all(float(r["gan_on"]) == 0.0 for r in rows)  # EMA starts at 0.1 > 0.025: GAN term gated off
-    assert float(rows[0]["lr_generator"]) < float(rows[-1]["lr_generator"]) or len(rows) > 10
+    for row in rows:  # linear warm-up over 10 steps to 2e-3 (tiny preset), both optimisers
+        expected_lr = 2e-3 * int(row["step"]) / 10
+        assert float(row["lr_generator"]) == pytest.approx(expected_lr)
+        assert float(row["lr_discriminator"]) == pytest.approx(expected_lr)
     val = _read_log(out / "val.csv")
     assert [int(r["step"]) for r in val] == [3, 6]
     num_codes = trainer.model.num_codes
@@ -184,7 +204,7 @@ def test_two_gloo_ranks_compute_the_prior_term_and_gradients_of_one_process(tmp_
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=240,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     single = PhantomTokenizerTrainer(tiny_config(tmp_path / "single", perceptual_weight=0.0))
@@ -203,12 +223,24 @@ def test_two_gloo_ranks_compute_the_prior_term_and_gradients_of_one_process(tmp_
 # ---- kill and resume -------------------------------------------------------------------
 
 
-def test_a_killed_run_resumes_on_the_same_loss_curve(tmp_path):
-    flags = ["--max-steps", "9", "--ckpt-every", "3", "--log-every", "1", "--val-every", "100"]
-    flags += ["--perceptual-weight", "0"]
-    killed = tmp_path / "killed"
+def test_a_killed_run_resumes_on_the_same_loss_curve(tmp_path, store):
+    """SIGKILL after the checkpoint at step 3, resume: same steps, losses, weights as an uninterrupted run."""
+    killed, reference = tmp_path / "killed", tmp_path / "reference"
+    flags = [
+        "--preset",
+        "tiny",
+        "--store",
+        str(store),
+        "--max-steps",
+        "9",
+        "--ckpt-every",
+        "3",
+        "--log-every",
+        "1",
+    ]
+    flags += ["--val-every", "100", "--perceptual-weight", "0"]
     process = subprocess.Popen(
-        [sys.executable, str(WORKER), "fit", str(killed), *flags],
+        [sys.executable, "-m", "pumit_seg.trainers.pretrain_cli", "tokenizer", *flags, "-o", str(killed)],
         env=_env(),
         cwd=REPO,
         stdout=subprocess.PIPE,
@@ -228,19 +260,16 @@ def test_a_killed_run_resumes_on_the_same_loss_curve(tmp_path):
     assert not (killed / "tokenizer.safetensors").exists()
     assert load_checkpoint(killed / CHECKPOINT_NAME)["step"] == 3
 
-    # resume in this process (same thread settings as the uninterrupted reference below)
+    # resume, and the uninterrupted reference, in this process with the subprocess's thread count
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    overrides = {"max_steps": 9, "ckpt_every": 3, "log_every": 1, "val_every": 100, "perceptual_weight": 0.0}
-    resumed = PhantomTokenizerTrainer(tiny_config(killed, **overrides))
-    resumed.fit()
-    resumed.close()
-    reference = PhantomTokenizerTrainer(tiny_config(tmp_path / "reference", **overrides))
-    reference.fit()
-    reference.close()
-    torch.set_num_threads(threads)
+    try:
+        assert run_tokenizer(_parse([*flags, "-o", str(killed)])) == 0
+        assert run_tokenizer(_parse([*flags, "-o", str(reference)])) == 0
+    finally:
+        torch.set_num_threads(threads)
 
-    got, want = _read_log(killed / "log.csv"), _read_log(tmp_path / "reference" / "log.csv")
+    got, want = _read_log(killed / "log.csv"), _read_log(reference / "log.csv")
     assert [int(r["step"]) for r in got] == list(range(1, 10))
     for row_got, row_want in zip(got, want, strict=True):
         for column in LOSS_COLUMNS:
@@ -248,5 +277,9 @@ def test_a_killed_run_resumes_on_the_same_loss_curve(tmp_path):
                 row_got["step"],
                 column,
             )
-    for key, value in resumed.model.state_dict().items():
-        torch.testing.assert_close(value, reference.model.state_dict()[key], rtol=1e-4, atol=1e-6)
+    resumed_model, reference_model = (
+        load_model(killed / "tokenizer.safetensors"),
+        load_model(reference / "tokenizer.safetensors"),
+    )
+    for key, value in resumed_model.state_dict().items():
+        torch.testing.assert_close(value, reference_model.state_dict()[key], rtol=1e-4, atol=1e-6)

@@ -742,6 +742,9 @@ class PretrainTrainer:
         if self._tensorboard:
             self._tensorboard.close()
         if self.dist.enabled and dist.is_initialized():
+            # every rank reaches this point before any tears the group down: a rank leaving early
+            # made gloo hang its peer in destroy_process_group
+            dist.barrier()
             dist.destroy_process_group()
 
 
