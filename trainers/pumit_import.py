@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from pumit_seg.atomic import atomic_path, write_json_atomic
+from pumit_seg.cli_checks import float_in_range, int_in_range
 from pumit_seg.models.pumit_checkpoint import (
     AUTHORS_NORM_EPS,
     AUTHORS_ROPE_BASE,
@@ -37,26 +38,6 @@ from pumit_seg.weights import load_model, save_model
 __all__ = ["add_arguments", "run", "import_to_file", "default_report_path"]
 
 REPORT_SUFFIX = ".import.json"
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,25 +68,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--num-heads",
-        type=_positive_int,
+        type=int_in_range(1),
         default=None,
         help="attention heads (not stored in the weights); default: width / 64, the authors' B and L",
     )
     parser.add_argument(
         "--norm-eps",
-        type=_positive_float,
+        type=float_in_range(0.0, 1.0, low_open=True),
         default=AUTHORS_NORM_EPS,
         help="ViT LayerNorm eps (authors: %(default)g)",
     )
     parser.add_argument(
         "--rope-base",
-        type=_positive_float,
+        type=float_in_range(1.0, low_open=True),
         default=AUTHORS_ROPE_BASE,
         help="ViT in-plane RoPE base (%(default)g)",
     )
     parser.add_argument(
         "--rope-base-depth",
-        type=_positive_float,
+        type=float_in_range(1.0, low_open=True),
         default=AUTHORS_ROPE_BASE_DEPTH,
         help="ViT depth RoPE base (%(default)g)",
     )
