@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pumit_seg.trainers.export import run as export_main
 from pumit_seg.trainers.pretrain_base import (
     CHECKPOINT_NAME,
     add_config_arguments,
@@ -171,6 +172,41 @@ def test_fit_on_a_prepared_store_logs_every_term_writes_health_pictures_checkpoi
         torch.testing.assert_close(value, trainer.model.state_dict()[key])
     with safe_open(str(export_path), framework="pt") as f:
         assert '"kind": "tokenizer"' in f.metadata()["pumit_seg"]
+
+    # `pumit_pretrain export` turns the training checkpoint into the same weights
+    assert (
+        export_main(
+            _namespace(checkpoint=str(out / CHECKPOINT_NAME), output=str(tmp_path / "exported.safetensors"))
+        )
+        == 0
+    )
+    exported = load_model(tmp_path / "exported.safetensors")
+    for key, value in exported.state_dict().items():
+        torch.testing.assert_close(value, model.state_dict()[key], rtol=0, atol=0)
+
+
+def _namespace(**values) -> argparse.Namespace:
+    return argparse.Namespace(**values)
+
+
+def test_export_refuses_truncated_and_foreign_checkpoints_naming_the_file(tmp_path, capsys):
+    state = {"format": 1, "kind": "tokenizer", "step": 1, "model": {}}
+    torch.save(state, tmp_path / "good.pt")
+    data = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    torch.save({**state, "kind": "mystery"}, tmp_path / "mystery.pt")
+    for name, problem in [
+        ("truncated.pt", "not a readable training checkpoint"),
+        ("foreign.pt", "not a pumit_pretrain training checkpoint"),
+        ("mystery.pt", "kind 'mystery' has no exporter"),
+        ("missing.pt", "no such checkpoint"),
+    ]:
+        output = tmp_path / f"{name}.safetensors"
+        assert export_main(_namespace(checkpoint=str(tmp_path / name), output=str(output))) == 2
+        err = capsys.readouterr().err
+        assert name in err and problem in err, err
+        assert not output.exists()
 
 
 def test_gan_gate_follows_the_discriminator_loss_ema():

@@ -1,0 +1,85 @@
+"""`pumit_pretrain export`: a pre-training checkpoint (``checkpoint_last.pt``) -> its safetensors file.
+
+    pumit_pretrain export RUN/checkpoint_last.pt -o tokenizer.safetensors
+
+Useful to take weights out of a run that is still going, or was stopped before its final
+export. The checkpoint is read with ``torch.load(weights_only=True)``; what is exported
+depends on the checkpoint's ``kind`` (written by the trainer): each kind registers one
+function in `EXPORTERS` that turns the checkpoint into the module to save (plus extra
+header entries). A new kind is one function and one `EXPORTERS` entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from pumit_seg.trainers.pretrain_base import load_checkpoint
+from torch import nn
+
+from pumit_seg.weights import TRUSTED_CLASS_PREFIX, save_model
+
+__all__ = ["EXPORTERS", "rebuild_model", "export_checkpoint", "add_arguments", "run"]
+
+
+def rebuild_model(checkpoint: dict, source: str) -> nn.Module:
+    """The trainer's model from the class path and config stored in the checkpoint, with its weights."""
+    class_path = checkpoint.get("model_class", "")
+    if not isinstance(class_path, str) or not class_path.startswith(TRUSTED_CLASS_PREFIX):
+        raise ValueError(
+            f"{source}: refusing to instantiate {class_path!r} (only {TRUSTED_CLASS_PREFIX}* classes)"
+        )
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        model_class = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"{source}: model class {class_path!r} cannot be imported ({error})") from error
+    model = model_class(**(checkpoint.get("model_config") or {}))
+    try:
+        model.load_state_dict(checkpoint["model"], strict=True)
+    except (RuntimeError, KeyError) as error:
+        raise ValueError(
+            f"{source}: weights do not fit {class_path} built from its config: {error}"
+        ) from error
+    return model
+
+
+def _export_tokenizer(checkpoint: dict, source: str) -> tuple[nn.Module, dict]:
+    return rebuild_model(checkpoint, source), {"kind": "tokenizer", "step": int(checkpoint["step"])}
+
+
+# checkpoint kind -> function(checkpoint, source) -> (module to save, extra header entries)
+EXPORTERS: dict[str, Callable[[dict, str], tuple[nn.Module, dict]]] = {
+    "tokenizer": _export_tokenizer,
+}
+
+
+def export_checkpoint(checkpoint_path: str | Path, output: str | Path) -> Path:
+    """Write the safetensors file of a training checkpoint; returns its path."""
+    checkpoint = load_checkpoint(checkpoint_path)
+    kind = checkpoint.get("kind")
+    if kind not in EXPORTERS:
+        raise ValueError(
+            f"{checkpoint_path}: checkpoint kind {kind!r} has no exporter (known: {sorted(EXPORTERS)})"
+        )
+    module, extra = EXPORTERS[kind](checkpoint, str(checkpoint_path))
+    save_model(module, output, extra={**extra, "source_checkpoint": str(checkpoint_path)})
+    return Path(output)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a training checkpoint (RUN/checkpoint_last.pt)")
+    parser.add_argument("-o", "--output", required=True, help="safetensors file to write")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        path = export_checkpoint(args.checkpoint, args.output)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"pumit_pretrain export: error: {error}", file=sys.stderr, flush=True)
+        return 2
+    print(f"exported {path}", flush=True)
+    return 0
