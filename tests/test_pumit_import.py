@@ -444,8 +444,11 @@ def test_tokenizer_import_matches_reference(tmp_path, capsys):
     model = load_model(tmp_path / "tok.safetensors").eval()
     assert isinstance(model, VisualTokenizer)
     assert model.config["down_channels"] == list(TOK_DOWN) and model.config["num_codes"] == TOK_CODES
-    # what pumit_pretrain mim needs of its frozen tokenizer: one token per 16x16 patch
-    assert model.token_distribution(torch.zeros(1, 3, 1, 32, 32), 5).shape == (1, TOK_CODES, 1, 2, 2)
+    # what pumit_pretrain mim does with its frozen tokenizer: load it, one token per 16x16 patch
+    from pumit_seg.trainers.mim_trainer import load_tokenizer
+
+    frozen = load_tokenizer(tmp_path / "tok.safetensors", torch.device("cpu"))
+    assert frozen.token_distribution(torch.zeros(1, 3, 1, 32, 32), 5).shape == (1, TOK_CODES, 1, 2, 2)
 
     with torch.no_grad():
         for depth, aniso_d in INPUTS:
