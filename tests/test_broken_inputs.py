@@ -343,6 +343,28 @@ def build_mim_inputs(tmp: Path) -> dict:
             "out": tmp / "run"}  # fmt: skip
 
 
+def build_pretrain_corpus(tmp: Path) -> dict:
+    from pumit_seg.data.pretrain_phantoms import DEFAULT_DATASETS, write_pretrain_corpus
+
+    config = write_pretrain_corpus(str(tmp / "corpus"), datasets=DEFAULT_DATASETS[-2:])
+    return {"config": config, "out": tmp / "store"}
+
+
+def build_pretrain_missing_folder(tmp: Path) -> dict:
+    values = build_pretrain_corpus(tmp)
+    content = json.loads(Path(values["config"]).read_text())
+    content["datasets"].append({"name": "gone", "path": "no_such_folder", "modality": "CT"})
+    Path(values["config"]).write_text(json.dumps(content))
+    return values | {"bad": "no_such_folder"}
+
+
+def build_pretrain_foreign_output(tmp: Path) -> dict:
+    values = build_pretrain_corpus(tmp)
+    values["out"].mkdir()
+    (values["out"] / "notes.txt").write_text("not a store")
+    return values
+
+
 # ------------------------------------------------------------------------------------------------ CASES
 
 CASES = [
@@ -627,6 +649,28 @@ CASES = [
          "--mask-ratio", "1.5"],  # fmt: skip
         build_mim_inputs,
         "--mask-ratio must lie strictly between 0 and 1, got 1.5",
+        watch=("out",),
+    ),
+    # pumit_pretrain prepare
+    Case(
+        "prepare-config-folder-missing",
+        ["pumit_pretrain", "prepare", "{config}", "-o", "{out}", "--num-workers", "0"],
+        build_pretrain_missing_folder,
+        "datasets.json.*'gone'.*{bad}",
+        watch=("out",),
+    ),
+    Case(
+        "prepare-into-foreign-folder",
+        ["pumit_pretrain", "prepare", "{config}", "-o", "{out}", "--num-workers", "0"],
+        build_pretrain_foreign_output,
+        "{out}.*not a pre-training store",
+        watch=("out",),
+    ),
+    Case(
+        "prepare-part-out-of-range",
+        ["pumit_pretrain", "prepare", "{config}", "-o", "{out}", "--part", "2", "--num-parts", "2"],
+        build_pretrain_corpus,
+        "--part",
         watch=("out",),
     ),
 ]
