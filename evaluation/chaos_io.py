@@ -17,6 +17,8 @@ import pydicom
 from PIL import Image
 
 from pumit_seg.atomic import atomic_path
+from pumit_seg.data.readers import ImageReadError, dicom_series_geometry, read_png
+from pumit_seg.data.readers import read_dicom_series as read_dicom_series_image
 
 # organ: (label, lowest grey, highest grey, grey written in submissions), from the CHAOS data description
 MR_ORGANS = {
@@ -67,17 +69,20 @@ def labels_to_grey(labels: np.ndarray, modality: str, liver_only: bool = False) 
 
 
 def read_png_stack(folder: str) -> tuple[np.ndarray, list[str]]:
-    """(slices, rows, columns) uint8 stack of the PNGs in `folder` in file-name order, and the names."""
+    """(slices, rows, columns) uint8 stack of the PNGs in `folder` in file-name order, and the names.
+
+    Every PNG is read as grey as the official evaluation code does (``cv2.imread(path, 0)``: palette and
+    colour PNGs by their luminance, not their palette indices), through the project's one reader."""
     names = sorted_files(folder, ".png")
     slices = []
     for name in names:
-        with Image.open(os.path.join(folder, name)) as image:
-            array = np.asarray(image.convert("L") if image.mode not in ("L", "P") else image)
-        if array.dtype != np.uint8:
-            raise ValueError(f"{os.path.join(folder, name)} is not an 8-bit grey PNG (mode {image.mode})")
+        path = os.path.join(folder, name)
+        array = read_png(path, as_grey=True)
+        if array.dtype != np.uint8 or array.ndim != 2:
+            raise ValueError(f"{path} is not an 8-bit grey PNG (dtype {array.dtype}, shape {array.shape})")
         if slices and array.shape != slices[0].shape:
             raise ValueError(
-                f"{os.path.join(folder, name)} has size {array.shape}, {names[0]} in the same folder {slices[0].shape}"
+                f"{path} has size {array.shape}, {names[0]} in the same folder {slices[0].shape}"
             )
         slices.append(array)
     return np.stack(slices), names
@@ -99,6 +104,10 @@ class DicomGeometry:
     spacing_zyx: tuple[float, float, float]  # (slice step, PixelSpacing[0] = row spacing, PixelSpacing[1])
     origin: tuple[float, float, float]  # ImagePositionPatient of the first file
     direction: tuple[float, ...]  # ITK 3x3 row-major, columns = column, row and slice directions
+    # the official CHAOS evaluation's index -> mm map (3x3, columns for slice, row, column index steps):
+    # the full inter-slice vector (tilted or not), row index x ImageOrientation[:3] x PixelSpacing[0],
+    # column index x ImageOrientation[3:] x PixelSpacing[1], exactly as its transformToRealCoordinates
+    chaos_index_to_mm: tuple[float, ...] = ()
 
     def to_json(self) -> dict:
         return {
@@ -111,71 +120,48 @@ class DicomGeometry:
             "direction": list(self.direction),
         }
 
-
-def _floats(value, path: str, tag: str, count: int) -> np.ndarray:
-    if value is None:
-        raise ValueError(f"{path} has no {tag}")
-    array = np.asarray([float(v) for v in value])
-    if array.size != count:
-        raise ValueError(f"{path}: {tag} has {array.size} values, expected {count}")
-    return array
+    def index_to_mm(self) -> np.ndarray:
+        return np.asarray(self.chaos_index_to_mm, dtype=float).reshape(3, 3)
 
 
-def read_dicom_geometry(folder: str, headers: list | None = None) -> DicomGeometry:
-    """Geometry from the headers, CHAOS style: PixelSpacing, and the ImagePositionPatient step between the
-    first and last file in file-name order (never SliceThickness)."""
-    files = sorted_files(folder, ".dcm")
-    if headers is None:
-        headers = [
-            pydicom.dcmread(os.path.join(folder, f), stop_before_pixels=True) for f in (files[0], files[-1])
-        ]
-    first, last = headers[0], headers[-1]
-    first_path, last_path = os.path.join(folder, files[0]), os.path.join(folder, files[-1])
-    pixel_spacing = _floats(first.get("PixelSpacing"), first_path, "PixelSpacing", 2)
-    orientation = _floats(first.get("ImageOrientationPatient"), first_path, "ImageOrientationPatient", 6)
-    position_first = _floats(first.get("ImagePositionPatient"), first_path, "ImagePositionPatient", 3)
-    position_last = _floats(last.get("ImagePositionPatient"), last_path, "ImagePositionPatient", 3)
-    column_direction, row_direction = orientation[:3], orientation[3:]  # along a row, along a column
-    normal = np.cross(column_direction, row_direction)
-    if len(files) > 1:
-        offset = position_last - position_first
-        step = float(np.linalg.norm(offset)) / (len(files) - 1)
-        if step == 0:
-            raise ValueError(f"{folder}: first and last DICOM files lie at the same position")
-        # keep the slice axis orthogonal to the image plane; its sign follows the file-name order
-        slice_direction = normal if np.dot(offset, normal) >= 0 else -normal
-    else:
-        step, slice_direction = 1.0, normal  # a single slice: the step is never used for distances
-    direction = np.stack([column_direction, row_direction, slice_direction], axis=1)
+def _geometry(folder: str, files: list[str], first, last, rows: int, columns: int) -> DicomGeometry:
+    geometry = dicom_series_geometry(
+        first, last, len(files), os.path.join(folder, files[0]), os.path.join(folder, files[-1])
+    )
+    orientation, pixel_spacing = geometry["orientation"], geometry["pixel_spacing"]
+    index_to_mm = np.stack(
+        [geometry["slice_vector"], orientation[:3] * pixel_spacing[0], orientation[3:] * pixel_spacing[1]],
+        axis=1,
+    )
     return DicomGeometry(
         files=files,
-        rows=int(first.Rows),
-        columns=int(first.Columns),
-        spacing_zyx=(step, float(pixel_spacing[0]), float(pixel_spacing[1])),
-        origin=tuple(float(v) for v in position_first),
-        direction=tuple(float(v) for v in direction.ravel()),
+        rows=rows,
+        columns=columns,
+        spacing_zyx=tuple(float(v) for v in geometry["spacing"]),
+        origin=tuple(float(v) for v in geometry["origin_xyz"]),
+        direction=tuple(float(v) for v in geometry["direction"].ravel()),
+        chaos_index_to_mm=tuple(float(v) for v in index_to_mm.ravel()),
     )
 
 
-def read_dicom_series(folder: str) -> tuple[np.ndarray, DicomGeometry]:
-    """(slices, rows, columns) float32 stack in file-name order with RescaleSlope / Intercept applied."""
+def read_dicom_geometry(folder: str) -> DicomGeometry:
+    """Geometry from the headers of the first and last file in file-name order, CHAOS style."""
     files = sorted_files(folder, ".dcm")
-    slices, headers = [], []
-    for name in files:
+    headers = []
+    for name in (files[0], files[-1]):
         path = os.path.join(folder, name)
-        dataset = pydicom.dcmread(path)
-        pixels = dataset.pixel_array.astype(np.float32)
-        if pixels.ndim != 2:
-            raise ValueError(
-                f"{path} holds a {pixels.ndim}D pixel array; CHAOS series have one slice per file"
-            )
-        if slices and pixels.shape != slices[0].shape:
-            raise ValueError(
-                f"{path} has {pixels.shape} pixels, {files[0]} in the same series {slices[0].shape}"
-            )
-        slope = float(dataset.get("RescaleSlope", 1.0))
-        intercept = float(dataset.get("RescaleIntercept", 0.0))
-        slices.append(pixels * slope + intercept)
-        headers.append(dataset)
-    geometry = read_dicom_geometry(folder, headers=[headers[0], headers[-1]])
-    return np.stack(slices), geometry
+        try:
+            headers.append(pydicom.dcmread(path, stop_before_pixels=True))
+        except Exception as error:  # noqa: BLE001 -- pydicom raises many types for damaged files
+            raise ImageReadError(path, "unreadable", f"not a readable DICOM file ({error})") from None
+    rows, columns = (int(headers[0].get(tag, 0)) for tag in ("Rows", "Columns"))
+    return _geometry(folder, files, headers[0], headers[1], rows, columns)
+
+
+def read_dicom_series(folder: str) -> tuple[np.ndarray, DicomGeometry]:
+    """(slices, rows, columns) float32 stack in file-name order with RescaleSlope / Intercept applied.
+
+    Read by `pumit_seg.data.readers.read_dicom_series`: a damaged file is an error naming that file."""
+    files = sorted_files(folder, ".dcm")
+    image = read_dicom_series_image(folder, files)
+    return image.array, read_dicom_geometry(folder)

@@ -59,6 +59,7 @@ DEFAULT_NSD_TOLERANCE_MM = 1.0
 HD_PERCENTILE = 95.0
 METRIC_KEYS = ("Dice", "IoU", "ASSD", "HD", "HD95", "NSD", "RAVD")
 COUNT_KEYS = ("n_ref", "n_pred", "TP", "volume_ref_mm3", "volume_pred_mm3")
+GRID_ORTHOGONALITY_TOLERANCE = 1e-6  # |cos| between grid axes below which the grid counts as a box grid
 
 
 @dataclass
@@ -91,6 +92,36 @@ def as_spacing(spacing: float | Sequence[float] | None, ndim: int) -> tuple[floa
     if not all(math.isfinite(s) and s > 0 for s in spacing):
         raise ValueError(f"spacing must be finite and positive, got {spacing}")
     return spacing
+
+
+def orthogonal_grid_spacing(index_to_mm: np.ndarray, tolerance: float = GRID_ORTHOGONALITY_TOLERANCE):
+    """Spacing per axis when the index -> mm map's columns are orthogonal (a rotated box grid), else None."""
+    gram = index_to_mm.T @ index_to_mm
+    lengths = np.sqrt(np.diag(gram))
+    off_diagonal = gram - np.diag(np.diag(gram))
+    if np.all(np.abs(off_diagonal) <= tolerance * np.outer(lengths, lengths)):
+        return tuple(float(v) for v in lengths)
+    return None
+
+
+def grid_diagonal_mm(shape: Sequence[int], index_to_mm: np.ndarray) -> float:
+    """Largest distance between two voxel centres of a volume on a (possibly sheared) grid."""
+    corners = np.array(np.meshgrid(*[(0, n - 1) for n in shape], indexing="ij")).reshape(len(shape), -1)
+    return float(np.linalg.norm(index_to_mm @ corners, axis=0).max())  # corner offsets from corner 0
+
+
+def distances_on_grid(
+    surface_from: np.ndarray, surface_to: np.ndarray, index_to_mm: np.ndarray
+) -> np.ndarray:
+    """Like `distances_to_surface` for a sheared grid (slices tilted against their plane): voxel centres
+    mapped to mm by `index_to_mm` and nearest neighbours found with a k-d tree, as the CHAOS code does."""
+    from scipy.spatial import cKDTree
+
+    if not surface_to.any():
+        return np.full(int(np.count_nonzero(surface_from)), np.inf)
+    tree = cKDTree(np.argwhere(surface_to) @ index_to_mm.T)
+    distances, _ = tree.query(np.argwhere(surface_from) @ index_to_mm.T)
+    return np.asarray(distances, dtype=np.float64)
 
 
 def volume_diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
@@ -155,7 +186,12 @@ def distances_to_surface(
 
 
 def surface_distances(
-    mask_ref: np.ndarray, mask_pred: np.ndarray, spacing=None, convention: str = "monai", box=None
+    mask_ref: np.ndarray,
+    mask_pred: np.ndarray,
+    spacing=None,
+    convention: str = "monai",
+    box=None,
+    index_to_mm: np.ndarray | None = None,
 ) -> SurfaceDistances:
     """Both directed surface-distance arrays, computed on the padded bounding box of the two masks.
 
@@ -170,6 +206,11 @@ def surface_distances(
         return SurfaceDistances(np.zeros(0), np.zeros(0))
     ref_surface = surface(mask_ref[box], convention)
     pred_surface = surface(mask_pred[box], convention)
+    if index_to_mm is not None:  # a sheared grid: no EDT, nearest neighbours in mm
+        return SurfaceDistances(
+            pred_to_ref=distances_on_grid(pred_surface, ref_surface, index_to_mm),
+            ref_to_pred=distances_on_grid(ref_surface, pred_surface, index_to_mm),
+        )
     feature_buffer = np.empty((ref_surface.ndim, *ref_surface.shape), dtype=np.int32)
     return SurfaceDistances(
         pred_to_ref=distances_to_surface(pred_surface, ref_surface, spacing, feature_buffer),
@@ -237,6 +278,7 @@ def compute_metrics(
     nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
     box=None,
     worst_distance_mm: float | None = None,
+    index_to_mm: np.ndarray | None = None,
 ) -> dict[str, float]:
     """All metrics of one binary reference / prediction pair (2D or 3D, same shape), spacing in mm.
 
@@ -244,7 +286,8 @@ def compute_metrics(
     ``volume_ref_mm3, volume_pred_mm3``. See the module doc for the conventions and empty masks.
     `box`: the union bounding box padded by one voxel if already known; `worst_distance_mm`: the
     ``chaos`` distance for one empty mask (default: the diagonal of these masks' volume; pass the whole
-    image's diagonal when the masks are crops).
+    image's diagonal when the masks are crops). `index_to_mm`: a non-orthogonal (sheared) 3x3 map from
+    index steps to mm, e.g. slices tilted against their plane; `spacing` is then ignored.
     """
     check_convention(convention)
     mask_ref = np.asarray(mask_ref, dtype=bool)
@@ -262,8 +305,8 @@ def compute_metrics(
         tp = int(np.count_nonzero(ref_crop & pred_crop))
     # the paper convention measures distances in voxels (MONAI called without spacing)
     distance_spacing = (1.0,) * mask_ref.ndim if convention == "paper" else spacing
-    distances = surface_distances(mask_ref, mask_pred, distance_spacing, convention, box=box)
-    voxel_volume = float(np.prod(spacing))
+    distances = surface_distances(mask_ref, mask_pred, distance_spacing, convention, box, index_to_mm)
+    voxel_volume = float(np.prod(spacing)) if index_to_mm is None else abs(float(np.linalg.det(index_to_mm)))
     surface_metrics = distance_metrics(
         distances,
         n_ref,
@@ -312,8 +355,13 @@ def compute_label_metrics(
     convention: str = "monai",
     nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
     ignore_label: int | None = None,
+    index_to_mm: np.ndarray | None = None,
 ) -> dict:
     """Metrics for every label (int) or region (tuple of ints) of two label maps of equal shape.
+
+    `index_to_mm` (optional, 3D): the (3, 3) map from index steps (columns: axis 0, 1, 2) to mm, for grids
+    that `spacing` cannot describe (the CHAOS code's tilted slice vector). An orthogonal map is the same
+    as spacing = its column lengths and takes the fast path; a sheared one uses nearest neighbours in mm.
 
     Bounding boxes of all integer labels are found in one pass over each volume; each label is then
     evaluated on its own padded box only. With `ignore_label`, prediction voxels where the reference holds
@@ -324,13 +372,24 @@ def compute_label_metrics(
     seg_pred = np.asarray(seg_pred)
     if seg_ref.shape != seg_pred.shape:
         raise ValueError(f"reference shape {seg_ref.shape} and prediction shape {seg_pred.shape} differ")
+    grid = None
+    if index_to_mm is not None:
+        index_to_mm = np.asarray(index_to_mm, dtype=float)
+        if index_to_mm.shape != (seg_ref.ndim, seg_ref.ndim) or not np.all(np.isfinite(index_to_mm)):
+            raise ValueError(
+                f"index_to_mm must be a finite {seg_ref.ndim}x{seg_ref.ndim} matrix, got {index_to_mm}"
+            )
+        spacing = orthogonal_grid_spacing(index_to_mm)
+        grid = index_to_mm if spacing is None else None
     spacing = as_spacing(spacing, seg_ref.ndim)
     ignore_mask = seg_ref == ignore_label if ignore_label is not None else None
     if ignore_mask is not None and ignore_mask.any():
         seg_pred = np.where(ignore_mask, 0, seg_pred)
     ref_boxes = _label_boxes(seg_ref, labels_or_regions)
     pred_boxes = _label_boxes(seg_pred, labels_or_regions)
-    worst_distance = volume_diagonal_mm(seg_ref.shape, spacing)
+    worst_distance = (
+        volume_diagonal_mm(seg_ref.shape, spacing) if grid is None else grid_diagonal_mm(seg_ref.shape, grid)
+    )
     empty = np.zeros((1,) * seg_ref.ndim, dtype=bool)
     results = {}
     for label in labels_or_regions:
@@ -357,6 +416,7 @@ def compute_label_metrics(
             nsd_tolerance_mm,
             box=crop_box,
             worst_distance_mm=worst_distance,
+            index_to_mm=grid,
         )
     return results
 

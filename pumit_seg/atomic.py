@@ -68,6 +68,11 @@ def atomic_folder(path: str | os.PathLike, keep_existing: bool = False) -> Itera
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not os.path.isdir(path):
         raise NotADirectoryError(f"{path} exists and is not a folder")
+    created = []  # parent folders made here, removed again on failure (a failed run leaves nothing)
+    parent = os.path.dirname(path)
+    while not os.path.isdir(parent):
+        created.append(parent)
+        parent = os.path.dirname(parent)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = _hidden_sibling(path, "building")
     try:
@@ -85,4 +90,9 @@ def atomic_folder(path: str | os.PathLike, keep_existing: bool = False) -> Itera
             os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created:  # innermost first
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
         raise

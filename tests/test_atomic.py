@@ -51,3 +51,9 @@ def test_atomic_folder_replaces_cleanly_or_not_at_all(tmp_path):
         (tmp_path / tmp / "b.txt").write_text("added")
     assert sorted(p.name for p in target.iterdir()) == ["a.txt", "b.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["Dataset001_X"]
+
+
+def test_atomic_folder_failure_leaves_no_new_parent(tmp_path):
+    with pytest.raises(RuntimeError), atomic_folder(tmp_path / "raw" / "Dataset002_Y"):
+        raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []

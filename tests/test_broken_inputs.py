@@ -343,6 +343,24 @@ def build_mim_inputs(tmp: Path) -> dict:
             "out": tmp / "run"}  # fmt: skip
 
 
+def build_tokenizer_inputs(tmp: Path) -> dict:
+    """`pumit_pretrain tokenizer` / `export` inputs: a run folder with a truncated checkpoint, an LPIPS
+    heads file without the VGG16 weights, a store path (errors come before the store is opened) and an
+    output folder that must stay absent."""
+    import torch
+
+    torch.save({"format": 1, "kind": "tokenizer", "step": 3, "model": {"w": torch.zeros(64, 64)}}, tmp / "ckpt.pt")
+    (tmp / "run_truncated").mkdir()
+    data = (tmp / "ckpt.pt").read_bytes()
+    (tmp / "run_truncated" / "checkpoint_last.pt").write_bytes(data[: len(data) // 2])
+    (tmp / "run_truncated" / "log.csv").write_text("step,loss\n1,0.5\n")
+    heads = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate((64, 128, 256, 512, 512))}
+    torch.save(heads, tmp / "vgg.pth")
+    return {"store": tmp / "store", "out": tmp / "run", "run_truncated": tmp / "run_truncated",
+            "truncated": tmp / "run_truncated" / "checkpoint_last.pt", "heads": tmp / "vgg.pth",
+            "exported": tmp / "tokenizer.safetensors"}  # fmt: skip
+
+
 def build_pretrain_corpus(tmp: Path) -> dict:
     from pumit_seg.data.pretrain_phantoms import DEFAULT_DATASETS, write_pretrain_corpus
 
@@ -624,21 +642,21 @@ CASES = [
     # pumit_pretrain mim (issue 10)
     Case(
         "mim-missing-tokenizer",
-        ["pumit_pretrain", "mim", "--store", "{store}", "--tokenizer", "{missing}", "-o", "{out}", "--preset", "tiny"],
+        ["pumit_pretrain", "mim", "--store", "{store}", "--tokenizer", "{missing}", "-o", "{out}", "--preset", "tiny"],  # fmt: skip
         build_mim_inputs,
         "--tokenizer {missing}: no such file",
         watch=("out",),
     ),
     Case(
         "mim-truncated-tokenizer",
-        ["pumit_pretrain", "mim", "--store", "{store}", "--tokenizer", "{truncated}", "-o", "{out}", "--preset", "tiny"],
+        ["pumit_pretrain", "mim", "--store", "{store}", "--tokenizer", "{truncated}", "-o", "{out}", "--preset", "tiny"],  # fmt: skip
         build_mim_inputs,
         "{truncated}: not a readable safetensors file",
         watch=("out", "truncated"),
     ),
     Case(
         "mim-tokenizer-is-a-vit",
-        ["pumit_pretrain", "mim", "--store", "{store}", "--tokenizer", "{vit}", "-o", "{out}", "--preset", "tiny"],
+        ["pumit_pretrain", "mim", "--store", "{store}", "--tokenizer", "{vit}", "-o", "{out}", "--preset", "tiny"],  # fmt: skip
         build_mim_inputs,
         "--tokenizer {vit}: a UniversalViT has no token_distribution\\(\\); not a tokenizer",
         watch=("out",),
@@ -650,6 +668,43 @@ CASES = [
         build_mim_inputs,
         "--mask-ratio must lie strictly between 0 and 1, got 1.5",
         watch=("out",),
+    ),
+    # pumit_pretrain tokenizer / export (issue 9)
+    Case(
+        "tokenizer-truncated-checkpoint-in-run-folder",
+        ["pumit_pretrain", "tokenizer", "--preset", "tiny", "--store", "{store}", "-o", "{run_truncated}"],
+        build_tokenizer_inputs,
+        "{truncated}: not a readable training checkpoint",
+        watch=("run_truncated",),
+    ),
+    Case(
+        "tokenizer-lpips-file-without-vgg",
+        ["pumit_pretrain", "tokenizer", "--preset", "tiny", "--store", "{store}", "-o", "{out}",
+         "--lpips-weights", "{heads}"],  # fmt: skip
+        build_tokenizer_inputs,
+        "LPIPS weights from .*vgg.pth.* lack 26 entries",
+        watch=("out", "heads"),
+    ),
+    Case(
+        "tokenizer-missing-store",
+        ["pumit_pretrain", "tokenizer", "--preset", "tiny", "--store", "{store}", "-o", "{out}"],
+        build_tokenizer_inputs,
+        "{store}/table.csv: no store table here",
+        watch=("out",),
+    ),
+    Case(
+        "tokenizer-crop-out-of-range",
+        ["pumit_pretrain", "tokenizer", "--preset", "tiny", "--store", "{store}", "-o", "{out}", "--crop-in-plane", "40"],
+        build_tokenizer_inputs,
+        "--crop-in-plane must be a multiple of 16, got 40",
+        watch=("out",),
+    ),
+    Case(
+        "export-truncated-checkpoint",
+        ["pumit_pretrain", "export", "{truncated}", "-o", "{exported}"],
+        build_tokenizer_inputs,
+        "{truncated}: not a readable training checkpoint",
+        watch=("exported", "run_truncated"),
     ),
     # pumit_pretrain prepare
     Case(
@@ -677,13 +732,6 @@ CASES = [
 
 # Rows whose bug is not fixed yet: expected to fail (strict, so a fix must remove the name from this set).
 KNOWN_FAILING: set[str] = {
-    "chaos-convert-missing-t1dual-phase",
-    "chaos-convert-corrupt-dicom",
-    "chaos-convert-missing-ground-png",
-    "chaos-convert-np-zero",
-    "chaos-export-missing-prediction",
-    "chaos-export-into-used-folder-fails",
-    "chaos-score-missing-series",
     "btcv-convert-truncated-last-case",
     "btcv-convert-nan-label",
     "btcv-convert-dataset-id-out-of-range",

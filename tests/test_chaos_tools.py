@@ -190,7 +190,7 @@ def test_round_trip_export_and_score(chaos_tree, converted, tmp_path):
         ]  # the labels play the prediction
     submission, zip_file = str(tmp_path / "submission"), str(tmp_path / "submission.zip")
     chaos.main(["export", submission, *predictions, "--zip", zip_file])
-    assert sorted(os.listdir(submission)) == [f"Task{t}" for t in range(1, 6)]
+    assert sorted(os.listdir(submission)) == [f"Task{t}" for t in range(1, 6)] + ["export_summary.json"]
 
     series = {
         ("MR", "T1DUAL"): (os.path.join(chaos_tree, "MR", "1", "T1DUAL", "Ground"), "MR/1/T1DUAL/Results"),
@@ -213,7 +213,7 @@ def test_round_trip_export_and_score(chaos_tree, converted, tmp_path):
     with zipfile.ZipFile(zip_file) as archive:
         members = archive.namelist()
     assert "Task5/MR/1/T1DUAL/Results/img000.png" in members and all(m.startswith("Task") for m in members)
-    assert len(members) == sum(len(files) for _, _, files in os.walk(submission))
+    assert len(members) == sum(len(files) for _, _, files in os.walk(submission)) - 1  # not the summary
 
     scores_file = str(tmp_path / "scores.json")
     chaos.main(["score", submission, chaos_tree, "-o", scores_file])
@@ -230,11 +230,14 @@ def test_score_of_an_imperfect_result(chaos_tree, converted, tmp_path):
     dataset = os.path.join(converted, "Dataset302_CHAOS_MR_T2SPIR")
     submission = str(tmp_path / "submission")
     chaos.export_submission([(dataset, os.path.join(dataset, "labelsTr"))], submission)
-    assert sorted(os.listdir(submission)) == ["Task3", "Task5"]  # MR only
+    assert sorted(os.listdir(submission)) == ["Task3", "Task5", "export_summary.json"]  # MR only
     # erase the liver on the first result slice
     first = os.path.join(submission, "Task3", "MR", "1", "T2SPIR", "Results", "img000.png")
     Image.fromarray(np.zeros((18, 20), np.uint8), mode="L").save(first)
-    scores = chaos.score_results(submission, chaos_tree)
+    with pytest.raises(FileNotFoundError, match="Task3/MR/1/T1DUAL/Results"):
+        chaos.score_results(submission, chaos_tree)  # T1DUAL has a ground truth but no results
+    scores = chaos.score_results(submission, chaos_tree, allow_missing=True)
+    assert scores["Task3"]["missing"] == ["Task3/MR/1/T1DUAL/Results"]
     row = scores["Task3"]["series"][0]
     ref = (
         grey_to_labels(read_png_stack(os.path.join(chaos_tree, "MR", "1", "T2SPIR", "Ground"))[0], "MR") == 1

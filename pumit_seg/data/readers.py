@@ -30,6 +30,7 @@ __all__ = [
     "read_image",
     "read_image_header",
     "read_dicom_series",
+    "dicom_series_geometry",
     "read_png",
 ]
 
@@ -300,6 +301,42 @@ def _dicom_floats(dataset, path: str, tag: str, count: int) -> np.ndarray:
     return array
 
 
+def dicom_series_geometry(first, last, num_files: int, first_path: str, last_path: str) -> dict:
+    """Geometry of a series stacked in file order, from the first and last file's headers (pydicom datasets).
+
+    Returns ``spacing`` (slice step, PixelSpacing row, column), ``origin_xyz`` (first ImagePositionPatient),
+    ``direction`` (ITK 3x3: columns = along a row, along a column, slice normal signed along the file
+    order), ``slice_vector`` (the full step between consecutive files, (last - first) / (n - 1), which the
+    CHAOS evaluation code uses even when it is tilted against the normal), ``pixel_spacing`` and
+    ``orientation`` (the 6 direction cosines). Slice step = |last - first| / (n - 1), never SliceThickness.
+    """
+    pixel_spacing = _dicom_floats(first, first_path, "PixelSpacing", 2)
+    orientation = _dicom_floats(first, first_path, "ImageOrientationPatient", 6)
+    position_first = _dicom_floats(first, first_path, "ImagePositionPatient", 3)
+    position_last = _dicom_floats(last, last_path, "ImagePositionPatient", 3)
+    column_direction, row_direction = orientation[:3], orientation[3:]  # along a row, along a column
+    normal = np.cross(column_direction, row_direction)
+    if num_files > 1:
+        slice_vector = (position_last - position_first) / (num_files - 1)
+        step = float(np.linalg.norm(slice_vector))
+        if step == 0:
+            raise ImageReadError(last_path, "bad geometry", f"lies at the same position as {first_path}")
+        slice_direction = normal if np.dot(slice_vector, normal) >= 0 else -normal
+    else:  # a single slice: the step is never used for distances
+        step, slice_direction, slice_vector = 1.0, normal, normal
+    spacing = (step, float(pixel_spacing[0]), float(pixel_spacing[1]))
+    direction = np.stack([column_direction, row_direction, slice_direction], axis=1)
+    _check_geometry(first_path, spacing, position_first, direction, 3)
+    return {
+        "spacing": spacing,
+        "origin_xyz": position_first,
+        "direction": direction,
+        "slice_vector": np.asarray(slice_vector, dtype=float),
+        "pixel_spacing": pixel_spacing,
+        "orientation": orientation,
+    }
+
+
 def read_dicom_series(folder: str | os.PathLike, files: list[str] | None = None) -> MedicalImage:
     """One DICOM series as a (slices, rows, columns) float32 MedicalImage, slice k = file k.
 
@@ -360,24 +397,10 @@ def read_dicom_series(folder: str | os.PathLike, files: list[str] | None = None)
     array = np.stack(slices)
     for path_name, pixels in zip(files, slices, strict=True):
         check_finite(os.path.join(folder, path_name), pixels)
-    first_path, last_path = os.path.join(folder, files[0]), os.path.join(folder, files[-1])
-    pixel_spacing = _dicom_floats(datasets[0], first_path, "PixelSpacing", 2)
-    orientation = _dicom_floats(datasets[0], first_path, "ImageOrientationPatient", 6)
-    position_first = _dicom_floats(datasets[0], first_path, "ImagePositionPatient", 3)
-    position_last = _dicom_floats(datasets[-1], last_path, "ImagePositionPatient", 3)
-    column_direction, row_direction = orientation[:3], orientation[3:]  # along a row, along a column
-    normal = np.cross(column_direction, row_direction)
-    if len(files) > 1:
-        offset = position_last - position_first
-        step = float(np.linalg.norm(offset)) / (len(files) - 1)
-        if step == 0:
-            raise ImageReadError(last_path, "bad geometry", f"lies at the same position as {files[0]}")
-        slice_direction = normal if np.dot(offset, normal) >= 0 else -normal
-    else:
-        step, slice_direction = 1.0, normal  # a single slice: the step is never used for distances
-    spacing = (step, float(pixel_spacing[0]), float(pixel_spacing[1]))
-    direction = np.stack([column_direction, row_direction, slice_direction], axis=1)
-    _check_geometry(first_path, spacing, position_first, direction, 3)
+    geometry = dicom_series_geometry(
+        datasets[0], datasets[-1], len(files), os.path.join(folder, files[0]), os.path.join(folder, files[-1])
+    )
+    spacing, position_first, direction = geometry["spacing"], geometry["origin_xyz"], geometry["direction"]
     return MedicalImage(
         array=array,
         spacing=spacing,
@@ -388,12 +411,13 @@ def read_dicom_series(folder: str | os.PathLike, files: list[str] | None = None)
     )
 
 
-def read_png(path: str | os.PathLike) -> np.ndarray:
+def read_png(path: str | os.PathLike, as_grey: bool = False) -> np.ndarray:
     """PNG or JPEG pixels: (rows, columns) for grey, (rows, columns, 3) for RGB(A, alpha dropped).
 
     Palette PNGs are read as grey: the palette colours' luminance (0.299 R + 0.587 G + 0.114 B), as the
     official CHAOS evaluation code's ``cv2.imread(path, 0)`` does, not as palette indices. 16-bit grey stays
-    16-bit."""
+    16-bit. With `as_grey` colour images are turned into grey the same way (luminance), as OpenCV's
+    ``IMREAD_GRAYSCALE`` does."""
     from PIL import Image, UnidentifiedImageError
 
     path = os.fspath(path)
@@ -411,7 +435,7 @@ def read_png(path: str | os.PathLike) -> np.ndarray:
             elif mode == "LA":
                 array = np.asarray(image.getchannel(0))
             else:
-                array = np.asarray(image.convert("RGB"))
+                array = np.asarray(image.convert("L" if as_grey else "RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         problem = f"not a readable PNG / JPEG ({error})"
         reason = "truncated" if "truncated" in str(error).lower() else "unreadable"
