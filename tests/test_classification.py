@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
@@ -254,8 +255,20 @@ def test_pretrained_encoder_fills_the_classifier(tmp_path):
         if name != "pos_embed":  # resampled from 5x10x10 to the 2x2x2 token grid
             torch.testing.assert_close(model.encoder.state_dict()[name], tensor, rtol=0, atol=0)
 
-    # a file without a header (the preset decides the architecture) that lacks a few tensors
+    # a pickled checkpoint is refused unless the user trusts it, and the refusal names the flag
     complete = build_encoder("tiny", in_channels=3).state_dict()
+    torch.save({"state_dict": complete, "hyper_parameters": argparse.Namespace(lr=1)}, tmp_path / "e.ckpt")
+    config.pretrained = str(tmp_path / "e.ckpt")
+    with pytest.raises(ValueError, match=r"e\.ckpt: cannot read the checkpoint.*add --trust-pickle"):
+        clf._build_model(config, data)
+    config.trust_pickle, config.model = True, "tiny"
+    trusted, _ = clf._build_model(config, data)  # no header: the preset's architecture
+    assert trusted.encoder.config["depth"] == 4
+    torch.testing.assert_close(
+        trusted.encoder.state_dict()["blocks.3.mlp.w3.weight"], complete["blocks.3.mlp.w3.weight"]
+    )
+
+    # a file without a header (the preset decides the architecture) that lacks a few tensors
     save_file(
         {k: v for k, v in complete.items() if ".ffn_ln." not in k}, str(tmp_path / "partial.safetensors")
     )

@@ -72,6 +72,12 @@ __all__ = [
 
 PRECISIONS = ("auto", "fp32", "bf16")
 INPUT_NORM_MODES = ("auto", *INPUT_NORMS)
+# How a pumit_classify user lifts load_pretrained_encoder's refusals (only unpickling can be allowed).
+WEIGHT_LOAD_HINTS = {
+    "allow_pickle": "add --trust-pickle",
+    "allow_non_finite": "not offered by pumit_classify: use weights without NaN / inf",
+    "allow_partial": "not offered by pumit_classify: give weights of the --model size",
+}
 DEFAULT_IN_CHANNELS = 3  # the authors' and EVA-02's weights take RGB; grey volumes are replicated
 BEST_MODEL = "best_model.safetensors"
 LAST_WEIGHTS = "checkpoint_last.safetensors"
@@ -428,7 +434,9 @@ def _build_model(config: ClassificationConfig, data: MedMNISTData) -> tuple[ViTC
     model = ViTClassifier(data.num_classes, build_encoder(config.model, **overrides))
     if config.pretrained is None:
         return model, None
-    report = load_pretrained_encoder(model.encoder, config.pretrained, allow_pickle=config.trust_pickle)
+    report = load_pretrained_encoder(
+        model.encoder, config.pretrained, allow_pickle=config.trust_pickle, hints=WEIGHT_LOAD_HINTS
+    )
     if report.missing:
         raise ValueError(
             f"--pretrained {config.pretrained}: leaves {len(report.missing)} encoder parameter(s) unfilled "
