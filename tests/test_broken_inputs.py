@@ -343,6 +343,9 @@ def build_mim_inputs(tmp: Path) -> dict:
             "out": tmp / "run"}  # fmt: skip
 
 
+MIM_TINY = ["pumit_pretrain", "mim", "--store", "{store}", "-o", "{out}", "--preset", "tiny"]
+
+
 def build_tokenizer_inputs(tmp: Path) -> dict:
     """`pumit_pretrain tokenizer` / `export` inputs: a run folder with a truncated checkpoint, an LPIPS
     heads file without the VGG16 weights, a store path (errors come before the store is opened) and an
@@ -642,29 +645,28 @@ CASES = [
     # pumit_pretrain mim (issue 10)
     Case(
         "mim-missing-tokenizer",
-        ["pumit_pretrain", "mim", "--store", "{store}", "--tokenizer", "{missing}", "-o", "{out}", "--preset", "tiny"],  # fmt: skip
+        [*MIM_TINY, "--tokenizer", "{missing}"],
         build_mim_inputs,
         "--tokenizer {missing}: no such file",
         watch=("out",),
     ),
     Case(
         "mim-truncated-tokenizer",
-        ["pumit_pretrain", "mim", "--store", "{store}", "--tokenizer", "{truncated}", "-o", "{out}", "--preset", "tiny"],  # fmt: skip
+        [*MIM_TINY, "--tokenizer", "{truncated}"],
         build_mim_inputs,
         "{truncated}: not a readable safetensors file",
         watch=("out", "truncated"),
     ),
     Case(
         "mim-tokenizer-is-a-vit",
-        ["pumit_pretrain", "mim", "--store", "{store}", "--tokenizer", "{vit}", "-o", "{out}", "--preset", "tiny"],  # fmt: skip
+        [*MIM_TINY, "--tokenizer", "{vit}"],
         build_mim_inputs,
         "--tokenizer {vit}: a UniversalViT has no token_distribution\\(\\); not a tokenizer",
         watch=("out",),
     ),
     Case(
         "mim-mask-ratio-out-of-range",
-        ["pumit_pretrain", "mim", "--store", "{store}", "--tokenizer", "{tokenizer}", "-o", "{out}", "--preset", "tiny",
-         "--mask-ratio", "1.5"],  # fmt: skip
+        [*MIM_TINY, "--tokenizer", "{tokenizer}", "--mask-ratio", "1.5"],
         build_mim_inputs,
         "--mask-ratio must lie strictly between 0 and 1, got 1.5",
         watch=("out",),
