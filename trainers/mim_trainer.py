@@ -61,6 +61,7 @@ __all__ = [
 
 ENCODER_PRESETS = {"tiny": universal_vit_tiny, "base": universal_vit_base, "large": universal_vit_large}
 EXPORT_KIND = "mim_encoder"  # header "kind" of the exported encoder file
+MASK_GREY = 0.5  # masked patches in the validation pictures
 
 
 @dataclass
@@ -328,7 +329,7 @@ class MIMTrainer(PretrainTrainer):
             pixel_mask = token_mask.repeat_interleave(depth_patch, 0).repeat_interleave(patch, 1)
             pixel_mask = pixel_mask.repeat_interleave(patch, 2)
             middle = image.shape[2] // 2
-            masked_input = image[0, :, middle] * (1 - pixel_mask[middle])
+            masked_input = image[0, :, middle] * (1 - pixel_mask[middle]) + MASK_GREY * pixel_mask[middle]
             panels = [
                 (masked_input, f"masked input ({int(token_mask.sum())} of {token_mask.numel()} tokens)"),
                 ((tokens_rec[0, :, middle] + 1) / 2, "tokenizer: its own tokens"),
