@@ -6,8 +6,10 @@
 ``Training/label/label00NN.nii.gz`` and ``Testing/img/img00NN.nii.gz``. The dataset gets 13 organ labels
 (SPEC section 11) and a ``splits_final.json`` whose fold 0 is the paper's 21 training / 9 validation split.
 nnU-Net reads splits from ``nnUNet_preprocessed/DatasetXXX_BTCV/``: pass ``--preprocessed`` to put the file
-there as well (it is always written into the raw dataset folder). Images are copied as they are; each label
-must share its image's size, spacing, origin and direction.
+there as well (it is always written into the raw dataset folder). Images are copied as they are, after
+each was read once through the project's reader (a truncated file or NaN voxels stop the conversion naming
+the file); each label must share its image's size, spacing, origin and direction and hold BTCV labels only.
+The dataset is built beside its folder and swapped in when complete.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ import re
 import shutil
 
 import numpy as np
-import SimpleITK as sitk
+from tqdm import tqdm
 
-from pumit_seg.atomic import atomic_path, write_json_atomic
+from pumit_seg.atomic import atomic_folder, atomic_path, write_json_atomic
+from pumit_seg.cli_checks import exit_on_bad_input, int_in_range
+from pumit_seg.data.readers import MedicalImage, read_image
 
 FILE_ENDING = ".nii.gz"
 DEFAULT_DATASET_ID = 300
@@ -61,19 +65,22 @@ def _numbered(folder: str, prefix: str) -> dict[str, str]:
     return found
 
 
-def _header(path: str) -> sitk.ImageFileReader:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(path)
-    reader.ReadImageInformation()
-    return reader
+def check_same_geometry(image: MedicalImage, label: MedicalImage) -> None:
+    for what in ("spatial_shape", "spacing", "origin", "direction"):
+        a, b = (np.asarray(getattr(x, what), dtype=float) for x in (image, label))
+        if a.shape != b.shape or not np.allclose(a, b, rtol=GEOMETRY_TOLERANCE, atol=GEOMETRY_TOLERANCE):
+            raise ValueError(
+                f"{label.path} has {what} {b.ravel().tolist()}, its image {image.path} has {a.ravel().tolist()}"
+            )
 
 
-def check_same_geometry(image_file: str, label_file: str) -> None:
-    image, label = _header(image_file), _header(label_file)
-    for what in ("Size", "Spacing", "Origin", "Direction"):
-        a, b = getattr(image, f"Get{what}")(), getattr(label, f"Get{what}")()
-        if not np.allclose(a, b, rtol=GEOMETRY_TOLERANCE, atol=GEOMETRY_TOLERANCE):
-            raise ValueError(f"{label_file} has {what.lower()} {b}, its image {image_file} has {a}")
+def check_label_map(label: MedicalImage) -> None:
+    values = np.unique(label.array)
+    unknown = [v for v in values.tolist() if v not in LABELS.values()]
+    if unknown:
+        raise ValueError(
+            f"{label.path} holds values {unknown[:10]} that are not BTCV labels (0..{max(LABELS.values())})"
+        )
 
 
 def _copy(source: str, target: str) -> None:
@@ -112,30 +119,38 @@ def convert(
             f"warning: {len(images)} BTCV training cases under {raw_data}, the paper has {NUM_TRAINING_CASES}"
         )
     splits = paper_split(sorted(images))
+    testing_folder = os.path.join(raw_data, "Testing", "img")
+    testing = _numbered(testing_folder, "img") if os.path.isdir(testing_folder) else {}
     folder = os.path.join(nnunet_raw, f"Dataset{dataset_id:03d}_{DATASET_NAME}")
-    for sub in ("imagesTr", "labelsTr", "imagesTs"):
-        os.makedirs(os.path.join(folder, sub), exist_ok=True)
-    for number, image_file in images.items():
-        check_same_geometry(image_file, labels[number])
-        _copy(image_file, os.path.join(folder, "imagesTr", f"{case_name(number)}_0000{FILE_ENDING}"))
-        _copy(labels[number], os.path.join(folder, "labelsTr", f"{case_name(number)}{FILE_ENDING}"))
-    testing = os.path.join(raw_data, "Testing", "img")
-    if os.path.isdir(testing):
-        for number, image_file in _numbered(testing, "img").items():
-            _copy(image_file, os.path.join(folder, "imagesTs", f"{case_name(number)}_0000{FILE_ENDING}"))
-    write_json_atomic(
-        os.path.join(folder, "dataset.json"),
-        {
-            "channel_names": {"0": "CT"},
-            "labels": LABELS,
-            "numTraining": len(images),
-            "file_ending": FILE_ENDING,
-            "name": DATASET_NAME,
-            "reference": "https://www.synapse.org/#!Synapse:syn3193805",
-            "description": "BTCV abdomen, 13 organs; splits_final.json fold 0 = the PUMIT paper's 21/9 split",
-        },
-    )
-    write_json_atomic(os.path.join(folder, "splits_final.json"), splits)
+    # built beside its place and swapped in when complete: a damaged case leaves nnUNet_raw as it was,
+    # and a re-conversion replaces the dataset without leaving files of the earlier one
+    with atomic_folder(folder) as building:
+        for sub in ("imagesTr", "labelsTr", "imagesTs"):
+            os.makedirs(os.path.join(building, sub))
+        for number, image_file in tqdm(images.items(), desc="BTCV training cases", unit="case"):
+            # every file is decoded once: truncated files and NaN voxels are refused, not copied
+            image, label = read_image(image_file), read_image(labels[number])
+            check_same_geometry(image, label)
+            check_label_map(label)
+            del image, label
+            _copy(image_file, os.path.join(building, "imagesTr", f"{case_name(number)}_0000{FILE_ENDING}"))
+            _copy(labels[number], os.path.join(building, "labelsTr", f"{case_name(number)}{FILE_ENDING}"))
+        for number, image_file in tqdm(testing.items(), desc="BTCV test cases", unit="case"):
+            read_image(image_file)
+            _copy(image_file, os.path.join(building, "imagesTs", f"{case_name(number)}_0000{FILE_ENDING}"))
+        write_json_atomic(
+            os.path.join(building, "dataset.json"),
+            {
+                "channel_names": {"0": "CT"},
+                "labels": LABELS,
+                "numTraining": len(images),
+                "file_ending": FILE_ENDING,
+                "name": DATASET_NAME,
+                "reference": "https://www.synapse.org/#!Synapse:syn3193805",
+                "description": "BTCV abdomen, 13 organs; splits_final.json fold 0 = the PUMIT paper's 21/9 split",
+            },
+        )
+        write_json_atomic(os.path.join(building, "splits_final.json"), splits)
     if preprocessed:
         target = os.path.join(preprocessed, os.path.basename(folder))
         os.makedirs(target, exist_ok=True)
@@ -151,14 +166,20 @@ def main(argv=None) -> None:
     )
     p.add_argument("raw_data", help="the unpacked RawData folder (Training/img, Training/label, Testing/img)")
     p.add_argument("nnunet_raw", help="nnU-Net raw folder (nnUNet_raw)")
-    p.add_argument("--dataset_id", type=int, default=DEFAULT_DATASET_ID, help=f"default {DEFAULT_DATASET_ID}")
+    p.add_argument(
+        "--dataset_id",
+        type=int_in_range(1, 999),
+        default=DEFAULT_DATASET_ID,
+        help=f"default {DEFAULT_DATASET_ID}",
+    )
     p.add_argument(
         "--preprocessed",
         default=None,
         help="nnUNet_preprocessed folder: also write splits_final.json there (where nnU-Net reads it)",
     )
     args = parser.parse_args(argv)
-    folder = convert(args.raw_data, args.nnunet_raw, args.dataset_id, args.preprocessed)
+    with exit_on_bad_input(parser):
+        folder = convert(args.raw_data, args.nnunet_raw, args.dataset_id, args.preprocessed)
     print(f"wrote {folder}")
 
 

@@ -72,3 +72,20 @@ def test_geometry_mismatch_and_missing_cases(raw_data, tmp_path):
     (raw_data / "Training" / "label" / "label0036.nii.gz").unlink()
     with pytest.raises(ValueError, match="validation cases \\['0036'\\]"):
         btcv.convert(str(raw_data), str(tmp_path / "raw"))
+
+
+def test_failed_reconversion_leaves_the_dataset_and_a_new_one_replaces_it(raw_data, tmp_path):
+    folder = tmp_path / "raw" / "Dataset300_BTCV"
+    btcv.convert(str(raw_data), str(tmp_path / "raw"))
+    (folder / "imagesTr" / "stale_0000.nii.gz").write_bytes(b"from an earlier run")
+    before = sorted((p.relative_to(folder), p.read_bytes()) for p in folder.rglob("*") if p.is_file())
+    image = raw_data / "Training" / "img" / "img0040.nii.gz"
+    data = image.read_bytes()
+    image.write_bytes(data[: len(data) // 2])  # truncated: SimpleITK alone would read it as zeros
+    with pytest.raises(ValueError, match="img0040.nii.gz"):
+        btcv.convert(str(raw_data), str(tmp_path / "raw"))
+    assert sorted((p.relative_to(folder), p.read_bytes()) for p in folder.rglob("*") if p.is_file()) == before
+    image.write_bytes(data)
+    btcv.convert(str(raw_data), str(tmp_path / "raw"))
+    assert not (folder / "imagesTr" / "stale_0000.nii.gz").exists()
+    assert sorted(os.listdir(tmp_path / "raw")) == ["Dataset300_BTCV"]
