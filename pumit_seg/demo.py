@@ -108,7 +108,7 @@ SETTINGS = {
         seg_spacing=(3.0, 0.75, 0.75),
         seg_num_train=10,
         seg_num_test=3,
-        seg_plan_args=(*_TINY_NETWORK, "--patch_size_3d", "16", "64", "64"),
+        seg_plan_args=(*_TINY_NETWORK, "--patch_size_3d", "8", "64", "64"),
         trainer="PUMITTrainer_demo",
         chaos_num_train=6,
         chaos_num_test=2,
@@ -689,6 +689,15 @@ def main(argv: list[str] | None = None) -> None:
         value = getattr(args, option)
         if value is not None and not os.path.exists(value):
             parser.error(f"--{option} {value} does not exist")
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        parser.error(f"--output {args.output} exists and is not a folder")
+    if args.encoder and args.encoder.endswith(".safetensors"):
+        from pumit_seg.weights import load_state_dict_file
+
+        try:
+            load_state_dict_file(args.encoder)  # fail now, not after minutes of data preparation
+        except ValueError as error:
+            parser.error(f"--encoder: {error}")
     if args.chaos_test and not args.chaos_train:
         parser.error("--chaos_test needs --chaos_train (the model is trained on the training set)")
     if args.seg_dataset:

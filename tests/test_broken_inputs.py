@@ -386,6 +386,20 @@ def build_pretrain_foreign_output(tmp: Path) -> dict:
     return values
 
 
+def build_demo_inputs(tmp: Path) -> dict:
+    """pumit_demo / report / chaos_phantoms: an output folder that must stay absent, and broken inputs."""
+    (tmp / "not_a_dataset").mkdir()
+    (tmp / "encoder.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{truncated")
+    (tmp / "a_file").write_text("not a folder")
+    return {
+        "out": tmp / "demo_out",
+        "missing": tmp / "no_such_folder",
+        "not_a_dataset": tmp / "not_a_dataset",
+        "encoder": tmp / "encoder.safetensors",
+        "a_file": tmp / "a_file",
+    }
+
+
 # ------------------------------------------------------------------------------------------------ CASES
 
 CASES = [
@@ -728,6 +742,56 @@ CASES = [
         ["pumit_pretrain", "prepare", "{config}", "-o", "{out}", "--part", "2", "--num-parts", "2"],
         build_pretrain_corpus,
         "--part",
+        watch=("out",),
+    ),
+    # pumit_demo, its report and the CHAOS phantom writer: refused before anything is written
+    Case(
+        "demo-truncated-encoder",
+        ["pumit_demo", "--output", "{out}", "--encoder", "{encoder}"],
+        build_demo_inputs,
+        "--encoder.*{encoder}.*not a readable safetensors",
+        watch=("out",),
+    ),
+    Case(
+        "demo-missing-seg-dataset",
+        ["pumit_demo", "--output", "{out}", "--seg_dataset", "{missing}"],
+        build_demo_inputs,
+        "--seg_dataset {missing} does not exist",
+        watch=("out",),
+    ),
+    Case(
+        "demo-seg-dataset-not-nnunet",
+        ["pumit_demo", "--output", "{out}", "--seg_dataset", "{not_a_dataset}"],
+        build_demo_inputs,
+        "--seg_dataset {not_a_dataset}.*DatasetXXX_Name",
+        watch=("out",),
+    ),
+    Case(
+        "demo-output-is-a-file",
+        ["pumit_demo", "--output", "{a_file}"],
+        build_demo_inputs,
+        "--output {a_file} exists and is not a folder",
+        watch=("a_file",),
+    ),
+    Case(
+        "demo-unknown-setting",
+        ["pumit_demo", "--output", "{out}", "--setting", "huge"],
+        build_demo_inputs,
+        "--setting.*huge",
+        watch=("out",),
+    ),
+    Case(
+        "report-missing-output-folder",
+        ["python", "-m", "pumit_seg.report", "{missing}"],
+        build_demo_inputs,
+        "{missing} does not exist",
+        watch=("missing",),
+    ),
+    Case(
+        "chaos-phantoms-zero-shape",
+        ["python", "-m", "pumit_seg.data.chaos_phantoms", "{out}", "--shape", "0", "8", "8"],
+        build_demo_inputs,
+        "--shape|shape and spacing need three positive values",
         watch=("out",),
     ),
 ]
