@@ -264,3 +264,119 @@ def test_clear_errors(chaos_tree, converted, tmp_path):
         chaos.export_submission([(dataset, str(wrong))], str(tmp_path / "out"))
     with pytest.raises(FileNotFoundError, match="no CHAOS series"):
         chaos.convert(str(tmp_path), str(tmp_path / "raw"))
+
+
+def test_joint_mr_dataset_export_and_score(tmp_path):
+    from pumit_seg.data.synthetic import write_chaos_tree
+
+    train = write_chaos_tree(str(tmp_path / "Train_Sets"), mr_ids=("1", "3"), ct_ids=())
+    test = write_chaos_tree(str(tmp_path / "Test_Sets"), mr_ids=("7",), ct_ids=(), with_ground=False)
+    raw = tmp_path / "raw"
+    chaos.main(["convert", train, str(raw), "--joint-mr"])
+    chaos.main(["convert", test, str(raw), "--joint-mr"])
+    folder = raw / "Dataset304_CHAOS_MR"
+    assert sorted(os.listdir(raw)) == ["Dataset304_CHAOS_MR"]  # one MR dataset, no per-sequence ones
+    dataset = json.load(open(folder / "dataset.json"))
+    assert len(dataset["channel_names"]) == 2 and dataset["numTraining"] == 4  # 2 patients x 2 sequences
+    names = sorted(os.listdir(folder / "imagesTr"))
+    assert names[:4] == [
+        "CHAOS_001_T1DUAL_0000.nii.gz",
+        "CHAOS_001_T1DUAL_0001.nii.gz",
+        "CHAOS_001_T2SPIR_0000.nii.gz",
+        "CHAOS_001_T2SPIR_0001.nii.gz",
+    ]
+    t2 = [
+        sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "imagesTr" / f"CHAOS_001_T2SPIR_000{c}.nii.gz")))
+        for c in (0, 1)
+    ]
+    np.testing.assert_array_equal(t2[0], t2[1])  # T2SPIR replicated to the two channels
+    t1 = [
+        sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "imagesTr" / f"CHAOS_001_T1DUAL_000{c}.nii.gz")))
+        for c in (0, 1)
+    ]
+    np.testing.assert_array_equal(t1[1], t1[0] // 2)  # in phase, out phase
+    assert sorted(os.listdir(folder / "imagesTs")) == [
+        "CHAOS_007_T1DUAL_0000.nii.gz",
+        "CHAOS_007_T1DUAL_0001.nii.gz",
+        "CHAOS_007_T2SPIR_0000.nii.gz",
+        "CHAOS_007_T2SPIR_0001.nii.gz",
+    ]
+    # export the training labels as predictions (the test case 7 then lacks one: allowed and listed)
+    submission = tmp_path / "submission"
+    with pytest.raises(FileNotFoundError, match="CHAOS_007_T1DUAL"):
+        chaos.export_submission([(str(folder), str(folder / "labelsTr"))], str(submission))
+    assert not submission.exists()
+    chaos.export_submission([(str(folder), str(folder / "labelsTr"))], str(submission), allow_missing=True)
+    summary = json.load(open(submission / "export_summary.json"))
+    assert len(summary["missing_predictions"]) == 2 and summary["tasks"] == [3, 5]
+    scores = chaos.score_results(str(submission), train)
+    assert len(scores["Task5"]["series"]) == 2 * 2 * 4 and scores["Task5"]["score"] == 100
+
+
+def test_export_into_a_used_folder_leaves_no_stale_file(chaos_tree, converted, tmp_path):
+    dataset = os.path.join(converted, "Dataset302_CHAOS_MR_T2SPIR")
+    submission = tmp_path / "submission"
+    chaos.export_submission([(dataset, os.path.join(dataset, "labelsTr"))], str(submission))
+    stale = submission / "Task5" / "MR" / "1" / "T2SPIR" / "Results" / "img999.png"
+    stale.write_bytes(b"an earlier run's slice")
+    (submission / "Task9").mkdir()
+    chaos.export_submission([(dataset, os.path.join(dataset, "labelsTr"))], str(submission))
+    assert not stale.exists() and not (submission / "Task9").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["submission"]  # no temporary folder left
+
+
+def official_chaos_surface_distances(reference, result, index_to_mm):
+    """ASSD / MSSD as the official CHAOS code computes them: erosion with border_value 1, voxel centres mapped
+    by its affine, nearest neighbours by k-d tree (written out independently of pumit's metrics module)."""
+    from scipy import ndimage
+    from scipy.spatial import cKDTree
+
+    structure = ndimage.generate_binary_structure(3, 1)
+    points = []
+    for mask in (reference, result):
+        border = mask ^ ndimage.binary_erosion(mask, structure=structure, border_value=1)
+        points.append(np.argwhere(border) @ np.asarray(index_to_mm).T)
+    to_ref = cKDTree(points[0]).query(points[1])[0]
+    to_seg = cKDTree(points[1]).query(points[0])[0]
+    pooled = np.concatenate([to_ref, to_seg])
+    return pooled.mean(), pooled.max()
+
+
+def test_chaos_scoring_rules(tmp_path):
+    from pumit_seg.data.synthetic import write_dicom_series
+
+    rows, columns, num_slices = 14, 16, 6
+    # a series whose slices are tilted against their plane: each file moves 3 mm along z and 1.5 mm along x
+    positions = [(1.5 * k, 0.0, 3.0 * k) for k in range(num_slices)]
+    names = [f"IMG-{k:04d}.dcm" for k in range(num_slices)]
+    dicom = tmp_path / "DICOM_anon"
+    write_dicom_series(str(dicom), np.zeros((num_slices, rows, columns)), positions, names)
+    reference = np.zeros((num_slices, rows, columns), np.uint8)
+    reference[1:5, 3:10, 4:12] = 63  # liver; the kidneys and the spleen are absent from both masks
+    result = np.zeros_like(reference)
+    result[2:6, 4:11, 4:12] = 63
+    for folder, grey in (("Ground", reference), ("Results", result)):
+        (tmp_path / folder).mkdir()
+        for k in range(num_slices):
+            if folder == "Results":  # a palette PNG whose palette is grey: read as its grey value, 63
+                image = Image.fromarray((grey[k] > 0).astype(np.uint8), mode="P")
+                image.putpalette([0, 0, 0, 63, 63, 63] + [0] * 762)
+            else:
+                image = Image.fromarray(grey[k], mode="L")
+            image.save(tmp_path / folder / f"img{k:03d}.png")
+    rows_out = chaos.score_series(
+        str(tmp_path / "Results"), str(tmp_path / "Ground"), str(dicom), "MR", False
+    )
+    assert [r["organ"] for r in rows_out] == ["liver"]  # absent organs are left out, not scored 0
+    ref_mask, seg_mask = reference > 0, result > 0
+    assert rows_out[0]["DICE"] == pytest.approx(
+        2 * (ref_mask & seg_mask).sum() / (ref_mask.sum() + seg_mask.sum())
+    )
+    # the official affine: full inter-slice vector; row index x X x PixelSpacing[0]; column index x Y x [1]
+    index_to_mm = np.array([[1.5, 0.9, 0.0], [0.0, 0.0, 0.8], [3.0, 0.0, 0.0]])
+    assd, mssd = official_chaos_surface_distances(ref_mask, seg_mask, index_to_mm)
+    assert rows_out[0]["ASSD"] == pytest.approx(assd) and rows_out[0]["MSSD"] == pytest.approx(mssd)
+    step = np.linalg.norm([1.5, 0.0, 3.0])  # what a spacing-only grid (step along the normal) would use
+    orthogonal = np.array([[0.0, 0.9, 0.0], [0.0, 0.0, 0.8], [step, 0.0, 0.0]])
+    assd_projected, _ = official_chaos_surface_distances(ref_mask, seg_mask, orthogonal)
+    assert abs(assd - assd_projected) > 1e-2  # the tilt matters: a step-only grid would differ
