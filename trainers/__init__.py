@@ -1,17 +1,12 @@
-"""nnU-Net trainers for PUMIT networks (fine-tuning).
+"""Trainers: nnU-Net fine-tuning (`pumit_trainer`), pre-training (`pretrain_base`, `tokenizer_trainer`,
+`mim_trainer`, the `pumit_pretrain` CLI) and classification (`classification`).
 
-nnU-Net finds them through ``export nnUNet_extTrainer=$(pumit_nnunet_ext)``, whose folder re-exports
-everything in ``__all__``.
+nnU-Net finds the fine-tuning trainers through ``export nnUNet_extTrainer=$(pumit_nnunet_ext)``, whose
+folder re-exports everything in ``__all__``. They are imported lazily (PEP 562), so the pre-training and
+classification commands start without loading nnU-Net.
 """
 
-from pumit_seg.trainers.pumit_trainer import (
-    PUMITTrainer,
-    PUMITTrainer_5epochs,
-    PUMITTrainer_demo,
-    PUMITTrainer_scratch,
-    PUMITTrainer_test,
-    WarmupCosineLRScheduler,
-)
+import importlib
 
 __all__ = [
     "PUMITTrainer",
@@ -19,5 +14,10 @@ __all__ = [
     "PUMITTrainer_demo",
     "PUMITTrainer_scratch",
     "PUMITTrainer_test",
-    "WarmupCosineLRScheduler",
 ]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        return getattr(importlib.import_module("pumit_seg.trainers.pumit_trainer"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
