@@ -328,6 +328,8 @@ class PretrainTrainer:
         config.check()
         self.config = config
         self.output_dir = Path(config.output_dir)
+        # a run folder holding an unreadable or foreign checkpoint fails now, before any heavy setup
+        self._resume_from = self._read_resume_checkpoint()
         self.dist = DistributedContext.from_environment()
         self.device = self._pick_device()
         self._init_distributed()
@@ -536,16 +538,24 @@ class PretrainTrainer:
                 torch.save(state, tmp)
         self.dist.barrier()
 
-    def resume(self) -> bool:
-        """Load `checkpoint_last.pt` from the output folder if there is one; True when resumed."""
+    def _read_resume_checkpoint(self) -> dict | None:
         if not self.checkpoint_path.exists():
-            return False
+            return None
         checkpoint = load_checkpoint(self.checkpoint_path)
         if checkpoint.get("kind") != self.kind:
             raise ValueError(
                 f"{self.checkpoint_path}: a {checkpoint.get('kind')!r} checkpoint, this is a {self.kind!r} run; "
                 "use another --output-dir"
             )
+        return checkpoint
+
+    def resume(self) -> bool:
+        """Load `checkpoint_last.pt` from the output folder if there is one; True when resumed."""
+        checkpoint, self._resume_from = self._resume_from, None
+        if checkpoint is None:
+            checkpoint = self._read_resume_checkpoint()
+        if checkpoint is None:
+            return False
         try:
             self.model.load_state_dict(checkpoint["model"])
             for name, module in self.extra_modules.items():

@@ -192,12 +192,11 @@ class TokenizerTrainer(PretrainTrainer):
     def __init__(self, config: TokenizerConfig):
         self.disc_loss_ema = config.disc_ema_init
         self.last_disc_loss = config.disc_ema_init
+        config.check()
+        # weight files are read before the store is opened, so a bad file fails fast
+        perceptual = build_perceptual_loss(config.lpips_weights) if config.perceptual_weight > 0 else None
         super().__init__(config)
-        self.perceptual = None
-        if config.perceptual_weight > 0:
-            self.perceptual = build_perceptual_loss(config.lpips_weights)
-            if self.perceptual is not None:
-                self.perceptual.to(self.device)
+        self.perceptual = perceptual.to(self.device) if perceptual is not None else None
 
     # ---- hooks ---------------------------------------------------------------------
 
