@@ -29,6 +29,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     tmp = os.path.join(directory, f".tmp_{os.getpid()}_{uuid.uuid4().hex[:8]}_{os.path.basename(path)}")
     try:
         yield tmp
+        if os.path.isfile(tmp):
+            # some writers (safetensors) create their file private (0600); give it the usual mode
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
