@@ -410,8 +410,13 @@ def _load_checkpoint(run_dir: Path, model: ViTClassifier, optimizer) -> dict:
 # --------------------------------------------------------------------------------------
 
 
-def _build_model(config: ClassificationConfig, data: MedMNISTData) -> tuple[ViTClassifier, str | None]:
-    """The classifier, and the pretrained weights' report (None for random initialisation)."""
+def _build_model(
+    config: ClassificationConfig, data: MedMNISTData, load_weights: bool = True
+) -> tuple[ViTClassifier, str | None]:
+    """The classifier, and the pretrained weights' report (None for random initialisation).
+
+    The architecture follows ``--pretrained``'s header either way; `load_weights` False (resuming
+    from a checkpoint) skips copying its tensors."""
     overrides: dict = {"in_channels": DEFAULT_IN_CHANNELS, "grad_checkpointing": config.grad_checkpointing}
     header_config = _encoder_config(_weights_header(config.pretrained))
     if header_config is not None:
@@ -432,7 +437,7 @@ def _build_model(config: ClassificationConfig, data: MedMNISTData) -> tuple[ViTC
     overrides["pos_grid_shape"] = (side, side, side) if data.spatial_dims == 3 else (1, side, side)
     torch.manual_seed(config.seed)
     model = ViTClassifier(data.num_classes, build_encoder(config.model, **overrides))
-    if config.pretrained is None:
+    if config.pretrained is None or not load_weights:
         return model, None
     report = load_pretrained_encoder(
         model.encoder, config.pretrained, allow_pickle=config.trust_pickle, hints=WEIGHT_LOAD_HINTS
@@ -488,7 +493,7 @@ def train_classifier(config: ClassificationConfig, data: MedMNISTData | None = N
         return results
 
     device = _device(config.device)
-    model, report = _build_model(config, data)
+    model, report = _build_model(config, data, load_weights=not (run_dir / LAST_STATE).exists())
     preprocess = PreprocessConfig(
         spatial_dims=data.spatial_dims,
         in_channels=model.encoder.config["in_channels"],
