@@ -180,10 +180,10 @@ def plot_overlays(
 
 
 def _read_volume(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
-    import SimpleITK as sitk
+    from pumit_seg.data.readers import read_image  # the project's one reader: damaged files are refused
 
-    image = sitk.ReadImage(str(path))
-    return sitk.GetArrayFromImage(image), tuple(image.GetSpacing())[::-1]
+    image = read_image(path)
+    return image.array, image.spacing
 
 
 def _slice(volume: np.ndarray, z: int | None) -> np.ndarray:
