@@ -380,3 +380,23 @@ def test_chaos_scoring_rules(tmp_path):
     orthogonal = np.array([[0.0, 0.9, 0.0], [0.0, 0.0, 0.8], [step, 0.0, 0.0]])
     assd_projected, _ = official_chaos_surface_distances(ref_mask, seg_mask, orthogonal)
     assert abs(assd - assd_projected) > 1e-2  # the tilt matters: a step-only grid would differ
+
+
+def test_incomplete_series_fail_or_are_skipped_and_listed(tmp_path):
+    import shutil
+
+    from pumit_seg.data.synthetic import write_chaos_tree
+
+    root = write_chaos_tree(str(tmp_path / "Train_Sets"), mr_ids=("1", "2"), ct_ids=())
+    shutil.rmtree(os.path.join(root, "MR", "2", "T1DUAL", "DICOM_anon", "OutPhase"))
+    shutil.rmtree(os.path.join(root, "MR", "1", "T2SPIR", "Ground"))
+    raw = tmp_path / "raw"
+    with pytest.raises(
+        FileNotFoundError, match="MR/2/T1DUAL/DICOM_anon/OutPhase: DICOM folder missing.*MR/1/T2SPIR/Ground"
+    ):
+        chaos.convert(root, str(raw))
+    assert not raw.exists()
+    chaos.convert(root, str(raw), skip_incomplete=True)
+    t1 = json.load(open(raw / "Dataset301_CHAOS_MR_T1DUAL" / "conversion_summary.json"))
+    assert t1["converted"] == ["CHAOS_001"] and len(t1["skipped"]) == 2
+    assert sorted(os.listdir(raw / "Dataset302_CHAOS_MR_T2SPIR" / "labelsTr")) == ["CHAOS_002.nii.gz"]
