@@ -254,6 +254,26 @@ def build_btcv_nan_label(tmp: Path) -> dict:
     return {**values, "bad": bad}
 
 
+def build_chaos_reconvert_corrupt(tmp: Path) -> dict:
+    """Datasets converted from a good CHAOS folder, then a DICOM of that folder damaged before converting again."""
+    from pumit_seg.evaluation import chaos
+
+    values = build_chaos_train(tmp)
+    chaos.convert(values["chaos"], str(values["raw"]))
+    bad = Path(values["chaos"]) / "CT" / "2" / "DICOM_anon" / "i0002,0000b.dcm"
+    truncate(bad, 0.3)
+    return {**values, "bad": bad}
+
+
+def build_phantom_dataset(tmp: Path) -> dict:
+    from pumit_seg.data.synthetic import PhantomConfig, write_phantom_dataset
+
+    write_phantom_dataset(
+        str(tmp / "out"), 501, num_training=1, num_test=0, config=PhantomConfig(shape=(4, 16, 16))
+    )
+    return {"out": tmp / "out", "dataset": tmp / "out" / "Dataset501_Phantoms"}
+
+
 def build_empty(tmp: Path) -> dict:
     return {"out": tmp / "out"}
 
@@ -352,7 +372,9 @@ def build_tokenizer_inputs(tmp: Path) -> dict:
     output folder that must stay absent."""
     import torch
 
-    torch.save({"format": 1, "kind": "tokenizer", "step": 3, "model": {"w": torch.zeros(64, 64)}}, tmp / "ckpt.pt")
+    torch.save(
+        {"format": 1, "kind": "tokenizer", "step": 3, "model": {"w": torch.zeros(64, 64)}}, tmp / "ckpt.pt"
+    )
     (tmp / "run_truncated").mkdir()
     data = (tmp / "ckpt.pt").read_bytes()
     (tmp / "run_truncated" / "checkpoint_last.pt").write_bytes(data[: len(data) // 2])
@@ -468,6 +490,13 @@ CASES = [
         "argument -np",
         watch=("raw",),
     ),
+    Case(
+        "chaos-reconvert-corrupt-dicom-keeps-datasets",
+        ["pumit_chaos", "convert", "{chaos}", "{raw}"],
+        build_chaos_reconvert_corrupt,
+        "{bad}",
+        watch=("raw",),
+    ),
     # pumit_chaos export
     Case(
         "chaos-export-missing-prediction",
@@ -526,6 +555,13 @@ CASES = [
         watch=("raw",),
     ),
     # pumit_make_phantoms
+    Case(
+        "phantoms-existing-dataset-without-overwrite",
+        ["pumit_make_phantoms", "-o", "{out}", "-d", "501", "--shape", "4", "16", "16"],
+        build_phantom_dataset,
+        "{dataset} exists.*--overwrite",
+        watch=("out",),
+    ),
     Case(
         "phantoms-zero-training-cases",
         ["pumit_make_phantoms", "-o", "{out}", "-d", "501", "--num_train", "0"],
@@ -695,8 +731,18 @@ CASES = [
     ),
     Case(
         "tokenizer-lpips-file-without-vgg",
-        ["pumit_pretrain", "tokenizer", "--preset", "tiny", "--store", "{store}", "-o", "{out}",
-         "--lpips-weights", "{heads}"],  # fmt: skip
+        [
+            "pumit_pretrain",
+            "tokenizer",
+            "--preset",
+            "tiny",
+            "--store",
+            "{store}",
+            "-o",
+            "{out}",
+            "--lpips-weights",
+            "{heads}",
+        ],  # fmt: skip
         build_tokenizer_inputs,
         "LPIPS weights from .*vgg.pth.* lack 26 entries",
         watch=("out", "heads"),
@@ -710,7 +756,18 @@ CASES = [
     ),
     Case(
         "tokenizer-crop-out-of-range",
-        ["pumit_pretrain", "tokenizer", "--preset", "tiny", "--store", "{store}", "-o", "{out}", "--crop-in-plane", "40"],
+        [
+            "pumit_pretrain",
+            "tokenizer",
+            "--preset",
+            "tiny",
+            "--store",
+            "{store}",
+            "-o",
+            "{out}",
+            "--crop-in-plane",
+            "40",
+        ],
         build_tokenizer_inputs,
         "--crop-in-plane must be a multiple of 16, got 40",
         watch=("out",),
