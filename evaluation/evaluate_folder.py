@@ -94,6 +94,11 @@ def evaluate_case(
     error naming the file, never zeros scored as background."""
     reference = read_image(reference_file)
     prediction = read_image(prediction_file)
+    for image in (reference, prediction):
+        if image.num_channels != 1:
+            raise ValueError(
+                f"{image.path} has {image.num_channels} channels per voxel; a segmentation has one"
+            )
     check_same_geometry(reference, prediction)
     seg_ref = _as_label_map(reference.array, reference_file)
     seg_pred = _as_label_map(prediction.array, prediction_file)
