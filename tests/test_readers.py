@@ -131,3 +131,14 @@ def test_png_modes(tmp_path):
     truncate(str(tmp_path / "rgb.png"), 0.6)
     with pytest.raises(ImageReadError, match="rgb.png"):
         read_png(tmp_path / "rgb.png")
+
+
+def test_absurd_header_is_refused_before_allocating(tmp_path):
+    path = str(tmp_path / "huge.mha")
+    image = sitk.GetImageFromArray(np.zeros((3, 4, 5), np.uint8))
+    sitk.WriteImage(image, path, False)
+    text = re.sub(rb"DimSize = [^\n]*", b"DimSize = 4000 4000 4000", open(path, "rb").read())
+    open(path, "wb").write(text)  # 60 GiB announced by a 100-byte file
+    with pytest.raises(ImageReadError, match="4000, 4000, 4000") as error:
+        read_image(path)
+    assert error.value.reason == "too large"

@@ -43,12 +43,16 @@ REASONS = (
     "4D",  # more than 3 spatial dimensions
     "no spacing",  # spacing zero, negative or non-finite
     "bad geometry",  # origin / direction non-finite or direction singular, DICOM positions inconsistent
+    "too large",  # the header announces more voxels than `max_bytes` allows (refused before allocating)
 )
 GZIP_MAGIC = b"\x1f\x8b"
 READ_CHUNK_BYTES = 1 << 20
 NIFTI_HEADER_BYTES = 544  # large enough for a NIfTI-1 (348) or NIfTI-2 (540) header
 ITK_MESSAGE_CHARS = 300
-DIRECTION_MIN_ABS_DET = 1e-6  # a direction matrix this close to singular has no meaningful geometry
+DIRECTION_MIN_ABS_DET = 1e-6
+MAX_IMAGE_BYTES = (
+    16 * 2**30
+)  # a larger decoded image is a damaged header or not a medical image  # a direction matrix this close to singular has no meaningful geometry
 
 
 class ImageReadError(ValueError):
@@ -250,12 +254,28 @@ def _nifti_nonfinite(path: str) -> tuple[np.ndarray, np.ndarray] | None:
     return ~finite.reshape(raw.shape).transpose(axes), raw.transpose(axes)
 
 
-def read_image(path: str | os.PathLike, *, allow_nonfinite: bool = False) -> MedicalImage:
-    """Read NIfTI / NRRD / MHA / anything SimpleITK reads, refusing damaged files (see the module doc)."""
+def read_image(
+    path: str | os.PathLike, *, allow_nonfinite: bool = False, max_bytes: int = MAX_IMAGE_BYTES
+) -> MedicalImage:
+    """Read NIfTI / NRRD / MHA / anything SimpleITK reads, refusing damaged files (see the module doc).
+
+    The header is read first: an image whose decoded size would exceed `max_bytes` is refused before
+    anything is allocated."""
     import SimpleITK as sitk
 
     path = os.fspath(path)
-    check_file_complete(path)
+    header = read_image_header(path)
+    num_bytes = int(np.prod(header.GetSize(), dtype=np.int64)) * header.GetNumberOfComponents()
+    num_bytes *= np.dtype(
+        sitk.GetArrayViewFromImage(sitk.Image([1] * header.GetDimension(), header.GetPixelID())).dtype
+    ).itemsize
+    if num_bytes > max_bytes:
+        raise ImageReadError(
+            path,
+            "too large",
+            f"header announces {header.GetSize()} voxels, {num_bytes / 2**30:.1f} GiB decoded "
+            f"(more than {max_bytes / 2**30:.1f} GiB): a damaged header or not an image for these tools",
+        )
     try:
         image = sitk.ReadImage(path)
     except RuntimeError as error:
