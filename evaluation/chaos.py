@@ -414,6 +414,10 @@ def export_submission(
     output folder is built beside its place and swapped in when complete (with the zip): a failure leaves
     an earlier submission as it was, and a new one holds no file of an earlier export.
     """
+    if zip_file and os.path.abspath(zip_file).startswith(os.path.abspath(output_folder) + os.sep):
+        raise ValueError(
+            f"--zip {zip_file} lies inside the output folder {output_folder}, which is replaced as a whole"
+        )
     items, missing = [], []
     for dataset_folder, prediction_folder in predictions:
         records = dataset_records(dataset_folder)

@@ -187,8 +187,17 @@ def evaluate_folder(
     `output_file` defaults to ``folder_pred/summary.json``. Returns the summary (integer label keys).
     """
     check_convention(convention)
+    source = dataset_json if not isinstance(dataset_json, dict) else "dataset.json"
     if not isinstance(dataset_json, dict):
-        dataset_json = load_json(dataset_json)
+        if not os.path.isfile(dataset_json):
+            raise FileNotFoundError(f"dataset.json {dataset_json} does not exist")
+        try:
+            dataset_json = load_json(dataset_json)
+        except ValueError as error:
+            raise ValueError(f"{source} is not valid JSON ({error})") from None
+    missing_keys = [k for k in ("file_ending", "labels") if k not in dataset_json]
+    if missing_keys:
+        raise ValueError(f"{source} has no {' or '.join(missing_keys)}; is it an nnU-Net dataset.json?")
     file_ending = dataset_json["file_ending"]
     pairs = match_files(folder_ref, folder_pred, file_ending, chill)
     label_manager = LabelManager(dataset_json["labels"], dataset_json.get("regions_class_order"))

@@ -461,6 +461,16 @@ CASES = [
         "argument --nsd_tolerance",
         watch=("pred",),
     ),
+    Case(
+        "evaluate-dataset-json-without-labels",
+        ["pumit_evaluate", "{ref}", "{pred}", "-djfile", "{ref}/../labels_only.json", "-np", "1"],
+        lambda tmp: {
+            **build_evaluate_folders(tmp),
+            "_": (tmp / "labels_only.json").write_text('{"file_ending": ".nii.gz"}'),
+        },
+        "labels_only.json has no labels",
+        watch=("pred",),
+    ),
     # pumit_chaos convert
     Case(
         "chaos-convert-missing-t1dual-phase",
