@@ -131,6 +131,12 @@ def build_evaluate_nan_reference(tmp: Path) -> dict:
     return {**values, "bad": values["ref"] / "case_a.nii.gz"}
 
 
+def build_evaluate_dataset_json_without_labels(tmp: Path) -> dict:
+    values = build_evaluate_folders(tmp)
+    (tmp / "labels_only.json").write_text(json.dumps({"file_ending": ".nii.gz"}))
+    return values
+
+
 def build_evaluate_missing_prediction(tmp: Path) -> dict:
     values = build_evaluate_folders(tmp)
     (values["pred"] / "case_b.nii.gz").unlink()
@@ -464,10 +470,7 @@ CASES = [
     Case(
         "evaluate-dataset-json-without-labels",
         ["pumit_evaluate", "{ref}", "{pred}", "-djfile", "{ref}/../labels_only.json", "-np", "1"],
-        lambda tmp: {
-            **build_evaluate_folders(tmp),
-            "_": (tmp / "labels_only.json").write_text('{"file_ending": ".nii.gz"}'),
-        },
+        build_evaluate_dataset_json_without_labels,
         "labels_only.json has no labels",
         watch=("pred",),
     ),
