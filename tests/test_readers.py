@@ -142,3 +142,18 @@ def test_absurd_header_is_refused_before_allocating(tmp_path):
     with pytest.raises(ImageReadError, match="4000, 4000, 4000") as error:
         read_image(path)
     assert error.value.reason == "too large"
+
+
+def test_check_raw_dataset_names_the_damaged_file(tmp_path, volume):
+    import json
+
+    from pumit_seg.data.readers import check_raw_dataset
+
+    (tmp_path / "dataset.json").write_text(json.dumps({"file_ending": ".nii.gz"}))
+    for sub in ("imagesTr", "labelsTr"):
+        (tmp_path / sub).mkdir()
+        write(tmp_path / sub / "a_0000.nii.gz" if sub == "imagesTr" else tmp_path / sub / "a.nii.gz", volume)
+    assert check_raw_dataset(tmp_path) == 2
+    truncate(str(tmp_path / "labelsTr" / "a.nii.gz"))
+    with pytest.raises(ImageReadError, match="labelsTr/a.nii.gz"):
+        check_raw_dataset(tmp_path)

@@ -32,6 +32,7 @@ __all__ = [
     "read_dicom_series",
     "dicom_series_geometry",
     "read_png",
+    "check_raw_dataset",
 ]
 
 REASONS = (
@@ -463,3 +464,28 @@ def read_png(path: str | os.PathLike, as_grey: bool = False) -> np.ndarray:
     if np.issubdtype(array.dtype, np.floating):
         check_finite(path, array)
     return array
+
+
+def check_raw_dataset(dataset_folder: str | os.PathLike, folders=("imagesTr", "labelsTr", "imagesTs")) -> int:
+    """Read every image of an nnU-Net raw dataset through `read_image`; returns how many were checked.
+
+    For tools that hand a dataset to nnU-Net's own readers (the planner), which would take a truncated
+    ``.nii.gz`` as zeros and NaN voxels as 0: the first damaged file raises ImageReadError naming it."""
+    import json
+
+    dataset_folder = os.fspath(dataset_folder)
+    dataset_json = os.path.join(dataset_folder, "dataset.json")
+    if not os.path.isfile(dataset_json):
+        raise ImageReadError(dataset_json, "missing", "dataset.json does not exist")
+    with open(dataset_json) as f:
+        file_ending = json.load(f).get("file_ending", ".nii.gz")
+    checked = 0
+    for sub in folders:
+        folder = os.path.join(dataset_folder, sub)
+        if not os.path.isdir(folder):
+            continue
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(file_ending) and not name.startswith("."):
+                read_image(os.path.join(folder, name))
+                checked += 1
+    return checked
