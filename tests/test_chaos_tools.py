@@ -11,38 +11,12 @@ import SimpleITK as sitk
 from PIL import Image
 from pumit_seg.evaluation import chaos
 from pumit_seg.evaluation.chaos_io import grey_to_labels, labels_to_grey, read_png_stack
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-ORIENTATION = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-PIXEL_SPACING = [0.9, 0.8]  # rows, columns: different, so a swapped axis would show
-
-
-def write_dicom(path, pixels, position, modality, intercept=0.0):
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage if modality == "CT" else MRImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = modality
-    ds.Rows, ds.Columns = pixels.shape
-    ds.PixelSpacing = PIXEL_SPACING
-    ds.ImagePositionPatient = list(position)
-    ds.ImageOrientationPatient = ORIENTATION
-    ds.SliceThickness = 99.0  # deliberately wrong: the slice step must come from the positions
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.RescaleSlope, ds.RescaleIntercept = 1.0, intercept
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
+from pumit_seg.data.synthetic import write_dicom_series
 
 
 def write_series(folder, volume, positions, modality, names, intercept=0.0):
-    os.makedirs(folder, exist_ok=True)
-    for k, (pixels, position) in enumerate(zip(volume, positions, strict=True)):
-        write_dicom(os.path.join(folder, names[k]), pixels, position, modality, intercept)
+    write_dicom_series(folder, volume, positions, names, modality=modality, intercept=intercept)
 
 
 def write_pngs(folder, grey, names):
