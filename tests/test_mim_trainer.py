@@ -120,7 +120,6 @@ def test_export_is_the_trained_encoder(mim_run, tmp_path):
     for key, tensor in encoder.state_dict().items():
         assert torch.equal(tensor, trained[key]), key
     # `pumit_pretrain export` turns the checkpoint into the same file
-    pytest.importorskip("pumit_seg.trainers.export")
     exported = tmp_path / "again.safetensors"
     result = subprocess.run(
         [str(BIN / "pumit_pretrain"), "export", str(mim_run / "checkpoint_last.pt"), "-o", str(exported)],

@@ -51,9 +51,17 @@ def _export_tokenizer(checkpoint: dict, source: str) -> tuple[nn.Module, dict]:
     return rebuild_model(checkpoint, source), {"kind": "tokenizer", "step": int(checkpoint["step"])}
 
 
+def _export_mim(checkpoint: dict, source: str) -> tuple[nn.Module, dict]:
+    """A MIM run exports its encoder alone (what the fine-tuning trainers load), not the MIM head."""
+    from pumit_seg.trainers.mim_trainer import export_mim_checkpoint
+
+    return export_mim_checkpoint(rebuild_model(checkpoint, source), checkpoint)
+
+
 # checkpoint kind -> function(checkpoint, source) -> (module to save, extra header entries)
 EXPORTERS: dict[str, Callable[[dict, str], tuple[nn.Module, dict]]] = {
     "tokenizer": _export_tokenizer,
+    "mim": _export_mim,
 }
 
 

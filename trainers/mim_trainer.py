@@ -53,8 +53,9 @@ __all__ = [
     "MIMConfig",
     "MIMTrainer",
     "ENCODER_PRESETS",
-    "export_mim_checkpoint",
+    "encoder_for_export",
     "export_encoder",
+    "export_mim_checkpoint",
     "add_arguments",
     "run",
 ]
@@ -184,27 +185,21 @@ def load_tokenizer(path: str | os.PathLike, device: torch.device) -> nn.Module:
     return tokenizer.eval().to(device)
 
 
-def export_encoder(encoder: UniversalViT, path: str | os.PathLike, extra: dict | None = None) -> None:
-    """Save the encoder alone with its architecture header (gradient checkpointing switched off)."""
-    config = {**encoder.config, "grad_checkpointing": False}
-    clean = UniversalViT(**config)
+def encoder_for_export(encoder: UniversalViT) -> UniversalViT:
+    """A copy of the encoder with gradient checkpointing switched off (a training-time setting)."""
+    clean = UniversalViT(**{**encoder.config, "grad_checkpointing": False})
     clean.load_state_dict(encoder.state_dict())
-    save_model(clean, path, extra={"kind": EXPORT_KIND, **(extra or {})})
+    return clean
 
 
-def export_mim_checkpoint(checkpoint: dict, path: str | os.PathLike, source: str = "") -> None:
-    """A `pumit_pretrain mim` training checkpoint (already loaded) -> ``encoder.safetensors``."""
-    model_config = checkpoint.get("model_config")
-    if not isinstance(model_config, dict) or "encoder" not in model_config:
-        raise ValueError(f"{source}: the checkpoint has no MIM model configuration")
-    model = MIMModel(**model_config)
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except (RuntimeError, KeyError) as error:
-        raise ValueError(f"{source}: its weights do not fit the MIM model it describes: {error}") from error
-    export_encoder(
-        model.encoder, path, extra={"step": int(checkpoint.get("step", -1)), "source": str(source)}
-    )
+def export_encoder(encoder: UniversalViT, path: str | os.PathLike, extra: dict | None = None) -> None:
+    """Save the encoder alone with its architecture header (``kind: mim_encoder``)."""
+    save_model(encoder_for_export(encoder), path, extra={"kind": EXPORT_KIND, **(extra or {})})
+
+
+def export_mim_checkpoint(model: MIMModel, checkpoint: dict) -> tuple[UniversalViT, dict]:
+    """`pumit_pretrain export` of a ``mim`` checkpoint: (the encoder to save, extra header entries)."""
+    return encoder_for_export(model.encoder), {"kind": EXPORT_KIND, "step": int(checkpoint["step"])}
 
 
 class MIMTrainer(PretrainTrainer):
