@@ -92,11 +92,47 @@ def _missing(path: str) -> ImageReadError:
     return ImageReadError(path, "missing", "file does not exist")
 
 
-def _decompressed_size(path: str) -> int:
-    """Bytes of the gzip file's content; raises ImageReadError when the stream is cut short or damaged.
+class _NonFiniteCounter:
+    """Counts NaN and inf values of a float data block at [start, start + num_bytes) of a byte stream fed
+    in chunks, so the completeness pass over a NIfTI file also finds the NaN voxels ITK would turn into 0."""
+
+    def __init__(self, start: int, num_bytes: int, dtype: np.dtype):
+        self.start, self.end, self.dtype = start, start + num_bytes, dtype
+        self.position = 0
+        self.carry = b""  # bytes of a value split between two chunks
+        self.nan = self.inf = 0
+
+    def feed(self, chunk: bytes) -> None:
+        begin, self.position = self.position, self.position + len(chunk)
+        low, high = max(self.start - begin, 0), min(self.end - begin, len(chunk))
+        if low >= high:
+            return
+        data = self.carry + chunk[low:high]
+        usable = len(data) - len(data) % self.dtype.itemsize
+        self.carry = data[usable:]
+        values = np.frombuffer(data[:usable], dtype=self.dtype)
+        finite = np.isfinite(values)
+        if not finite.all():
+            nan = int(np.isnan(values).sum())
+            self.nan += nan
+            self.inf += int(values.size - finite.sum()) - nan
+
+
+def _stream_size(path: str, compressed: bool, consumer: _NonFiniteCounter | None = None) -> int:
+    """Bytes of the file's content (decompressed for gzip), feeding them to `consumer`; raises
+    ImageReadError when a gzip stream is cut short or damaged.
 
     Concatenated gzip members are followed as gzip does; bytes after the last member that do not start a
     new member are ignored (as zlib-based readers do)."""
+    if not compressed:
+        if consumer is None:
+            return os.path.getsize(path)
+        total = 0
+        with open(path, "rb") as f:
+            while chunk := f.read(READ_CHUNK_BYTES):
+                consumer.feed(chunk)
+                total += len(chunk)
+        return total
     total = 0
     decompressor = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
     member_complete = False
@@ -113,9 +149,12 @@ def _decompressed_size(path: str) -> int:
                 decompressor = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
                 member_complete = False
             try:
-                total += len(decompressor.decompress(chunk))
+                data = decompressor.decompress(chunk)
             except zlib.error as error:
                 raise ImageReadError(path, "corrupt", f"damaged gzip data ({error})") from None
+            total += len(data)
+            if consumer is not None:
+                consumer.feed(data)
             if decompressor.eof:
                 member_complete = True
                 pending = decompressor.unused_data
@@ -129,8 +168,8 @@ def _is_gzip(path: str) -> bool:
         return f.read(2) == GZIP_MAGIC
 
 
-def _nifti_expected_bytes(path: str, compressed: bool) -> int | None:
-    """vox_offset + data bytes announced by a NIfTI header, or None when the file is not single-file NIfTI."""
+def _nifti_layout(path: str, compressed: bool) -> tuple[int, int, np.dtype] | None:
+    """(vox_offset, data bytes, stored dtype) announced by a NIfTI header, None when not single-file NIfTI."""
     import gzip
 
     import nibabel as nib
@@ -153,28 +192,33 @@ def _nifti_expected_bytes(path: str, compressed: bool) -> int | None:
         magic = bytes(header["magic"]).rstrip(b"\x00")
         if magic not in (b"n+1", b"n+2"):
             return None  # a .hdr/.img pair: data lives in another file
-        shape = header.get_data_shape()
-        itemsize = header.get_data_dtype().itemsize
-        return int(header.get_data_offset()) + int(np.prod(shape, dtype=np.int64)) * itemsize
+        dtype = header.get_data_dtype()
+        num_bytes = int(np.prod(header.get_data_shape(), dtype=np.int64)) * dtype.itemsize
+        return int(header.get_data_offset()), num_bytes, dtype
     return None
 
 
-def check_file_complete(path: str | os.PathLike) -> None:
-    """Refuse truncated or damaged files that ITK would silently complete with zeros (gzip, NIfTI)."""
+def check_file_complete(path: str | os.PathLike) -> tuple[int, int]:
+    """Refuse truncated or damaged files that ITK would silently complete with zeros (gzip, NIfTI).
+
+    Returns (NaN count, inf count) of a float NIfTI's stored values, found in the same pass (ITK's NIfTI
+    reader turns them into 0, so they must be counted here); (0, 0) for other files."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise _missing(path)
     compressed = _is_gzip(path)
-    available = _decompressed_size(path) if compressed else os.path.getsize(path)
-    name = path.lower()
-    if name.endswith((".nii", ".nii.gz")):
-        expected = _nifti_expected_bytes(path, compressed)
-        if expected is not None and available < expected:
-            raise ImageReadError(
-                path,
-                "truncated",
-                f"file is truncated: the header announces {expected} bytes, it holds {available}",
-            )
+    layout = _nifti_layout(path, compressed) if path.lower().endswith((".nii", ".nii.gz")) else None
+    counter = None
+    if layout is not None and np.issubdtype(layout[2], np.floating):
+        counter = _NonFiniteCounter(*layout)
+    available = _stream_size(path, compressed, counter)
+    if layout is not None and available < layout[0] + layout[1]:
+        raise ImageReadError(
+            path,
+            "truncated",
+            f"file is truncated: the header announces {layout[0] + layout[1]} bytes, it holds {available}",
+        )
+    return (counter.nan, counter.inf) if counter is not None else (0, 0)
 
 
 def _check_geometry(path: str, spacing, origin, direction, dimension: int) -> None:
@@ -207,11 +251,20 @@ def check_finite(path: str, array: np.ndarray) -> None:
 def read_image_header(path: str | os.PathLike):
     """SimpleITK ImageFileReader with the header read (size, spacing, ...), checked like `read_image`.
 
-    For tools that copy files without decoding them: the file is still checked to be complete."""
+    For tools that copy files without decoding them: the file is still checked to be complete (and a
+    float NIfTI to hold no NaN / inf)."""
+    path = os.fspath(path)
+    reader, (nan, inf) = _checked_header(path)
+    if nan or inf:
+        raise ImageReadError(path, "non-finite", f"{nan} NaN and {inf} infinite voxels; the image is damaged")
+    return reader
+
+
+def _checked_header(path: str):
+    """(ImageFileReader with the header read, (NaN, inf) counts of a float NIfTI), checked as `read_image`."""
     import SimpleITK as sitk
 
-    path = os.fspath(path)
-    check_file_complete(path)
+    nonfinite = check_file_complete(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(path)
     try:
@@ -224,7 +277,7 @@ def read_image_header(path: str | os.PathLike):
             path, "4D", f"image has {dimension} dimensions {reader.GetSize()}; 2D or 3D expected"
         )
     _check_geometry(path, reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection(), dimension)
-    return reader
+    return reader, nonfinite
 
 
 def _itk_message(error: Exception) -> str:
@@ -265,7 +318,7 @@ def read_image(
     import SimpleITK as sitk
 
     path = os.fspath(path)
-    header = read_image_header(path)
+    header, (nan, inf) = _checked_header(path)
     num_bytes = int(np.prod(header.GetSize(), dtype=np.int64)) * header.GetNumberOfComponents()
     num_bytes *= np.dtype(
         sitk.GetArrayViewFromImage(sitk.Image([1] * header.GetDimension(), header.GetPixelID())).dtype
@@ -287,15 +340,20 @@ def read_image(
         raise ImageReadError(path, "4D", f"image has {dimension} dimensions {size}; 2D or 3D expected")
     _check_geometry(path, image.GetSpacing(), image.GetOrigin(), image.GetDirection(), dimension)
     array = sitk.GetArrayFromImage(image)
-    nonfinite = _nifti_nonfinite(path) if path.lower().endswith((".nii", ".nii.gz")) else None
-    if nonfinite is not None:
-        mask, values = nonfinite
-        if mask.shape == array.shape and np.issubdtype(array.dtype, np.floating):
-            array[mask] = values[mask]  # put back what ITK zeroed, so the check below (or the caller) sees it
-        elif not allow_nonfinite:
+    if nan or inf:  # ITK turned them into 0: refuse, or put them back for a caller that allows them
+        if not allow_nonfinite:
             raise ImageReadError(
-                path, "non-finite", f"{int(mask.sum())} NaN or infinite voxels; the image is damaged"
+                path,
+                "non-finite",
+                f"{nan} NaN and {inf} infinite voxels (of {array.size}); the image is damaged",
             )
+        restored = _nifti_nonfinite(path)
+        if (
+            restored is not None
+            and restored[0].shape == array.shape
+            and np.issubdtype(array.dtype, np.floating)
+        ):
+            array[restored[0]] = restored[1][restored[0]]
     if not allow_nonfinite:
         check_finite(path, array)
     return MedicalImage(
