@@ -51,7 +51,7 @@ def folders(tmp_path):
     return ref, pred, tmp_path / "dataset.json", cases
 
 
-@pytest.mark.parametrize("convention", ["monai", "chaos"])
+@pytest.mark.parametrize("convention", ["monai", "paper", "chaos"])
 def test_agrees_with_metric_functions(folders, convention, tmp_path):
     ref, pred, dataset_json, cases = folders
     output = tmp_path / f"summary_{convention}.json"
