@@ -139,6 +139,7 @@ def measure(name: str, device: torch.device, steps: int, warmup: int, batch_size
         "peak_tflops": peak / 1e12 if peak else None,
         "mfu": round(model_flops / seconds / peak, 4) if peak else None,
         "steps": steps,
+        "load_average_1min": round(os.getloadavg()[0], 2),  # other jobs sharing the machine
         "torch": torch.__version__,
     }
 
@@ -156,16 +157,17 @@ def write_results(entries: list[dict]) -> None:
         "",
         "One step = tokenizer targets + MIM forward/backward + grad clip + AdamW. Model FLOPs counted with",
         "torch's FlopCounterMode (forward + backward of the MIM model); MFU only where the peak is known.",
+        "load = the machine's 1-minute load average during the run (other jobs share the cores).",
         "",
-        "| configuration | device | precision | batch | token grid | s/step | tokens/s | model GFLOP/step | TFLOP/s | MFU |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| configuration | device | precision | batch | token grid | s/step | tokens/s | model GFLOP/step | TFLOP/s | MFU | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in merged:
         mfu = f"{100 * e['mfu']:.1f} %" if e["mfu"] is not None else "n/a (peak unknown)"
         lines.append(
             f"| {e['configuration']} (ViT-{e['vit']}) | {e['device']} | {e['precision']} | {e['batch_size']} | "
             f"{'x'.join(map(str, e['token_grid']))} | {e['seconds_per_step']:.4f} | {e['tokens_per_s']:.0f} | "
-            f"{e['model_gflop_per_step']:.2f} | {e['achieved_tflops']:.3f} | {mfu} |"
+            f"{e['model_gflop_per_step']:.2f} | {e['achieved_tflops']:.3f} | {mfu} | {e.get('load_average_1min', '')} |"
         )
     with atomic_path(RESULTS.with_suffix(".md")) as tmp:
         Path(tmp).write_text("\n".join(lines) + "\n")
@@ -179,8 +181,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--batch-size", type=int, default=None, help="override the configuration's batch")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (e.g. a CPU's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-save", action="store_true", help="print only")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     names = [args.only] if args.only else [n for n, c in CONFIGURATIONS.items() if c[6] == "cpu"]
     if not args.only and torch.cuda.is_available():
         names += [n for n, c in CONFIGURATIONS.items() if c[6] == "cuda"]

@@ -260,3 +260,16 @@ def test_tiny_mim_learns_phantoms():
         entropy.item(),
     )
     assert end.accuracy.item() > majority + 0.1, (end.accuracy.item(), majority)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    image = phantom_crops(2)
+    mask = random_token_mask(2, 32, 18, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = MIMModel(encoder={**TINY_ENCODER, "grad_checkpointing": checkpointing}, codebook_size=8)
+        mim_step(model, PatchIntensityTokenizer(), image, ANISO_D, mask=mask).loss.backward()
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7)

@@ -166,6 +166,34 @@ def test_resume_after_a_kill_continues_the_same_curve(store, tokenizer_file, tmp
         torch.testing.assert_close(resumed.model.state_dict()[key], tensor, rtol=1e-5, atol=1e-6)
 
 
+def test_initialisation_from_encoder_weights(store, tokenizer_file, tmp_path):
+    """--eva02-weights goes through load_pretrained_encoder (EVA-02, or our encoder / MIM files); the
+    report is written to the run folder."""
+    from pumit_seg.trainers.mim_trainer import MIMTrainer
+
+    from pumit_seg.models.vit import universal_vit_tiny
+    from pumit_seg.weights import save_model
+
+    torch.manual_seed(7)
+    source = universal_vit_tiny(pos_grid_shape=(2, 4, 4))
+    save_model(source, tmp_path / "init.safetensors")
+    config = mim_config(
+        store,
+        tokenizer_file,
+        tmp_path / "run",
+        *TINY_FLAGS,
+        "--eva02-weights",
+        str(tmp_path / "init.safetensors"),
+    )
+    trainer = MIMTrainer(config)
+    try:
+        for key, tensor in source.state_dict().items():
+            assert torch.equal(trainer.model.encoder.state_dict()[key], tensor), key
+        assert "0 model keys missing" in (tmp_path / "run" / "init_weights.txt").read_text()
+    finally:
+        trainer.close()
+
+
 DDP_SCRIPT = textwrap.dedent(
     """
     import sys, torch
