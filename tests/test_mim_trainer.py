@@ -189,7 +189,8 @@ def test_initialisation_from_encoder_weights(store, tokenizer_file, tmp_path):
     try:
         for key, tensor in source.state_dict().items():
             assert torch.equal(trainer.model.encoder.state_dict()[key], tensor), key
-        assert "0 model keys missing" in (tmp_path / "run" / "init_weights.txt").read_text()
+        assert "0 model keys missing" in trainer.init_report
+        assert not (tmp_path / "run").exists()  # nothing written before fit()
     finally:
         trainer.close()
 

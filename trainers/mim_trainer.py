@@ -228,12 +228,17 @@ class MIMTrainer(PretrainTrainer):
                 allow_pickle=config.eva02_allow_pickle,
                 hints={"allow_pickle": "pass --eva02-allow-pickle"},
             )
+            self.init_report = f"ViT initialised from {config.eva02_weights}\n{report.summary()}\n"
             if self.dist.is_main:
-                summary = f"ViT initialised from {config.eva02_weights}\n{report.summary()}\n"
-                print(summary, flush=True)
-                with atomic_path(self.output_dir / "init_weights.txt") as tmp:
-                    Path(tmp).write_text(summary)
+                print(self.init_report, flush=True)
         return model
+
+    def fit(self) -> Path:
+        # written here, not in build_model, so that a run refused at start leaves its folder untouched
+        if getattr(self, "init_report", None) and self.dist.is_main:
+            with atomic_path(self.output_dir / "init_weights.txt") as tmp:
+                Path(tmp).write_text(self.init_report)
+        return super().fit()
 
     def _check_tokenizer(self) -> int:
         """Codebook size K; the tokenizer's stride must equal the ViT's patch size (16)."""
