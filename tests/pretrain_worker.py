@@ -24,6 +24,8 @@ from pumit_seg.trainers.tokenizer_trainer import TokenizerConfig, TokenizerTrain
 from test_tokenizer import phantom_images  # noqa: E402
 
 GLOBAL_BATCH = 4
+# the 2-rank worker's configuration: gradients, then a 2-step run with a checkpoint
+DDP_RUN = {"perceptual_weight": 0.0, "max_steps": 2, "ckpt_every": 2, "val_every": 2, "log_every": 1}
 
 
 def phantom_batches() -> list[dict]:
@@ -102,12 +104,13 @@ def generator_gradients(trainer: TokenizerTrainer, use_gan: bool) -> tuple[dict[
 def main(argv: list[str]) -> None:
     mode, output = argv[0], Path(argv[1])
     if mode == "grads":
-        trainer = PhantomTokenizerTrainer(tiny_config(output / "run", perceptual_weight=0.0))
+        trainer = PhantomTokenizerTrainer(tiny_config(output / "run", **DDP_RUN))
         grads, values = generator_gradients(trainer, use_gan=True)
         if trainer.dist.is_main:
             save_file(
                 grads, str(output / "grads.safetensors"), metadata={k: repr(v) for k, v in values.items()}
             )
+        trainer.fit()  # then a short DDP run: validation on rank 0, checkpoint with every rank's state
         trainer.close()
     elif mode == "fit":  # the remaining arguments are `pumit_pretrain tokenizer` flags
         parser = argparse.ArgumentParser()

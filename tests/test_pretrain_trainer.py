@@ -27,7 +27,7 @@ from pumit_seg.models.tokenizer import VisualTokenizer
 from pumit_seg.weights import load_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pretrain_worker import PhantomTokenizerTrainer, generator_gradients, tiny_config  # noqa: E402
+from pretrain_worker import DDP_RUN, PhantomTokenizerTrainer, generator_gradients, tiny_config  # noqa: E402
 
 WORKER = Path(__file__).parent / "pretrain_worker.py"
 REPO = Path(__file__).resolve().parents[1]
@@ -253,7 +253,7 @@ def test_two_gloo_ranks_compute_the_prior_term_and_gradients_of_one_process(tmp_
         timeout=240,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    single = PhantomTokenizerTrainer(tiny_config(tmp_path / "single", perceptual_weight=0.0))
+    single = PhantomTokenizerTrainer(tiny_config(tmp_path / "single", **DDP_RUN))
     assert single.local_batch_size == 4
     grads, values = generator_gradients(single, use_gan=True)
     with safe_open(str(tmp_path / "grads.safetensors"), framework="pt") as f:
@@ -264,6 +264,12 @@ def test_two_gloo_ranks_compute_the_prior_term_and_gradients_of_one_process(tmp_
     assert ddp_values["batch_perplexity"] == pytest.approx(values["batch_perplexity"], rel=1e-5)
     # the 2-rank run really split the batch: rank 0's L1 is on its half only
     assert ddp_values["l1"] != pytest.approx(values["l1"], rel=1e-6)
+    # the short 2-rank run: one log, pictures from rank 0, a checkpoint with both ranks' loader states
+    checkpoint = load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)
+    assert checkpoint["step"] == 2 and checkpoint["world_size"] == 2
+    assert [state["loader"]["position"] for state in checkpoint["rank_states"]] == [2, 2]
+    assert [int(r["step"]) for r in _read_log(tmp_path / "run" / "log.csv")] == [1, 2]
+    assert (tmp_path / "run" / "tokenizer.safetensors").is_file()
 
 
 # ---- kill and resume -------------------------------------------------------------------

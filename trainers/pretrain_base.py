@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
+import io
 import math
 import os
 import random
@@ -504,9 +505,13 @@ class PretrainTrainer:
         return self.output_dir / CHECKPOINT_NAME
 
     def checkpoint_state(self) -> dict:
-        rank_states = self.dist.gather_objects(
-            {"loader": _to_safe(self.loader.state_dict()), "rng": _rng_state()}
-        )
+        # tensors inside all_gather_object fail to unpickle (torch 2.13, gloo): gather bytes instead
+        buffer = io.BytesIO()
+        torch.save({"loader": _to_safe(self.loader.state_dict()), "rng": _rng_state()}, buffer)
+        rank_states = [
+            torch.load(io.BytesIO(data), weights_only=True)
+            for data in self.dist.gather_objects(buffer.getvalue())
+        ]
         return {
             "format": CHECKPOINT_FORMAT,
             "kind": self.kind,
