@@ -179,7 +179,9 @@ def _nifti_layout(path: str, compressed: bool) -> tuple[int, int, np.dtype] | No
         with opener(path, "rb") as f:
             head = f.read(NIFTI_HEADER_BYTES)
     except (OSError, EOFError) as error:
-        raise ImageReadError(path, "truncated", f"cannot read the NIfTI header ({error})") from None
+        raise ImageReadError(
+            path, "truncated", f"file is truncated: cannot read its NIfTI header ({error})"
+        ) from None
     for header_class in (nib.Nifti1Header, nib.Nifti2Header):
         if len(head) < header_class.sizeof_hdr:
             continue
