@@ -14,6 +14,8 @@ foreground-mean Dice / ASSD / HD (mm) per fraction and method, and a plot.
     # the tiny CPU configuration from nothing: phantom pre-training corpus -> prepare -> tokenizer -> mim ->
     # encoder.safetensors, a phantom segmentation dataset, plan, then `run` (tables in benchmarks/results):
     python benchmarks/bench_label_fraction.py tiny -o /tmp/label_fraction_tiny
+    # tables from a benchmark folder, finished or not (trainings already done are never repeated):
+    python benchmarks/bench_label_fraction.py table -o /tmp/label_fraction_tiny/benchmark --table PREFIX
 
 Each training runs in its own process (this script's hidden ``train`` command), with nnU-Net's results
 folder pointed into OUT, so a user's own ``nnUNet_results`` is never touched. The trainer classes are
@@ -355,8 +357,6 @@ def tiny(args) -> None:
         str(encoder),
     )
     args.output = str(work / "benchmark")
-    start = time.perf_counter()
-    rows = run_benchmark(args)
     description = {
         "name": "tiny CPU configuration",
         "command": "python benchmarks/bench_label_fraction.py tiny " + " ".join(sys.argv[2:]),
@@ -366,9 +366,31 @@ def tiny(args) -> None:
         f"(pumit_seg.data.synthetic), 3d_fullres, patch 8x64x64, aniso_d 2",
         "budget": f"{args.epochs} epochs x {args.iterations} iterations, lr {args.lr}, warm-up "
         f"{args.warmup_fraction:g}, no mirroring, seed {args.seed}, {args.repeats} repeat(s)",
-        "device": f"{args.device} ({os.cpu_count()} cores)",
-        "wall time (benchmark part)": f"{time.perf_counter() - start:.0f} s",
+        "device": f"{args.device} ({os.cpu_count()} cores, shared with other jobs)",
+        "planned runs": len(args.fractions) * len(args.methods) * args.repeats,
     }
+    from pumit_seg.atomic import write_json_atomic
+
+    write_json_atomic(Path(args.output) / "description.json", description)  # for `table` on a partial run
+    start = time.perf_counter()
+    rows = run_benchmark(args)
+    description["wall time (benchmark part)"] = f"{time.perf_counter() - start:.0f} s"
+    write_tables(rows, Path(args.table), description)
+
+
+def table_from_folder(args) -> None:
+    """The ``table`` command: tables from a (possibly unfinished) benchmark folder's runs.json."""
+    folder = Path(args.output)
+    rows = json.loads((folder / "runs.json").read_text())
+    description_file = folder / "description.json"
+    description = (
+        json.loads(description_file.read_text()) if description_file.exists() else {"name": str(folder)}
+    )
+    planned = description.get("planned runs")
+    if planned and len(rows) < planned:
+        description["status"] = (
+            f"PARTIAL: {len(rows)} of {planned} runs finished ({args.note or 'stopped early'})"
+        )
     write_tables(rows, Path(args.table), description)
 
 
@@ -414,6 +436,10 @@ def main(argv: list[str] | None = None) -> None:
     tiny_parser.add_argument("--mim-steps", type=int, default=300)
     tiny_parser.add_argument("--table", default=str(RESULTS_DIR / "label_fraction_tiny"))
     add_benchmark_arguments(tiny_parser, tiny_defaults=True)
+    table_parser = commands.add_parser("table", help="tables from a benchmark folder (finished or not)")
+    table_parser.add_argument("-o", "--output", required=True, help="the benchmark folder (holds runs.json)")
+    table_parser.add_argument("--table", required=True, help="table prefix")
+    table_parser.add_argument("--note", default="", help="why the run is partial")
     train_parser = commands.add_parser("train", help=argparse.SUPPRESS)
     train_parser.add_argument("--request", required=True)
     args = parser.parse_args(argv)
@@ -421,6 +447,8 @@ def main(argv: list[str] | None = None) -> None:
         train_one(args)
     elif args.command == "tiny":
         tiny(args)
+    elif args.command == "table":
+        table_from_folder(args)
     else:
         if "nnUNet_preprocessed" not in os.environ:
             raise SystemExit("set nnUNet_preprocessed (and nnUNet_raw) to the folders of the planned dataset")
