@@ -250,6 +250,8 @@ def test_two_gloo_ranks_compute_the_prior_term_and_gradients_of_one_process(tmp_
         cwd=REPO,
         capture_output=True,
         text=True,
+        encoding="utf-8",  # tqdm bars are unicode; the test's locale may be ASCII
+        errors="replace",
         timeout=240,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -298,6 +300,8 @@ def test_a_killed_run_resumes_on_the_same_loss_curve(tmp_path, store):
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
+        encoding="utf-8",  # tqdm bars are unicode; the test's locale may be ASCII
+        errors="replace",
     )
     try:
         for line in process.stdout:
