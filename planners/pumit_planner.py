@@ -128,6 +128,10 @@ def norm_eps_from_weights(path: str) -> tuple[float | None, str]:
     return None, "no header and no known key layout"
 
 
+# Activation estimate vs the peak measured on fake tensors (benchmarks/results/memory_calibration.json).
+MEMORY_MODEL_TOLERANCE = 0.3
+
+
 @dataclass
 class MemoryModel:
     """Training-memory model of `PUMITSegNet` (bf16 autocast, AdamW), in bytes.
@@ -149,6 +153,7 @@ class MemoryModel:
     """
 
     vit_bytes_per_token_channel: float = 60.0
+    vit_checkpoint_bytes_per_token_channel: float = 4.0
     conv_bytes_per_voxel_channel: float = 32.0
     bytes_per_parameter: float = 16.0
     overhead_bytes: float = 1.5e9
@@ -159,6 +164,48 @@ def count_parameters(arch_kwargs: dict, input_channels: int, num_classes: int) -
     with torch.device("meta"):
         network = PUMITSegNet(input_channels, num_classes, True, **arch_kwargs)
     return sum(p.numel() for p in network.parameters())
+
+
+def memory_units(
+    arch_kwargs: dict, num_parameters: int, num_classes: int, patch_size, batch_size: int
+) -> dict:
+    """The quantities the memory model multiplies by its constants (shared by the estimate and its calibration).
+
+    * ``parameters``;
+    * ``vit_token_channels``: tokens x width x blocks whose activations are kept for the backward pass (with
+      gradient checkpointing only one block's, recomputed in the backward pass);
+    * ``vit_checkpoint_token_channels``: tokens x width x blocks of checkpointed block inputs (0 without);
+    * ``conv_voxel_channels``: voxels x channels of the conv parts' feature maps at every level.
+    All activation quantities are for the whole batch.
+    """
+    patch = [1, *patch_size] if len(patch_size) == 2 else list(patch_size)
+    aniso_d = arch_kwargs["aniso_d"]
+    embed_dim = arch_kwargs["vit"]["embed_dim"]
+    vit_depth = arch_kwargs["vit"]["depth"]
+    num_tokens = math.prod(token_grid(patch, aniso_d))
+    checkpointed = bool(arch_kwargs["vit"].get("grad_checkpointing"))
+
+    pyramid_channels = arch_kwargs.get("pyramid_channels") or [embed_dim, embed_dim]
+    level_channels = {
+        0: 2 * arch_kwargs["full_res_channels"][0],  # branch + decoder stage
+        1: 2 * arch_kwargs["full_res_channels"][1],
+        2: arch_kwargs["decoder_channels"][0] + pyramid_channels[0],
+        3: arch_kwargs["decoder_channels"][1] + pyramid_channels[1] + embed_dim,  # + level-2 intermediate
+        4: arch_kwargs["decoder_channels"][2] + 4 * embed_dim,  # 4 block outputs as maps
+        5: arch_kwargs["decoder_channels"][3] + embed_dim,
+    }
+    conv_units = 0.0
+    for level, channels in level_channels.items():
+        voxels = (patch[0] / depth_factor(level, aniso_d)) * (patch[1] / 2**level) * (patch[2] / 2**level)
+        conv_units += voxels * (channels + num_classes)
+    return {
+        "parameters": float(num_parameters),
+        "vit_token_channels": float(batch_size * num_tokens * embed_dim * (1 if checkpointed else vit_depth)),
+        "vit_checkpoint_token_channels": float(
+            batch_size * num_tokens * embed_dim * vit_depth if checkpointed else 0
+        ),
+        "conv_voxel_channels": float(batch_size * conv_units),
+    }
 
 
 def estimate_training_memory(
@@ -173,31 +220,14 @@ def estimate_training_memory(
 
     `patch_size` is (H, W) for 2D or (D, H, W) for 3D; `num_parameters` from `count_parameters`.
     """
-    patch = [1, *patch_size] if len(patch_size) == 2 else list(patch_size)
-    aniso_d = arch_kwargs["aniso_d"]
-    embed_dim = arch_kwargs["vit"]["embed_dim"]
-    vit_depth = arch_kwargs["vit"]["depth"]
-
-    patch_depth = depth_downsample_stride(2**TOKEN_LEVEL, aniso_d, 0)
-    num_tokens = (patch[0] // patch_depth) * (patch[1] // 2**TOKEN_LEVEL) * (patch[2] // 2**TOKEN_LEVEL)
-    vit_bytes = num_tokens * embed_dim * vit_depth * memory_model.vit_bytes_per_token_channel
-
-    pyramid_channels = arch_kwargs.get("pyramid_channels") or [embed_dim, embed_dim]
-    level_channels = {
-        0: 2 * arch_kwargs["full_res_channels"][0],  # branch + decoder stage
-        1: 2 * arch_kwargs["full_res_channels"][1],
-        2: arch_kwargs["decoder_channels"][0] + pyramid_channels[0],
-        3: arch_kwargs["decoder_channels"][1] + pyramid_channels[1] + embed_dim,  # + level-2 intermediate
-        4: arch_kwargs["decoder_channels"][2] + 4 * embed_dim,  # 4 block outputs as maps
-        5: arch_kwargs["decoder_channels"][3] + embed_dim,
-    }
-    conv_bytes = 0.0
-    for level, channels in level_channels.items():
-        voxels = (patch[0] / depth_factor(level, aniso_d)) * (patch[1] / 2**level) * (patch[2] / 2**level)
-        conv_bytes += voxels * (channels + num_classes) * memory_model.conv_bytes_per_voxel_channel
-
-    fixed_bytes = num_parameters * memory_model.bytes_per_parameter + memory_model.overhead_bytes
-    return fixed_bytes + batch_size * (vit_bytes + conv_bytes)
+    units = memory_units(arch_kwargs, num_parameters, num_classes, patch_size, batch_size)
+    return (
+        units["parameters"] * memory_model.bytes_per_parameter
+        + units["vit_token_channels"] * memory_model.vit_bytes_per_token_channel
+        + units["vit_checkpoint_token_channels"] * memory_model.vit_checkpoint_bytes_per_token_channel
+        + units["conv_voxel_channels"] * memory_model.conv_bytes_per_voxel_channel
+        + memory_model.overhead_bytes
+    )
 
 
 def token_grid(patch_size, aniso_d: int) -> list[int]:

@@ -7,6 +7,8 @@ Tiny on purpose (CPU, 2 cores): a tiny ViT, small conv widths, patch 8x64x64 at 
 """
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,8 +35,21 @@ TINY_PLAN_ARGS = [
 ]  # fmt: skip
 
 
+COMMAND_TIMEOUT_S = 600  # ~1 min each on an idle 2-core machine; generous for a shared, loaded one
+
+
 def run(command: list[str], env: dict) -> str:
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    # own process group: on a timeout, nnU-Net's data-augmentation workers die with the trainer
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=COMMAND_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     if result.returncode != 0:
         raise AssertionError(
             f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"

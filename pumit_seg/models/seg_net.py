@@ -29,7 +29,6 @@ import nnU-Net.
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import torch.nn.functional as F
@@ -478,7 +477,10 @@ class PUMITSegNet(nn.Module):
                 f"PUMITSegNet input spatial shape {spatial} must be divisible by {divisors} "
                 f"({'depth, ' if self.spatial_dims == 3 else ''}height, width) at aniso_d={self.aniso_d}"
             )
-        if math.prod(size // divisor for size, divisor in zip(spatial, divisors, strict=True)) < 2:
+        level5_voxels = 1  # a plain loop: torch.compile (fullgraph) does not trace math.prod over a generator
+        for size, divisor in zip(spatial, divisors, strict=True):
+            level5_voxels *= size // divisor
+        if level5_voxels < 2:
             raise ValueError(
                 f"PUMITSegNet input spatial shape {spatial} leaves one voxel at the 1/32 level; its InstanceNorm "
                 f"needs at least two: make one axis twice {divisors}"

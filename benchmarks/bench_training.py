@@ -1,0 +1,321 @@
+"""What one training step of PUMITSegNet costs next to nnU-Net's default network at the same patch (issue 12).
+
+    python benchmarks/bench_training.py [--config paper_btcv cpu_small ...] [--skip-wall] [--tag NAME]
+    python benchmarks/bench_training.py --calibrate      # fit the planner's memory model
+
+For each configuration (``CONFIGS`` below; ``paper_btcv`` is the paper's BTCV fine-tuning: ViT-B,
+48x192x192, batch 4, aniso_d 2, 14 classes) and for both networks:
+
+* model FLOPs of one training step, forward and backward (`torch.utils.flop_counter`, fake tensors: nothing
+  is allocated), and for PUMITSegNet per part (encoder, full-resolution branch, pyramid, decoder);
+* peak memory of a steady-state AdamW step (`torch.distributed._tools.mem_tracker` on fake tensors), in
+  fp32 and under a bf16 autocast (the CPU autocast stands in for CUDA's), with the planner's estimate;
+* wall time of forward, backward and the optimiser step on this machine (real tensors; only for
+  configurations marked ``wall``: the paper's step costs ~15 TFLOPs, minutes on two CPU cores), and, on a
+  GPU, ``torch.cuda.max_memory_allocated`` and the model FLOPs utilisation in bf16.
+
+Results go to ``benchmarks/results/training_<tag>.json`` and ``.md`` with the machine and its load.
+
+``--calibrate`` measures the bf16 peak of the activations (total minus parameters, gradients and optimiser
+state) over ``CALIBRATION_GRID`` (ViT size, patch, batch, aniso_d, gradient checkpointing), fits the
+planner's per-element constants (`pumit_seg.planners.pumit_planner.MemoryModel`) by least squares and
+writes ``benchmarks/results/memory_calibration.json`` (the constants there are copied into MemoryModel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+from pumit_seg.planners.pumit_planner import MemoryModel, estimate_training_memory, token_grid
+from pumit_seg.planners.step_cost import (
+    nnunet_default_network,
+    pumit_part_flops,
+    step_flops,
+    step_peak_memory,
+)
+
+from pumit_seg.atomic import atomic_path, write_json_atomic
+from pumit_seg.models.seg_net import PUMITSegNet, build_arch_kwargs
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# bf16 dense peak of the GPUs we may be lent (TFLOP/s), for model FLOPs utilisation
+GPU_BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+CONFIGS = {
+    "paper_btcv": {
+        "model": "base", "aniso_d": 2, "patch": [48, 192, 192], "batch": 4, "channels": 1, "classes": 14,
+        "spacing": [3.0, 0.75, 0.75], "arch": {}, "wall": False,
+    },
+    "cpu_small": {
+        "model": "tiny", "aniso_d": 2, "patch": [16, 96, 96], "batch": 2, "channels": 1, "classes": 14,
+        "spacing": [3.0, 0.75, 0.75], "arch": {}, "wall": True,
+    },
+}  # fmt: skip
+
+
+CALIBRATION_GRID = [
+    # (model, aniso_d, patch, batch, grad_checkpointing)
+    ("tiny", 2, [16, 64, 64], 2, False),
+    ("tiny", 2, [32, 128, 128], 2, False),
+    ("tiny", 0, [32, 64, 64], 2, False),
+    ("tiny", 5, [1, 128, 128], 4, False),
+    ("tiny", 2, [32, 128, 128], 2, True),
+    ("base", 2, [16, 96, 96], 1, False),
+    ("base", 2, [32, 128, 128], 2, False),
+    ("base", 2, [32, 128, 128], 2, True),
+    ("base", 1, [32, 128, 128], 1, False),
+]
+CALIBRATION_CLASSES = 14
+
+
+def calibrate() -> dict:
+    """Measured activation peaks over CALIBRATION_GRID and the least-squares constants of the memory model."""
+    import numpy as np
+    from pumit_seg.planners.pumit_planner import memory_units
+
+    rows = []
+    for model, aniso_d, patch, batch, checkpointing in CALIBRATION_GRID:
+        spatial_dims = 2 if aniso_d == 5 and patch[0] == 1 else 3
+        arch_kwargs = build_arch_kwargs(
+            model, spatial_dims, aniso_d, vit_overrides={"grad_checkpointing": checkpointing}
+        )
+        shape_patch = patch[1:] if spatial_dims == 2 else patch
+        arch_kwargs["vit"]["pos_grid_shape"] = token_grid(shape_patch, aniso_d)
+
+        def factory(arch_kwargs=arch_kwargs):
+            return PUMITSegNet(1, CALIBRATION_CLASSES, True, **arch_kwargs)
+
+        print(
+            f"calibration: {model} aniso_d {aniso_d} patch {patch} batch {batch} ckpt {checkpointing}",
+            flush=True,
+        )
+        peak = step_peak_memory(factory, [batch, 1, *shape_patch], torch.bfloat16)
+        fixed = peak["Parameter"] + peak["Gradient"] + peak["Optstate"]
+        num_parameters = sum(p.numel() for p in _meta(factory).parameters())
+        units = memory_units(arch_kwargs, num_parameters, CALIBRATION_CLASSES, shape_patch, batch)
+        rows.append(
+            {
+                "model": model, "aniso_d": aniso_d, "patch": patch, "batch": batch, "grad_checkpointing": checkpointing,
+                "measured_total_bytes": peak["Total"], "measured_activation_bytes": peak["Total"] - fixed,
+                "measured_fixed_bytes": fixed, "units": units,
+            }
+        )  # fmt: skip
+    keys = ("vit_token_channels", "vit_checkpoint_token_channels", "conv_voxel_channels")
+    a = np.array([[row["units"][k] for k in keys] for row in rows])
+    y = np.array([row["measured_activation_bytes"] for row in rows])
+    # relative least squares: every configuration counts the same, small or large
+    weights = 1 / y
+    coefficients, *_ = np.linalg.lstsq(a * weights[:, None], y * weights, rcond=None)
+    fitted = a @ coefficients
+    for row, estimate in zip(rows, fitted, strict=True):
+        row["fitted_activation_bytes"] = float(estimate)
+        row["relative_error"] = float(estimate / row["measured_activation_bytes"] - 1)
+    return {
+        "constants": {
+            "vit_bytes_per_token_channel": float(coefficients[0]),
+            "vit_checkpoint_bytes_per_token_channel": float(coefficients[1]),
+            "conv_bytes_per_voxel_channel": float(coefficients[2]),
+        },
+        "max_relative_error": float(max(abs(row["relative_error"]) for row in rows)),
+        "rows": rows,
+    }
+
+
+def pumit_factory(config: dict):
+    arch_kwargs = build_arch_kwargs(config["model"], 3, config["aniso_d"], **config["arch"])
+    arch_kwargs["vit"]["pos_grid_shape"] = token_grid(config["patch"], config["aniso_d"])  # as the planner
+    return arch_kwargs, lambda: PUMITSegNet(config["channels"], config["classes"], True, **arch_kwargs)
+
+
+def nnunet_factory(config: dict):
+    return lambda: nnunet_default_network(
+        config["patch"], config["spacing"], config["channels"], config["classes"]
+    )
+
+
+def wall_times(factory, input_shape, device: torch.device, repeats: int, autocast_dtype=None) -> dict:
+    """Median seconds of forward, backward and AdamW step over `repeats` steps after one warm-up step."""
+    torch.manual_seed(0)
+    network = factory().to(device).train()
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
+    x = torch.randn(*input_shape, device=device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    times = {"forward": [], "backward": [], "optimizer": []}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(repeats + 1):
+        sync()
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            output = network(x)
+            loss = sum(o.float().mean() for o in (output if isinstance(output, list) else [output]))
+        sync()
+        forward_end = time.perf_counter()
+        loss.backward()
+        sync()
+        backward_end = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        end = time.perf_counter()
+        if step:  # the first step is warm-up (allocator, kernels)
+            times["forward"].append(forward_end - start)
+            times["backward"].append(backward_end - forward_end)
+            times["optimizer"].append(end - backward_end)
+    result = {key: sorted(values)[len(values) // 2] for key, values in times.items()}
+    result["step"] = sum(result.values())
+    if device.type == "cuda":
+        result["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    return result
+
+
+def bench_config(name: str, config: dict, skip_wall: bool, repeats: int) -> dict:
+    input_shape = [config["batch"], config["channels"], *config["patch"]]
+    arch_kwargs, pumit = pumit_factory(config)
+    nnunet = nnunet_factory(config)
+    row = {"config": {"name": name, **config}}
+    for label, factory in (("pumit", pumit), ("nnunet", nnunet)):
+        print(f"{name} / {label}: FLOPs and memory on fake tensors ...", flush=True)
+        entry = {
+            "parameters": sum(p.numel() for p in _meta(factory).parameters()),
+            "flops": step_flops(factory, input_shape),
+            "peak_memory_fp32": step_peak_memory(factory, input_shape),
+            "peak_memory_bf16": step_peak_memory(factory, input_shape, torch.bfloat16),
+        }
+        if label == "pumit":
+            entry["flops_per_part"] = pumit_part_flops(
+                arch_kwargs, config["channels"], config["classes"], input_shape
+            )
+            model = MemoryModel()
+            entry["planner_estimate_bytes_without_overhead"] = (
+                estimate_training_memory(
+                    arch_kwargs,
+                    entry["parameters"],
+                    config["classes"],
+                    config["patch"],
+                    config["batch"],
+                    model,
+                )
+                - model.overhead_bytes
+            )
+        if config["wall"] and not skip_wall:
+            print(f"{name} / {label}: wall time on {DEVICE} ...", flush=True)
+            dtype = torch.bfloat16 if DEVICE.type == "cuda" else None
+            entry["wall_seconds"] = wall_times(factory, input_shape, DEVICE, repeats, dtype)
+            if DEVICE.type == "cuda":
+                peak = next(
+                    (v for k, v in GPU_BF16_PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None
+                )
+                flops = entry["flops"]["forward"] + entry["flops"]["backward"]
+                if peak:
+                    entry["mfu_bf16"] = flops / entry["wall_seconds"]["step"] / (peak * 1e12)
+        row[label] = entry
+    return row
+
+
+def _meta(factory):
+    with torch.device("meta"):
+        return factory()
+
+
+def markdown(rows: list[dict], machine: dict) -> str:
+    lines = [
+        "# Training step cost: PUMITSegNet vs nnU-Net's default network (same patch)",
+        "",
+        f"Machine: {machine['device']}, {machine['cpu_count']} CPU cores, load average {machine['load_average']}, "
+        f"torch {machine['torch']}. FLOPs and peak memory are measured on fake tensors (exact, load-independent); "
+        "memory excludes the CUDA context and allocator fragmentation. Wall times are medians on this machine.",
+        "",
+    ]
+    for row in rows:
+        config = row["config"]
+        lines += [
+            f"## {config['name']}: {config['model']} ViT, patch {'x'.join(map(str, config['patch']))}, "
+            f"batch {config['batch']}, aniso_d {config['aniso_d']}",
+            "",
+            "| | PUMITSegNet | nnU-Net default | ratio |",
+            "|---|---|---|---|",
+        ]
+
+        def add(label, a, b, unit, scale, lines=lines):
+            lines.append(f"| {label} | {a / scale:.3g} {unit} | {b / scale:.3g} {unit} | {a / b:.2f} |")
+
+        p, n = row["pumit"], row["nnunet"]
+        add("parameters", p["parameters"], n["parameters"], "M", 1e6)
+        add("forward FLOPs", p["flops"]["forward"], n["flops"]["forward"], "TFLOP", 1e12)
+        add("backward FLOPs", p["flops"]["backward"], n["flops"]["backward"], "TFLOP", 1e12)
+        add("peak memory fp32", p["peak_memory_fp32"]["Total"], n["peak_memory_fp32"]["Total"], "GiB", 2**30)
+        add(
+            "peak memory bf16 autocast",
+            p["peak_memory_bf16"]["Total"],
+            n["peak_memory_bf16"]["Total"],
+            "GiB",
+            2**30,
+        )
+        if "wall_seconds" in p and "wall_seconds" in n:
+            for key in ("forward", "backward", "optimizer", "step"):
+                add(f"wall {key}", p["wall_seconds"][key], n["wall_seconds"][key], "s", 1)
+        lines += ["", "PUMITSegNet per part (TFLOP, forward / backward):", ""]
+        for part, flops in p["flops_per_part"].items():
+            lines.append(f"* {part}: {flops['forward'] / 1e12:.3g} / {flops['backward'] / 1e12:.3g}")
+        lines += [
+            "",
+            f"Planner memory model (activations + 16 B/parameter, bf16): "
+            f"{p['planner_estimate_bytes_without_overhead'] / 2**30:.3g} GiB vs measured bf16 peak "
+            f"{p['peak_memory_bf16']['Total'] / 2**30:.3g} GiB.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", nargs="+", choices=sorted(CONFIGS), default=sorted(CONFIGS))
+    parser.add_argument("--skip-wall", action="store_true", help="no wall-time measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up (default 3)")
+    parser.add_argument("--tag", default=None, help="results file suffix (default: cpu or the GPU name)")
+    parser.add_argument("--calibrate", action="store_true", help="fit the planner's memory model instead")
+    args = parser.parse_args(argv)
+    if args.calibrate:
+        result = calibrate()
+        os.makedirs(RESULTS, exist_ok=True)
+        write_json_atomic(os.path.join(RESULTS, "memory_calibration.json"), result)
+        print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2))
+        return
+    if args.repeats < 1:
+        parser.error(f"argument --repeats: must be >= 1, got {args.repeats}")
+
+    device_name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else platform.processor() or "cpu"
+    machine = {
+        "device": device_name,
+        "cpu_count": os.cpu_count(),
+        "load_average": [round(v, 1) for v in os.getloadavg()],
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+    }
+    rows = [bench_config(name, CONFIGS[name], args.skip_wall, args.repeats) for name in args.config]
+    machine["load_average_after"] = [round(v, 1) for v in os.getloadavg()]
+    tag = args.tag or ("cpu" if DEVICE.type == "cpu" else device_name.replace(" ", "_"))
+    os.makedirs(RESULTS, exist_ok=True)
+    write_json_atomic(os.path.join(RESULTS, f"training_{tag}.json"), {"machine": machine, "rows": rows})
+    text = markdown(rows, machine)
+    with atomic_path(os.path.join(RESULTS, f"training_{tag}.md")) as tmp, open(tmp, "w") as f:
+        f.write(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
