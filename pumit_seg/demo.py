@@ -546,7 +546,8 @@ def build_steps(
                         "CHAOS",
                         "score the submission with the official CHAOS metrics",
                         [console_script("pumit_chaos"), "score", str(chaos / "submission"), reference_set,
-                         "-o", str(chaos / "scores.json")],
+                         "-o", str(chaos / "scores.json"),
+                         "--allow_missing"],  # the demo trains on one sequence: the other has no results
                         requires=["chaos_export"],
                     )
                 )  # fmt: skip
@@ -558,6 +559,16 @@ def build_steps(
 
 
 # ------------------------------------------------------------------------------------------ running
+
+
+def write_report_after_failure(root: Path) -> None:
+    """The report of what finished, so a failed run still shows where it stopped (best effort)."""
+    from pumit_seg.report import build_report
+
+    try:
+        print(f"report of the steps so far: {build_report(root)}", flush=True)
+    except Exception as error:  # the step's own failure is what the user must see
+        print(f"(no report: {error})", flush=True)
 
 
 def run_steps(steps: list[Step], root: Path, base_env: dict, quiet: bool = False) -> list[dict]:
@@ -613,6 +624,7 @@ def run_steps(steps: list[Step], root: Path, base_env: dict, quiet: bool = False
                 record.update(status="failed", wall_s=wall, log=str(log_file))
                 records.append(record)
                 write_json_atomic(root / "steps.json", {"steps": records})
+                write_report_after_failure(root)
                 raise SystemExit(
                     f"\nstep {step.key!r} failed (exit code {returncode}) after {wall:.0f} s; log {log_file}:\n{tail}\n"
                     f"fix the cause and run the demo again: finished steps are skipped"

@@ -463,12 +463,22 @@ def _progress(paths: dict, key: str, assets: Path, caption: str) -> str:
     return _image(assets, copied, caption, "half") if copied else _missing(f"no progress.png for {caption}")
 
 
-def _segmentation_section(paths: dict, assets: Path) -> str:
+def _weight_report_line(log_file: Path) -> str:
+    """PUMITTrainer's one-line summary of the encoder weights it loaded (from the training log)."""
+    if not log_file.is_file():
+        return ""
+    found = re.search(r"weights: \d+ loaded[^\n]*", log_file.read_text(errors="replace"))
+    return f" The trainer reported: <i>{_e(found.group(0))}</i>." if found else ""
+
+
+def _segmentation_section(root: Path, paths: dict, assets: Path) -> str:
     parts = []
     if paths.get("encoder"):
         parts.append(
             f"<p>The pre-trained model starts from <code>{_e(paths['encoder'])}</code>; the scratch model from "
-            "random initialisation, with the same trainer (the same budget).</p>"
+            "random initialisation, with the same trainer (the same budget)."
+            + _weight_report_line(root / "logs" / "seg_train_pretrained.log")
+            + "</p>"
         )
     parts.append("<h3>Fine-tuning curves (nnU-Net's progress.png)</h3>")
     for arm in ("pretrained", "scratch"):
@@ -543,7 +553,7 @@ def build_report(root: str | os.PathLike) -> Path:
         "<h2>2. Pre-training</h2>",
         _pretraining_section(root, paths, assets),
         "<h2>3. Segmentation: pre-trained vs from scratch</h2>",
-        _segmentation_section(paths, assets),
+        _segmentation_section(root, paths, assets),
     ]
     if any(k.startswith("chaos") for k in status) or paths.get("chaos_scores"):
         sections += ["<h2>4. CHAOS: from DICOM to a scored submission</h2>", _chaos_section(paths, assets)]
