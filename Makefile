@@ -11,6 +11,9 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.pumit-installed
+# Console tools print progress bars and the tests read their output: UTF-8 whatever the locale (a CI
+# machine's C locale would make Python decode it as ASCII).
+export PYTHONUTF8 := 1
 
 .PHONY: install demo test lint clean browser
 
