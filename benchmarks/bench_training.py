@@ -16,8 +16,7 @@ For each configuration (``CONFIGS`` below; ``paper_btcv`` is the paper's BTCV fi
 
 Results go to ``benchmarks/results/training_<tag>.json`` and ``.md`` with the machine and its load.
 
-``--calibrate`` measures the bf16 peak of the activations (total minus parameters, gradients and optimiser
-state) over ``CALIBRATION_GRID`` (ViT size, patch, batch, aniso_d, gradient checkpointing), fits the
+``--calibrate`` measures the bf16 peak of the activations and temporaries of a forward + backward pass over ``CALIBRATION_GRID`` (ViT size, patch, batch, aniso_d, gradient checkpointing), fits the
 planner's per-element constants (`pumit_seg.planners.pumit_planner.MemoryModel`) by least squares and
 writes ``benchmarks/results/memory_calibration.json`` (the constants there are copied into MemoryModel).
 """
@@ -34,6 +33,7 @@ import time
 import torch
 from pumit_seg.planners.pumit_planner import MemoryModel, estimate_training_memory, token_grid
 from pumit_seg.planners.step_cost import (
+    activation_peak_memory,
     nnunet_default_network,
     pumit_part_flops,
     step_flops,
@@ -95,15 +95,13 @@ def calibrate() -> dict:
             f"calibration: {model} aniso_d {aniso_d} patch {patch} batch {batch} ckpt {checkpointing}",
             flush=True,
         )
-        peak = step_peak_memory(factory, [batch, 1, *shape_patch], torch.bfloat16)
-        fixed = peak["Parameter"] + peak["Gradient"] + peak["Optstate"]
+        activations = activation_peak_memory(factory, [batch, 1, *shape_patch], torch.bfloat16)
         num_parameters = sum(p.numel() for p in _meta(factory).parameters())
         units = memory_units(arch_kwargs, num_parameters, CALIBRATION_CLASSES, shape_patch, batch)
         rows.append(
             {
                 "model": model, "aniso_d": aniso_d, "patch": patch, "batch": batch, "grad_checkpointing": checkpointing,
-                "measured_total_bytes": peak["Total"], "measured_activation_bytes": peak["Total"] - fixed,
-                "measured_fixed_bytes": fixed, "units": units,
+                "measured_activation_bytes": activations, "units": units,
             }
         )  # fmt: skip
     keys = ("vit_token_channels", "vit_checkpoint_token_channels", "conv_voxel_channels")
@@ -111,7 +109,9 @@ def calibrate() -> dict:
     y = np.array([row["measured_activation_bytes"] for row in rows])
     # relative least squares: every configuration counts the same, small or large
     weights = 1 / y
-    coefficients, *_ = np.linalg.lstsq(a * weights[:, None], y * weights, rcond=None)
+    from scipy.optimize import nnls
+
+    coefficients, _ = nnls(a * weights[:, None], y * weights)  # bytes per element cannot be negative
     fitted = a @ coefficients
     for row, estimate in zip(rows, fitted, strict=True):
         row["fitted_activation_bytes"] = float(estimate)

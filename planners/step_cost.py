@@ -23,7 +23,14 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-__all__ = ["fake_module", "step_flops", "step_peak_memory", "pumit_part_flops", "nnunet_default_network"]
+__all__ = [
+    "fake_module",
+    "step_flops",
+    "step_peak_memory",
+    "activation_peak_memory",
+    "pumit_part_flops",
+    "nnunet_default_network",
+]
 
 
 def fake_module(factory: Callable[[], nn.Module], fake_mode) -> nn.Module:
@@ -102,6 +109,30 @@ def step_peak_memory(
         peak = tracker.get_tracker_snapshot("peak")
     (device_peak,) = peak.values()
     return {getattr(kind, "value", kind): float(value) for kind, value in device_peak.items()}
+
+
+def activation_peak_memory(
+    factory: Callable[[], nn.Module], input_shape, autocast_dtype: torch.dtype | None = None
+) -> float:
+    """Peak bytes of activations and temporaries of one forward + backward pass (parameters and gradients
+    left out), on fake tensors: what the memory model's per-element constants describe. (With an optimiser
+    the overall peak of a small patch can be the optimiser step instead, which `step_peak_memory` sees.)"""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    mode = _fake_mode()
+    network = fake_module(factory, mode).train()
+    with mode:
+        x = torch.empty(*input_shape)
+        tracker = MemTracker()
+        tracker.track_external(network, x)
+        with tracker:
+            with _autocast(autocast_dtype):
+                loss = _loss(network(x))
+            loss.backward()
+        peak = tracker.get_tracker_snapshot("peak")
+    (device_peak,) = peak.values()
+    kinds = {getattr(kind, "value", kind): float(value) for kind, value in device_peak.items()}
+    return kinds["Total"] - kinds["Parameter"] - kinds["Gradient"] - kinds.get("Buffer", 0.0)
 
 
 def pumit_part_flops(
