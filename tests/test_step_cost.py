@@ -34,7 +34,7 @@ INDUCTOR = os.environ.get("PUMIT_TEST_INDUCTOR") == "1"
             "inductor",
             marks=pytest.mark.skipif(
                 not INDUCTOR,
-                reason="set PUMIT_TEST_INDUCTOR=1: inductor compiles C++ kernels, ~2-6 min on 2 CPU cores "
+                reason="set PUMIT_TEST_INDUCTOR=1: inductor compiles C++ kernels, 8 min on the shared 2-core machine "
                 "(outputs equal to 1e-5, benchmarks/results/compile_cpu.json)",
             ),
         ),
