@@ -127,7 +127,7 @@ SETTINGS = {
         seg_num_test=2,
         # the smallest patch PUMITSegNet takes: two voxels at its 1/32 level (aniso_d 2 pools depth by 8)
         seg_plan_args=(*_TINY_NETWORK, "--patch_size_3d", "16", "32", "32"),
-        trainer="PUMITTrainer_test",
+        trainer="PUMITTrainer_smoke",
         chaos_num_train=5,
         chaos_num_test=1,
         chaos_shape=(16, 48, 48),

@@ -13,6 +13,7 @@ __all__ = [
     "PUMITTrainer_5epochs",
     "PUMITTrainer_demo",
     "PUMITTrainer_scratch",
+    "PUMITTrainer_smoke",
     "PUMITTrainer_test",
 ]
 

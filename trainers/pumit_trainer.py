@@ -338,3 +338,12 @@ class PUMITTrainer_test(PUMITTrainer):
         )
         self.inference_allowed_mirroring_axes = None
         return rotation, dummy_2d, initial_patch_size, None
+
+
+class PUMITTrainer_smoke(PUMITTrainer_test):
+    """Smoke runs (the demo's smallest setting in CI): 2 epochs x 10 iterations, 1 validation iteration.
+    Checks that every step runs and writes what it should; learns next to nothing."""
+
+    NUM_EPOCHS = 2
+    NUM_ITERATIONS_PER_EPOCH = 10
+    NUM_VAL_ITERATIONS_PER_EPOCH = 1
