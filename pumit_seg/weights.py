@@ -86,21 +86,23 @@ def read_header(path: str | os.PathLike) -> dict:
     return header
 
 
+def import_trusted_class(class_path, source: str) -> type:
+    """The class at ``class_path`` (a dotted path from a file), refused unless it is one of ours:
+    a file must never make us import and instantiate arbitrary code."""
+    if not isinstance(class_path, str) or not class_path.startswith(TRUSTED_CLASS_PREFIX):
+        raise ValueError(f"{source}: refusing to instantiate {class_path!r} (only {TRUSTED_CLASS_PREFIX}* classes)")
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"{source}: model class {class_path!r} cannot be imported ({error})") from error
+
+
 def load_model(path: str | os.PathLike) -> nn.Module:
     """Rebuild the model named in the header (classes under ``pumit_seg.`` only) and load its weights."""
     header = read_header(path)
     class_path = header.get("class", "")
-    if not isinstance(class_path, str) or not class_path.startswith(TRUSTED_CLASS_PREFIX):
-        raise ValueError(
-            f"{path}: refusing to instantiate {class_path!r} (only {TRUSTED_CLASS_PREFIX}* classes)"
-        )
-    module_name, _, class_name = class_path.rpartition(".")
-    try:
-        model_class = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(
-            f"{path}: header names {class_path!r}, which cannot be imported ({error})"
-        ) from error
+    model_class = import_trusted_class(class_path, str(path))
     model = model_class(**header.get("config", {}))
     state_dict = load_state_dict_file(path)
     try:

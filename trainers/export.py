@@ -12,7 +12,6 @@ header entries). A new kind is one function and one `EXPORTERS` entry.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 from pumit_seg.trainers.pretrain_base import load_checkpoint
 from torch import nn
 
-from pumit_seg.weights import TRUSTED_CLASS_PREFIX, save_model
+from pumit_seg.weights import import_trusted_class, save_model
 
 __all__ = ["EXPORTERS", "rebuild_model", "export_checkpoint", "add_arguments", "run"]
 
@@ -28,15 +27,7 @@ __all__ = ["EXPORTERS", "rebuild_model", "export_checkpoint", "add_arguments", "
 def rebuild_model(checkpoint: dict, source: str) -> nn.Module:
     """The trainer's model from the class path and config stored in the checkpoint, with its weights."""
     class_path = checkpoint.get("model_class", "")
-    if not isinstance(class_path, str) or not class_path.startswith(TRUSTED_CLASS_PREFIX):
-        raise ValueError(
-            f"{source}: refusing to instantiate {class_path!r} (only {TRUSTED_CLASS_PREFIX}* classes)"
-        )
-    module_name, _, class_name = class_path.rpartition(".")
-    try:
-        model_class = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"{source}: model class {class_path!r} cannot be imported ({error})") from error
+    model_class = import_trusted_class(class_path, source)
     model = model_class(**(checkpoint.get("model_config") or {}))
     try:
         model.load_state_dict(checkpoint["model"], strict=True)
