@@ -12,7 +12,11 @@ For each configuration (``CONFIGS`` below; ``paper_btcv`` is the paper's BTCV fi
   fp32 and under a bf16 autocast (the CPU autocast stands in for CUDA's), with the planner's estimate;
 * wall time of forward, backward and the optimiser step on this machine (real tensors; only for
   configurations marked ``wall``: the paper's step costs ~15 TFLOPs, minutes on two CPU cores), and, on a
-  GPU, ``torch.cuda.max_memory_allocated`` and the model FLOPs utilisation in bf16.
+  GPU, ``torch.cuda.max_memory_allocated`` and the model FLOPs utilisation in bf16. Each network takes its
+  trainer's optimiser: AdamW (fused where supported, `build_adamw`) for PUMIT, SGD with Nesterov momentum
+  for nnU-Net;
+* the cost cuts (`pumit_seg.planners.step_cost.COST_CUTS`): the same measurements with each cut undone
+  ("before") next to the network as it is ("after").
 
 Results go to ``benchmarks/results/training_<tag>.json`` and ``.md`` with the machine and its load.
 
@@ -31,14 +35,24 @@ import sys
 import time
 
 import torch
-from pumit_seg.planners.pumit_planner import MemoryModel, estimate_training_memory, token_grid
+from pumit_seg.planners.pumit_planner import (
+    ACTIVATION_TERMS,
+    MemoryModel,
+    estimate_training_memory,
+    token_grid,
+)
 from pumit_seg.planners.step_cost import (
+    COST_CUTS,
     activation_peak_memory,
+    adamw_for_tracking,
+    network_without_cut,
     nnunet_default_network,
+    nnunet_sgd,
     pumit_part_flops,
     step_flops,
     step_peak_memory,
 )
+from pumit_seg.trainers.optim import build_adamw
 
 from pumit_seg.atomic import atomic_path, write_json_atomic
 from pumit_seg.models.seg_net import PUMITSegNet, build_arch_kwargs
@@ -104,7 +118,7 @@ def calibrate() -> dict:
                 "measured_activation_bytes": activations, "units": units,
             }
         )  # fmt: skip
-    keys = ("vit_token_channels", "vit_checkpoint_token_channels", "conv_voxel_channels")
+    keys = list(ACTIVATION_TERMS)
     a = np.array([[row["units"][k] for k in keys] for row in rows])
     y = np.array([row["measured_activation_bytes"] for row in rows])
     # relative least squares: every configuration counts the same, small or large
@@ -117,20 +131,30 @@ def calibrate() -> dict:
         row["fitted_activation_bytes"] = float(estimate)
         row["relative_error"] = float(estimate / row["measured_activation_bytes"] - 1)
     return {
-        "constants": {
-            "vit_bytes_per_token_channel": float(coefficients[0]),
-            "vit_checkpoint_bytes_per_token_channel": float(coefficients[1]),
-            "conv_bytes_per_voxel_channel": float(coefficients[2]),
-        },
+        "constants": {ACTIVATION_TERMS[key]: float(c) for key, c in zip(keys, coefficients, strict=True)},
         "max_relative_error": float(max(abs(row["relative_error"]) for row in rows)),
         "rows": rows,
     }
 
 
-def pumit_factory(config: dict):
+def pumit_arch_kwargs(config: dict) -> dict:
     arch_kwargs = build_arch_kwargs(config["model"], 3, config["aniso_d"], **config["arch"])
     arch_kwargs["vit"]["pos_grid_shape"] = token_grid(config["patch"], config["aniso_d"])  # as the planner
+    return arch_kwargs
+
+
+def pumit_factory(config: dict):
+    arch_kwargs = pumit_arch_kwargs(config)
     return arch_kwargs, lambda: PUMITSegNet(config["channels"], config["classes"], True, **arch_kwargs)
+
+
+def pumit_optimizer(network, **adamw_kwargs):
+    """PUMITTrainer's optimiser (its learning rate and weight decay do not change the cost)."""
+    return build_adamw(network, lr=1e-4, weight_decay=0.05, **adamw_kwargs)
+
+
+def nnunet_optimizer(network):
+    return nnunet_sgd(network.parameters())
 
 
 def nnunet_factory(config: dict):
@@ -139,58 +163,73 @@ def nnunet_factory(config: dict):
     )
 
 
-def wall_times(factory, input_shape, device: torch.device, repeats: int, autocast_dtype=None) -> dict:
-    """Median seconds of forward, backward and AdamW step over `repeats` steps after one warm-up step."""
-    torch.manual_seed(0)
-    network = factory().to(device).train()
-    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
+def wall_times(variants: dict, input_shape, device: torch.device, repeats: int, autocast_dtype=None) -> dict:
+    """Median seconds of forward, backward and optimiser step of each variant, ``{name: (factory,
+    make_optimizer)}``, over `repeats` steps after one warm-up step. The variants take turns step by step, so
+    that a machine getting slower or faster during the run (other load, clocks) touches all of them alike."""
     x = torch.randn(*input_shape, device=device)
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    times = {"forward": [], "backward": [], "optimizer": []}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    runs = {}
+    for name, (factory, make_optimizer) in variants.items():
+        torch.manual_seed(0)
+        network = factory().to(device).train()
+        runs[name] = (network, make_optimizer(network), {"forward": [], "backward": [], "optimizer": []})
+    peaks = {}
     for step in range(repeats + 1):
-        sync()
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            output = network(x)
-            loss = sum(o.float().mean() for o in (output if isinstance(output, list) else [output]))
-        sync()
-        forward_end = time.perf_counter()
-        loss.backward()
-        sync()
-        backward_end = time.perf_counter()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sync()
-        end = time.perf_counter()
-        if step:  # the first step is warm-up (allocator, kernels)
-            times["forward"].append(forward_end - start)
-            times["backward"].append(backward_end - forward_end)
-            times["optimizer"].append(end - backward_end)
-    result = {key: sorted(values)[len(values) // 2] for key, values in times.items()}
-    result["step"] = sum(result.values())
-    if device.type == "cuda":
-        result["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
-    return result
+        for name, (network, optimizer, times) in runs.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            sync()
+            start = time.perf_counter()
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                output = network(x)
+                loss = sum(o.float().mean() for o in (output if isinstance(output, list) else [output]))
+            sync()
+            forward_end = time.perf_counter()
+            loss.backward()
+            sync()
+            backward_end = time.perf_counter()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sync()
+            end = time.perf_counter()
+            if device.type == "cuda":
+                peaks[name] = max(peaks.get(name, 0), torch.cuda.max_memory_allocated())
+            if step:  # the first step is warm-up (allocator, kernels)
+                times["forward"].append(forward_end - start)
+                times["backward"].append(backward_end - forward_end)
+                times["optimizer"].append(end - backward_end)
+    results = {}
+    for name, (_, _, times) in runs.items():
+        result = {key: sorted(values)[len(values) // 2] for key, values in times.items()}
+        result["step"] = sum(result.values())
+        if device.type == "cuda":
+            result["max_memory_allocated_bytes"] = peaks[name]
+        results[name] = result
+    return results
 
 
-def bench_config(name: str, config: dict, skip_wall: bool, repeats: int) -> dict:
+def bench_config(name: str, config: dict, skip_wall: bool, repeats: int, with_cuts: bool) -> dict:
     input_shape = [config["batch"], config["channels"], *config["patch"]]
     arch_kwargs, pumit = pumit_factory(config)
     nnunet = nnunet_factory(config)
     row = {"config": {"name": name, **config}}
+    tracked_optimizers = {"pumit": adamw_for_tracking, "nnunet": nnunet_sgd}
     for label, factory in (("pumit", pumit), ("nnunet", nnunet)):
         print(f"{name} / {label}: FLOPs and memory on fake tensors ...", flush=True)
         entry = {
             "parameters": sum(p.numel() for p in _meta(factory).parameters()),
             "flops": step_flops(factory, input_shape),
-            "peak_memory_fp32": step_peak_memory(factory, input_shape),
-            "peak_memory_bf16": step_peak_memory(factory, input_shape, torch.bfloat16),
+            "peak_memory_fp32": step_peak_memory(
+                factory, input_shape, make_optimizer=tracked_optimizers[label]
+            ),
+            "peak_memory_bf16": step_peak_memory(
+                factory, input_shape, torch.bfloat16, make_optimizer=tracked_optimizers[label]
+            ),
         }
         if label == "pumit":
             entry["flops_per_part"] = pumit_part_flops(
@@ -208,19 +247,71 @@ def bench_config(name: str, config: dict, skip_wall: bool, repeats: int) -> dict
                 )
                 - model.overhead_bytes
             )
-        if config["wall"] and not skip_wall:
-            print(f"{name} / {label}: wall time on {DEVICE} ...", flush=True)
-            dtype = torch.bfloat16 if DEVICE.type == "cuda" else None
-            entry["wall_seconds"] = wall_times(factory, input_shape, DEVICE, repeats, dtype)
-            if DEVICE.type == "cuda":
-                peak = next(
-                    (v for k, v in GPU_BF16_PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None
-                )
-                flops = entry["flops"]["forward"] + entry["flops"]["backward"]
-                if peak:
-                    entry["mfu_bf16"] = flops / entry["wall_seconds"]["step"] / (peak * 1e12)
         row[label] = entry
+    if config["wall"] and not skip_wall:
+        print(f"{name}: wall time on {DEVICE}, the two networks taking turns ...", flush=True)
+        walls = wall_times(
+            {"pumit": (pumit, pumit_optimizer), "nnunet": (nnunet, nnunet_optimizer)},
+            input_shape,
+            DEVICE,
+            repeats,
+            AUTOCAST_DTYPE,
+        )
+        for label, wall in walls.items():
+            row[label]["wall_seconds"] = wall
+            peak = next((v for k, v in GPU_BF16_PEAK_TFLOPS.items() if k in DEVICE_NAME), None)
+            if DEVICE.type == "cuda" and peak:
+                flops = row[label]["flops"]["forward"] + row[label]["flops"]["backward"]
+                row[label]["mfu_bf16"] = flops / wall["step"] / (peak * 1e12)
+    if with_cuts:
+        row["cost_cuts"] = bench_cuts(row["config"], skip_wall, repeats)
     return row
+
+
+# Opt-in settings that trade compute for memory (arch kwargs changes), measured next to the default network.
+OPTIONS = {
+    "vit_grad_checkpointing": "ViT blocks recomputed in the backward pass (`pumit_plan_and_preprocess "
+    "--grad_checkpointing`): one block's activations kept instead of all",
+}
+
+
+def with_option(option: str, arch_kwargs: dict) -> dict:
+    if option == "vit_grad_checkpointing":
+        return {**arch_kwargs, "vit": {**arch_kwargs["vit"], "grad_checkpointing": True}}
+    raise ValueError(f"unknown option {option!r}")
+
+
+def bench_cuts(config: dict, skip_wall: bool, repeats: int) -> dict:
+    """FLOPs, bf16 peak memory and (for ``wall`` configurations) wall times with each cost cut undone and each
+    of `OPTIONS` switched on; the entry ``as_it_is`` is the network as it is."""
+    input_shape = [config["batch"], config["channels"], *config["patch"]]
+    arch_kwargs = pumit_arch_kwargs(config)
+    cuts, variants = {}, {}
+    for cut in [None, *COST_CUTS, *OPTIONS]:
+        if cut in OPTIONS:
+            factory, adamw_kwargs = network_without_cut(
+                None, with_option(cut, arch_kwargs), config["channels"], config["classes"]
+            )
+        else:
+            factory, adamw_kwargs = network_without_cut(
+                cut, arch_kwargs, config["channels"], config["classes"]
+            )
+        name = cut or "as_it_is"
+        print(f"{config['name']}: {'as it is' if cut is None else 'with/without ' + cut} ...", flush=True)
+        flops = step_flops(factory, input_shape)
+        cuts[name] = {
+            "flops": flops["forward"] + flops["backward"],
+            "peak_memory_bf16": step_peak_memory(factory, input_shape, torch.bfloat16)["Total"],
+        }
+        variants[name] = (
+            factory,
+            lambda network, adamw_kwargs=adamw_kwargs: pumit_optimizer(network, **adamw_kwargs),
+        )
+    if config["wall"] and not skip_wall:
+        print(f"{config['name']}: wall times, every variant taking turns ...", flush=True)
+        for name, wall in wall_times(variants, input_shape, DEVICE, repeats, AUTOCAST_DTYPE).items():
+            cuts[name]["wall_seconds"] = wall
+    return cuts
 
 
 def _meta(factory):
@@ -275,16 +366,69 @@ def markdown(rows: list[dict], machine: dict) -> str:
             f"{p['peak_memory_bf16']['Total'] / 2**30:.3g} GiB.",
             "",
         ]
+        if "cost_cuts" in row:
+            lines += cost_cut_lines(row["cost_cuts"])
     return "\n".join(lines)
 
 
+def cost_cut_lines(cuts: dict) -> list[str]:
+    """Markdown rows: each cost cut undone (before) next to the network as it is (after)."""
+    now = cuts["as_it_is"]
+    with_wall = "wall_seconds" in now
+    lines = [
+        "Cost cuts: each row undoes one cut (before) and compares with the network as it is (after).",
+        "",
+        "| cut | step FLOPs before / after | peak bf16 before / after | "
+        + ("wall step before / after | " if with_wall else "")
+        + "what it is |",
+        "|---|---|---|" + ("---|" if with_wall else "") + "---|",
+    ]
+    for cut, description in COST_CUTS.items():
+        before = cuts[cut]
+        cells = [
+            f"{before['flops'] / 1e12:.3g} / {now['flops'] / 1e12:.3g} TFLOP",
+            f"{before['peak_memory_bf16'] / 2**30:.3g} / {now['peak_memory_bf16'] / 2**30:.3g} GiB "
+            f"({now['peak_memory_bf16'] / before['peak_memory_bf16'] - 1:+.0%})",
+        ]
+        if with_wall:
+            b, a = before["wall_seconds"], now["wall_seconds"]
+            cells.append(
+                f"{b['step']:.3g} / {a['step']:.3g} s (optimiser {b['optimizer']:.3g} / {a['optimizer']:.3g} s)"
+            )
+        lines.append(f"| {cut} | " + " | ".join(cells) + f" | {description} |")
+    lines += [
+        "",
+        "Options: the default network (off) next to the option switched on.",
+        "",
+        "| option | step FLOPs off / on | peak bf16 off / on | "
+        + ("wall step off / on | " if with_wall else "")
+        + "what it is |",
+        "|---|---|---|" + ("---|" if with_wall else "") + "---|",
+    ]
+    for option, description in OPTIONS.items():
+        on = cuts[option]
+        cells = [
+            f"{now['flops'] / 1e12:.3g} / {on['flops'] / 1e12:.3g} TFLOP ({on['flops'] / now['flops'] - 1:+.0%})",
+            f"{now['peak_memory_bf16'] / 2**30:.3g} / {on['peak_memory_bf16'] / 2**30:.3g} GiB "
+            f"({on['peak_memory_bf16'] / now['peak_memory_bf16'] - 1:+.0%})",
+        ]
+        if with_wall:
+            cells.append(f"{now['wall_seconds']['step']:.3g} / {on['wall_seconds']['step']:.3g} s")
+        lines.append(f"| {option} | " + " | ".join(cells) + f" | {description} |")
+    return [*lines, ""]
+
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DEVICE_NAME = torch.cuda.get_device_name() if DEVICE.type == "cuda" else platform.processor() or "cpu"
+# the trainers' precision: bf16 autocast on CUDA; fp32 on the CPU (its bf16 convolutions are not what we time)
+AUTOCAST_DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else None
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", nargs="+", choices=sorted(CONFIGS), default=sorted(CONFIGS))
     parser.add_argument("--skip-wall", action="store_true", help="no wall-time measurement")
+    parser.add_argument("--skip-cuts", action="store_true", help="no before / after rows of the cost cuts")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up (default 3)")
     parser.add_argument("--tag", default=None, help="results file suffix (default: cpu or the GPU name)")
     parser.add_argument("--calibrate", action="store_true", help="fit the planner's memory model instead")
@@ -298,7 +442,7 @@ def main(argv=None) -> None:
     if args.repeats < 1:
         parser.error(f"argument --repeats: must be >= 1, got {args.repeats}")
 
-    device_name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else platform.processor() or "cpu"
+    device_name = DEVICE_NAME
     machine = {
         "device": device_name,
         "cpu_count": os.cpu_count(),
@@ -306,7 +450,10 @@ def main(argv=None) -> None:
         "torch": torch.__version__,
         "python": sys.version.split()[0],
     }
-    rows = [bench_config(name, CONFIGS[name], args.skip_wall, args.repeats) for name in args.config]
+    rows = [
+        bench_config(name, CONFIGS[name], args.skip_wall, args.repeats, not args.skip_cuts)
+        for name in args.config
+    ]
     machine["load_average_after"] = [round(v, 1) for v in os.getloadavg()]
     tag = args.tag or ("cpu" if DEVICE.type == "cpu" else device_name.replace(" ", "_"))
     os.makedirs(RESULTS, exist_ok=True)

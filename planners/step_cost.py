@@ -13,6 +13,8 @@ shapes and dtypes are real, storage is not, so the paper's ViT-B at 48x192x192 x
   temporaries, in bytes, under an optional CPU autocast dtype (bf16 stands in for CUDA's bf16 autocast:
   the same op lists cast convolutions and matmuls). CUDA's context, cuDNN workspaces and allocator
   fragmentation are not in it.
+* Cost cuts (`COST_CUTS`): what was done to make a step cheaper, each with a way to build the network
+  without it (`network_without_cut`), so that ``benchmarks/bench_training.py`` shows it before and after.
 """
 
 from __future__ import annotations
@@ -27,9 +29,13 @@ __all__ = [
     "fake_module",
     "step_flops",
     "step_peak_memory",
+    "adamw_for_tracking",
+    "nnunet_sgd",
     "activation_peak_memory",
     "pumit_part_flops",
     "nnunet_default_network",
+    "COST_CUTS",
+    "network_without_cut",
 ]
 
 
@@ -83,17 +89,32 @@ def step_flops(
     }
 
 
+def adamw_for_tracking(parameters) -> torch.optim.Optimizer:
+    """AdamW as the PUMIT trainers use it, in the per-parameter form that fake tensors support (the fused
+    kernel keeps the same two moments per parameter)."""
+    return torch.optim.AdamW(parameters, lr=1e-4, foreach=False)
+
+
+def nnunet_sgd(parameters) -> torch.optim.Optimizer:
+    """nnUNetTrainer's optimiser: SGD with Nesterov momentum 0.99 and weight decay 3e-5."""
+    return torch.optim.SGD(parameters, lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
+
+
 def step_peak_memory(
-    factory: Callable[[], nn.Module], input_shape, autocast_dtype: torch.dtype | None = None, steps: int = 2
+    factory: Callable[[], nn.Module],
+    input_shape,
+    autocast_dtype: torch.dtype | None = None,
+    steps: int = 2,
+    make_optimizer: Callable = adamw_for_tracking,
 ) -> dict[str, float]:
-    """Peak bytes of `steps` AdamW training steps, by kind (Parameter, Gradient, Optstate, Activation, Temp,
-    Total), measured on fake tensors."""
+    """Peak bytes of `steps` training steps with `make_optimizer(parameters)`, by kind (Parameter, Gradient,
+    Optstate, Activation, Temp, Total), measured on fake tensors."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
     mode = _fake_mode()
     network = fake_module(factory, mode).train()
     with mode:
-        optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4, foreach=False)
+        optimizer = make_optimizer(network.parameters())
         x = torch.empty(*input_shape)
         tracker = MemTracker()
         tracker.track_external(network, optimizer, x)
@@ -214,3 +235,70 @@ def nnunet_default_network(
         nonlin_kwargs={"inplace": True},
         deep_supervision=deep_supervision,
     )
+
+
+# What makes a PUMITSegNet training step cheaper than a literal transcription of the method, and what each
+# saves is measured by undoing it (`network_without_cut`) in benchmarks/bench_training.py.
+COST_CUTS = {
+    "inplace_activation": "LeakyReLU in place after each InstanceNorm, as nnU-Net: one feature map fewer kept "
+    "per conv-norm-act for the backward pass",
+    "concat_free_skips": "decoder stages convolve the upsampled map and the skip with their kernel slices and "
+    "add, instead of keeping the concatenation of both for the backward pass",
+    "fused_attention": "scaled_dot_product_attention's fused kernels instead of softmax(QK^T)V, which keeps an "
+    "L x L matrix per head",
+    "fixed_kernels": "SAC kernels stored at the plan's aniso_d instead of sum-pooled at every step "
+    "(a fidelity fix, #7)",
+    "fused_adamw": "fused AdamW (one kernel per parameter group) instead of a loop over parameters",
+}
+
+
+class _ConcatenatedInput(nn.Module):
+    """A decoder stage that gets the concatenation of its inputs (how the decoder was before `concat_free_skips`)."""
+
+    def __init__(self, stage: nn.Module):
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, x, aniso_d: int, level: int):
+        return self.stage(torch.cat(list(x), dim=1) if isinstance(x, list | tuple) else x, aniso_d, level)
+
+
+class _MathAttention(nn.Module):
+    """Runs the wrapped network with PyTorch's explicit (math) attention instead of its fused kernels."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.MATH):
+            return self.network(x)
+
+
+def network_without_cut(
+    cut: str | None, arch_kwargs: dict, input_channels: int, num_classes: int
+) -> tuple[Callable[[], nn.Module], dict]:
+    """(network factory, AdamW keyword arguments) of `PUMITSegNet` with the cost cut `cut` undone; ``None``
+    gives the network as it is. The factory's module computes the same function (up to float rounding)."""
+    from pumit_seg.models.seg_net import PUMITSegNet
+
+    if cut is not None and cut not in COST_CUTS:
+        raise ValueError(f"unknown cost cut {cut!r}; known: {sorted(COST_CUTS)}")
+    if cut == "fixed_kernels":
+        arch_kwargs = {**arch_kwargs, "fixed_kernels": False}
+
+    def factory() -> nn.Module:
+        network = PUMITSegNet(input_channels, num_classes, True, **arch_kwargs)
+        if cut == "inplace_activation":
+            for module in network.modules():
+                if isinstance(module, nn.LeakyReLU):
+                    module.inplace = False
+        elif cut == "concat_free_skips":
+            network.decoder.stages = nn.ModuleList(_ConcatenatedInput(s) for s in network.decoder.stages)
+        elif cut == "fused_attention":
+            return _MathAttention(network)
+        return network
+
+    return factory, ({"fused": False} if cut == "fused_adamw" else {})

@@ -125,3 +125,28 @@ def test_inflate_then_pool_round_trip():
     assert torch.allclose(sum_pool_depth(inflate_depth(weight, 16), 4), weight, atol=1e-6)
     with pytest.raises(ValueError, match="not a divisor"):
         sum_pool_depth(weight, 3)
+
+
+@pytest.mark.parametrize(
+    ("aniso_d", "num_downsamples", "fixed"), [(0, 0, False), (2, 0, False), (2, 0, True)]
+)
+def test_conv_on_a_list_of_inputs_equals_conv_on_their_concatenation(aniso_d, num_downsamples, fixed):
+    """A decoder stage convolves its upsampled map and skip separately (no concatenation kept for the
+    backward pass): output and every gradient equal the conv on ``torch.cat``, depth-pooled kernels included."""
+    torch.manual_seed(0)
+    fixed_kwargs = {"fixed_aniso_d": aniso_d, "fixed_num_downsamples": num_downsamples} if fixed else {}
+    conv = SACConv3d(7, 5, kernel_size=3, **fixed_kwargs)
+    up = torch.randn(2, 3, 4, 8, 8, requires_grad=True)
+    skip = torch.randn(2, 4, 4, 8, 8, requires_grad=True)
+    split_output = conv([up, skip], aniso_d, num_downsamples)
+    split_output.square().sum().backward()
+    split_grads = [t.grad.clone() for t in (up, skip, conv.weight, conv.bias)]
+    for t in (up, skip, conv.weight, conv.bias):
+        t.grad = None
+    cat_output = conv(torch.cat([up, skip], dim=1), aniso_d, num_downsamples)
+    cat_output.square().sum().backward()
+    torch.testing.assert_close(split_output, cat_output, rtol=1e-5, atol=1e-5)
+    for split_grad, t in zip(split_grads, (up, skip, conv.weight, conv.bias), strict=True):
+        torch.testing.assert_close(split_grad, t.grad, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match=r"inputs with \[3, 3\] channels, expected 7"):
+        conv([up, skip[:, :3]], aniso_d, num_downsamples)

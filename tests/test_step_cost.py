@@ -1,6 +1,6 @@
-"""What a training step costs (issue 12): torch.compile equals eager, FLOPs per part add up, and the planner's
+"""What a training step costs (issue 12): torch.compile equals eager, FLOPs per part add up, the planner's
 memory model (calibrated by ``benchmarks/bench_training.py --calibrate``) lies within its stated tolerance of
-the peak measured on fake tensors."""
+the peak measured on fake tensors, and each cost cut keeps the network's function while lowering its cost."""
 
 import os
 
@@ -14,11 +14,14 @@ from pumit_seg.planners.pumit_planner import (
     token_grid,
 )
 from pumit_seg.planners.step_cost import (
+    COST_CUTS,
     activation_peak_memory,
+    network_without_cut,
     pumit_part_flops,
     step_flops,
     step_peak_memory,
 )
+from pumit_seg.trainers.optim import build_adamw
 
 from pumit_seg.models.seg_net import PUMITSegNet, build_arch_kwargs
 
@@ -94,12 +97,62 @@ def test_memory_model_is_within_its_tolerance_of_the_measured_peak(aniso_d, patc
         num_parameters = sum(p.numel() for p in factory().parameters())
     memory_model = MemoryModel()
     units = memory_units(kwargs, num_parameters, 14, patch, batch)
-    estimated = (
-        units["vit_token_channels"] * memory_model.vit_bytes_per_token_channel
-        + units["vit_checkpoint_token_channels"] * memory_model.vit_checkpoint_bytes_per_token_channel
-        + units["conv_voxel_channels"] * memory_model.conv_bytes_per_voxel_channel
-    )
+    estimated = memory_model.activation_bytes(units)
     assert estimated == pytest.approx(measured, rel=MEMORY_MODEL_TOLERANCE)
     # the whole estimate (16 B per parameter: weights, gradients, AdamW moments) bounds a real step's peak
     peak = step_peak_memory(factory, [batch, 1, *patch], torch.bfloat16)
     assert estimate_training_memory(kwargs, num_parameters, 14, patch, batch, memory_model) >= peak["Total"]
+
+
+@pytest.mark.parametrize("cut", sorted(COST_CUTS))
+def test_each_cost_cut_keeps_what_the_network_computes(cut):
+    """Undoing a cut (how the benchmark's "before" rows are built) gives the same outputs and gradients at the
+    same weights, and the fused AdamW the same step as the loop: the cuts change the cost, not the function."""
+    kwargs = build_arch_kwargs("tiny", 3, 2, **SMALL)
+    factory_now, _ = network_without_cut(None, kwargs, 1, 3)
+    factory_before, adamw_kwargs_before = network_without_cut(cut, kwargs, 1, 3)
+    torch.manual_seed(0)
+    now = factory_now().train()
+    torch.manual_seed(0)
+    before = factory_before().train()
+    if cut == "fixed_kernels":  # other kernel shapes: the fixed kernels load into the adaptive layers
+        before.load_state_dict(now.state_dict())
+    x = torch.randn(2, 1, 8, 64, 32)
+    outputs, input_grads = [], []
+    for network in (now, before):
+        x_grad = x.clone().requires_grad_(True)
+        outputs.append(network(x_grad))
+        sum(o.square().mean() for o in outputs[-1]).backward()
+        input_grads.append(x_grad.grad)
+    for a, b in zip(*outputs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(*input_grads, rtol=1e-4, atol=1e-7)
+    if cut != "fixed_kernels":  # the wrappers keep the parameter order
+        # float32 sums in another order: within 1e-3 of each parameter's largest gradient, plus 1e-6 of the
+        # network's largest (some biases before an InstanceNorm have gradients that are rounding noise around 0)
+        network_scale = max(p.grad.abs().max().item() for p in now.parameters())
+        for p_now, p_before in zip(now.parameters(), before.parameters(), strict=True):
+            scale = p_now.grad.abs().max().item()
+            assert (p_now.grad - p_before.grad).abs().max().item() <= 1e-3 * scale + 1e-6 * network_scale
+    if cut == "fused_adamw":
+        for network, adamw_kwargs in ((now, {}), (before, adamw_kwargs_before)):
+            build_adamw(network, lr=1e-3, weight_decay=0.05, **adamw_kwargs).step()
+        for p_now, p_before in zip(now.parameters(), before.parameters(), strict=True):
+            torch.testing.assert_close(p_now, p_before, rtol=1e-5, atol=1e-7)
+
+
+def test_adamw_is_fused_on_cpu_and_cuda_parameters():
+    network = torch.nn.Linear(3, 2)
+    assert build_adamw(network, lr=1e-3, weight_decay=0.05).defaults["fused"] is True
+    assert build_adamw(network, lr=1e-3, weight_decay=0.05, fused=False).defaults["fused"] is False
+
+
+@pytest.mark.parametrize("cut", ["inplace_activation", "concat_free_skips"])
+def test_memory_cuts_lower_the_measured_peak(cut):
+    """The activation cuts lower the bf16 activation peak of a training step (fake tensors, default widths)."""
+    kwargs = build_arch_kwargs("tiny", 3, 2)
+    kwargs["vit"]["pos_grid_shape"] = token_grid([16, 96, 96], 2)
+    shape = [2, 1, 16, 96, 96]
+    peak_now = activation_peak_memory(network_without_cut(None, kwargs, 1, 14)[0], shape, torch.bfloat16)
+    peak_before = activation_peak_memory(network_without_cut(cut, kwargs, 1, 14)[0], shape, torch.bfloat16)
+    assert peak_now < 0.95 * peak_before

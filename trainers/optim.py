@@ -58,6 +58,21 @@ class WarmupCosineLRScheduler(_LRScheduler):
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
+# Devices with PyTorch's fused (single-kernel) AdamW; other devices keep the default implementation.
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
 def build_adamw(model: nn.Module, lr: float, weight_decay: float, **adamw_kwargs) -> torch.optim.AdamW:
-    """AdamW over `weight_decay_param_groups`."""
-    return torch.optim.AdamW(weight_decay_param_groups(model, weight_decay), lr=lr, **adamw_kwargs)
+    """AdamW over `weight_decay_param_groups`, fused where every parameter is on a CPU or CUDA device.
+
+    The fused AdamW does the same update in one kernel per parameter group instead of a loop over
+    parameters (3.5x faster step on the CPU for ViT-B's parameters, ``benchmarks/results/training_cpu.md``).
+    ``fused=False`` in `adamw_kwargs` keeps the loop.
+    """
+    groups = weight_decay_param_groups(model, weight_decay)
+    parameters = [p for group in groups for p in group["params"]]
+    if "fused" not in adamw_kwargs and "foreach" not in adamw_kwargs:
+        adamw_kwargs["fused"] = bool(parameters) and all(
+            p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point() for p in parameters
+        )
+    return torch.optim.AdamW(groups, lr=lr, **adamw_kwargs)

@@ -310,18 +310,40 @@ class SACConv3d(_InflateOnLoadMixin, _FixedMixin, nn.Conv3d):
         self.fixed_aniso_d = fixed_aniso_d
         self.fixed_num_downsamples = fixed_num_downsamples
 
-    def forward(self, x: Tensor, aniso_d: int, num_downsamples: int) -> Tensor:  # type: ignore[override]
-        _check_5d(x, type(self).__name__)
+    def forward(self, x: Tensor | Sequence[Tensor], aniso_d: int, num_downsamples: int) -> Tensor:  # type: ignore[override]
+        """`x` is one input or several whose channel concatenation is the input (a U-Net stage's upsampled
+        map and skip): each part is convolved with its slice of the kernel and the results summed, the same
+        output as on ``torch.cat(x, 1)`` without keeping that concatenation for the backward pass."""
+        parts = [x] if isinstance(x, Tensor) else list(x)
+        for part in parts:
+            _check_5d(part, type(self).__name__)
+        if sum(part.shape[1] for part in parts) != self.in_channels:
+            raise ValueError(
+                f"{type(self).__name__}: inputs with {[part.shape[1] for part in parts]} channels, "
+                f"expected {self.in_channels} in all"
+            )
         self._check_call(aniso_d, num_downsamples)
         depth_stride = depth_downsample_stride(self.sac_stride, aniso_d, num_downsamples)
         stride = (depth_stride, self.sac_stride, self.sac_stride)
         pad = self.padding[1]
+        weight, depth_pad = self.weight, self.weight.shape[2] // 2
         if pending_downsamples(aniso_d, num_downsamples) > 0:
-            weight = sum_pool_depth(self.weight, 1)
-            return F.conv3d(x, weight, self.bias, stride=stride, padding=(0, pad, pad))
-        return F.conv3d(
-            x, self.weight, self.bias, stride=stride, padding=(self.weight.shape[2] // 2, pad, pad)
-        )
+            weight, depth_pad = sum_pool_depth(self.weight, 1), 0
+        output, start = None, 0
+        for part in parts:
+            end = start + part.shape[1]
+            part_weight = weight if len(parts) == 1 else weight[:, start:end]
+            # the bias is added once, with the first part
+            y = F.conv3d(
+                part,
+                part_weight,
+                self.bias if start == 0 else None,
+                stride=stride,
+                padding=(depth_pad, pad, pad),
+            )
+            output = y if output is None else output.add_(y)  # in place: a conv's backward needs no output
+            start = end
+        return output
 
 
 class SACUpsample(_InflateOnLoadMixin, _FixedMixin, nn.ConvTranspose3d):

@@ -50,6 +50,10 @@ DEFAULT_DECODER_CHANNELS = (128, 256, 512, 512)  # at levels 2, 3, 4, 5
 DEFAULT_FULL_RES_CHANNELS = (32, 64)  # at levels 0, 1 (the reference's 32, 64; 128 is the decoder's level 2)
 ARCH_VERSION = 2  # bumped when arch_kwargs / parameter layout change incompatibly
 NEGATIVE_SLOPE = 0.01  # LeakyReLU, as nnU-Net and the reference
+# LeakyReLU after an InstanceNorm runs in place, as in nnU-Net: the norm's backward needs its input, not its
+# output, so overwriting the output keeps one feature map fewer per conv-norm-act for the backward pass
+# (-8 % peak memory at the paper's BTCV step, benchmarks/results/training_cpu.md).
+ACT_INPLACE = True
 NORM_EPS = 1e-5  # InstanceNorm3d's default
 VIT_PRESETS = {"tiny": universal_vit_tiny, "base": universal_vit_base, "large": universal_vit_large}
 
@@ -159,9 +163,10 @@ class ConvNormAct(nn.Module):
             **_fixed(fixed_aniso_d, level),
         )
         self.norm = nn.InstanceNorm3d(out_channels, eps=NORM_EPS, affine=True)
-        self.act = nn.LeakyReLU(NEGATIVE_SLOPE)
+        self.act = nn.LeakyReLU(NEGATIVE_SLOPE, inplace=ACT_INPLACE)
 
-    def forward(self, x: torch.Tensor, aniso_d: int, level: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | list[torch.Tensor], aniso_d: int, level: int) -> torch.Tensor:
+        """`x`: one map, or several to be read as their channel concatenation (see `SACConv3d.forward`)."""
         return self.act(self.norm(self.conv(x, aniso_d, level)))
 
 
@@ -173,7 +178,7 @@ class ConvBlock(nn.Module):
         self.conv1 = ConvNormAct(in_channels, out_channels, level, fixed_aniso_d)
         self.conv2 = ConvNormAct(out_channels, out_channels, level, fixed_aniso_d)
 
-    def forward(self, x: torch.Tensor, aniso_d: int, level: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | list[torch.Tensor], aniso_d: int, level: int) -> torch.Tensor:
         return self.conv2(self.conv1(x, aniso_d, level), aniso_d, level)
 
 
@@ -239,7 +244,7 @@ class Lateral(nn.Sequential):
         super().__init__(
             nn.Conv3d(in_channels, out_channels, kernel_size=1, bias=False),
             nn.InstanceNorm3d(out_channels, eps=NORM_EPS, affine=True),
-            nn.LeakyReLU(NEGATIVE_SLOPE),
+            nn.LeakyReLU(NEGATIVE_SLOPE, inplace=ACT_INPLACE),
         )
 
 
@@ -286,7 +291,7 @@ class UNetDecoder(nn.Module):
         logits = []
         for level in reversed(range(NUM_LEVELS - 1)):
             x = self.upsamples[level](x, aniso_d, level + 1)
-            x = self.stages[level](torch.cat([x, skips[level]], dim=1), aniso_d, level)
+            x = self.stages[level]([x, skips[level]], aniso_d, level)
             if self.deep_supervision or level == 0:
                 logits.append(self.seg_layers[level](x))
         if not self.deep_supervision:
