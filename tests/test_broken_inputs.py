@@ -144,9 +144,12 @@ def build_evaluate_missing_prediction(tmp: Path) -> dict:
 
 
 def build_chaos_train(tmp: Path) -> dict:
-    from pumit_seg.data.synthetic import write_chaos_tree
+    from pumit_seg.data.chaos_phantoms import tiny_chaos_series, write_chaos_tree
 
-    return {"chaos": write_chaos_tree(str(tmp / "Train_Sets")), "raw": tmp / "nnUNet_raw"}
+    return {
+        "chaos": write_chaos_tree(str(tmp / "Train_Sets"), tiny_chaos_series()),
+        "raw": tmp / "nnUNet_raw",
+    }
 
 
 def build_chaos_missing_outphase(tmp: Path) -> dict:
@@ -174,9 +177,9 @@ def build_chaos_converted(tmp: Path) -> dict:
     """A CHAOS test set (no Ground) converted to nnU-Net, and predictions for its cases."""
     from pumit_seg.evaluation import chaos
 
-    from pumit_seg.data.synthetic import write_chaos_tree
+    from pumit_seg.data.chaos_phantoms import tiny_chaos_series, write_chaos_tree
 
-    root = write_chaos_tree(str(tmp / "Test_Sets"), mr_ids=("1",), ct_ids=(), with_ground=False)
+    root = write_chaos_tree(str(tmp / "Test_Sets"), tiny_chaos_series(ct_ids=()), with_ground=False)
     raw = tmp / "nnUNet_raw"
     folders = chaos.convert(root, str(raw))
     predictions = {}
@@ -221,9 +224,9 @@ def build_chaos_score_missing_series(tmp: Path) -> dict:
     """A results tree (the ground truths as results) lacking the T2SPIR series of patient 1."""
     import shutil
 
-    from pumit_seg.data.synthetic import write_chaos_tree
+    from pumit_seg.data.chaos_phantoms import tiny_chaos_series, write_chaos_tree
 
-    root = Path(write_chaos_tree(str(tmp / "Train_Sets"), ct_ids=()))
+    root = Path(write_chaos_tree(str(tmp / "Train_Sets"), tiny_chaos_series(ct_ids=())))
     for sequence in ("T1DUAL",):  # T2SPIR left out
         shutil.copytree(
             root / "MR" / "1" / sequence / "Ground",

@@ -12,78 +12,15 @@ from PIL import Image
 from pumit_seg.evaluation import chaos
 from pumit_seg.evaluation.chaos_io import grey_to_labels, labels_to_grey, read_png_stack
 
+from pumit_seg.data.chaos_phantoms import tiny_chaos_series, write_chaos_tree
 from pumit_seg.data.synthetic import write_dicom_series
-
-
-def write_series(folder, volume, positions, modality, names, intercept=0.0):
-    write_dicom_series(folder, volume, positions, names, modality=modality, intercept=intercept)
-
-
-def write_pngs(folder, grey, names):
-    os.makedirs(folder, exist_ok=True)
-    for g, name in zip(grey, names, strict=True):
-        Image.fromarray(g.astype(np.uint8), mode="L").save(os.path.join(folder, name))
-
-
-def mr_ground_truth(num_slices, rows, columns, rng):
-    grey = np.zeros((num_slices, rows, columns), np.uint8)
-    grey[:, 2:9, 2:10] = 63  # liver, cut by the first and the last slice
-    grey[1:4, 11:15, 3:7] = 120  # right kidney, a grey value inside its range (110-135), not 126
-    grey[2:, 12:16, 12:16] = 189  # left kidney
-    grey[0:2, 3:6, 13:17] = 250  # spleen (240-255)
-    grey[rng.random(grey.shape) < 0.02] = 30  # stray grey values outside every range: background
-    return grey
 
 
 @pytest.fixture(scope="module")
 def chaos_tree(tmp_path_factory):
-    """MR case 1 (T1DUAL and T2SPIR, T1 file names run against the slice position), CT case 2."""
-    root = str(tmp_path_factory.mktemp("chaos") / "Train_Sets")
-    rng = np.random.default_rng(0)
-    rows, columns = 18, 20
-    # MR T1DUAL: 6 slices; file IMG-0001 lies highest, positions fall with the file name
-    t1_slices = 6
-    t1_positions = [(-10.0, 20.0, 30.0 - 4.5 * k) for k in range(t1_slices)]
-    names = [f"IMG-0004-{k + 1:05d}.dcm" for k in range(t1_slices)]
-    base = os.path.join(root, "MR", "1", "T1DUAL")
-    in_phase = rng.integers(0, 900, (t1_slices, rows, columns))
-    write_series(os.path.join(base, "DICOM_anon", "InPhase"), in_phase, t1_positions, "MR", names)
-    out_names = [f"IMG-0004-{k + 100:05d}.dcm" for k in range(t1_slices)]
-    write_series(os.path.join(base, "DICOM_anon", "OutPhase"), in_phase // 2, t1_positions, "MR", out_names)
-    write_pngs(
-        os.path.join(base, "Ground"),
-        mr_ground_truth(t1_slices, rows, columns, rng),
-        [n.replace(".dcm", ".png") for n in names],
-    )
-    # MR T2SPIR: 5 slices in ascending position
-    t2_slices = 5
-    base = os.path.join(root, "MR", "1", "T2SPIR")
-    names = [f"IMG-0002-{k + 1:05d}.dcm" for k in range(t2_slices)]
-    t2_positions = [(-10.0, 20.0, 3.0 + 6.0 * k) for k in range(t2_slices)]
-    write_series(
-        os.path.join(base, "DICOM_anon"),
-        rng.integers(0, 900, (t2_slices, rows, columns)),
-        t2_positions,
-        "MR",
-        names,
-    )
-    write_pngs(
-        os.path.join(base, "Ground"),
-        mr_ground_truth(t2_slices, rows, columns, rng),
-        [n.replace(".dcm", ".png") for n in names],
-    )
-    # CT: 4 slices of 16 x 14, HU via intercept, liver = any non-zero grey
-    ct = np.full((4, 16, 14), 1000) + rng.integers(0, 300, (4, 16, 14))
-    base = os.path.join(root, "CT", "2")
-    names = [f"i{k:04d},0000b.dcm" for k in range(4)]
-    write_series(
-        os.path.join(base, "DICOM_anon"), ct, [(0.0, 0.0, -2.5 * k) for k in range(4)], "CT", names, -1024.0
-    )
-    ct_grey = np.zeros((4, 16, 14), np.uint8)
-    ct_grey[:3, 4:12, 3:9] = 255
-    ct_grey[3, 5, 5] = 1  # any non-zero pixel is liver
-    write_pngs(os.path.join(base, "Ground"), ct_grey, [f"liver_GT_{k:03d}.png" for k in range(4)])
-    return root
+    """The tiny CHAOS tree: MR case 1 (T1DUAL, whose file names run against the slice position, and T2SPIR)
+    and CT case 2, with ground truths holding grey values off the submitted ones and stray values."""
+    return write_chaos_tree(str(tmp_path_factory.mktemp("chaos") / "Train_Sets"), tiny_chaos_series())
 
 
 @pytest.fixture(scope="module")
@@ -230,10 +167,10 @@ def test_clear_errors(chaos_tree, converted, tmp_path):
     dataset = os.path.join(converted, "Dataset303_CHAOS_CT")
     wrong = tmp_path / "pred"
     wrong.mkdir()
-    sitk.WriteImage(sitk.Image(14, 16, 3, sitk.sitkUInt8), str(wrong / "CHAOS_002.nii.gz"))
+    sitk.WriteImage(sitk.Image(20, 18, 3, sitk.sitkUInt8), str(wrong / "CHAOS_002.nii.gz"))
     with pytest.raises(ValueError, match="CHAOS_002.nii.gz has shape"):
         chaos.export_submission([(dataset, str(wrong))], str(tmp_path / "out"))
-    sitk.WriteImage(sitk.Image(14, 16, 4, sitk.sitkUInt8), str(wrong / "CHAOS_077.nii.gz"))
+    sitk.WriteImage(sitk.Image(20, 18, 4, sitk.sitkUInt8), str(wrong / "CHAOS_077.nii.gz"))
     with pytest.raises(FileNotFoundError, match="CHAOS_077"):
         chaos.export_submission([(dataset, str(wrong))], str(tmp_path / "out"))
     with pytest.raises(FileNotFoundError, match="no CHAOS series"):
@@ -241,10 +178,10 @@ def test_clear_errors(chaos_tree, converted, tmp_path):
 
 
 def test_joint_mr_dataset_export_and_score(tmp_path):
-    from pumit_seg.data.synthetic import write_chaos_tree
-
-    train = write_chaos_tree(str(tmp_path / "Train_Sets"), mr_ids=("1", "3"), ct_ids=())
-    test = write_chaos_tree(str(tmp_path / "Test_Sets"), mr_ids=("7",), ct_ids=(), with_ground=False)
+    train = write_chaos_tree(str(tmp_path / "Train_Sets"), tiny_chaos_series(mr_ids=("1", "3"), ct_ids=()))
+    test = write_chaos_tree(
+        str(tmp_path / "Test_Sets"), tiny_chaos_series(mr_ids=("7",), ct_ids=()), with_ground=False
+    )
     raw = tmp_path / "raw"
     chaos.main(["convert", train, str(raw), "--joint-mr"])
     chaos.main(["convert", test, str(raw), "--joint-mr"])
@@ -317,8 +254,6 @@ def official_chaos_surface_distances(reference, result, index_to_mm):
 
 
 def test_chaos_scoring_rules(tmp_path):
-    from pumit_seg.data.synthetic import write_dicom_series
-
     rows, columns, num_slices = 14, 16, 6
     # a series whose slices are tilted against their plane: each file moves 3 mm along z and 1.5 mm along x
     positions = [(1.5 * k, 0.0, 3.0 * k) for k in range(num_slices)]
@@ -359,9 +294,7 @@ def test_chaos_scoring_rules(tmp_path):
 def test_incomplete_series_fail_or_are_skipped_and_listed(tmp_path):
     import shutil
 
-    from pumit_seg.data.synthetic import write_chaos_tree
-
-    root = write_chaos_tree(str(tmp_path / "Train_Sets"), mr_ids=("1", "2"), ct_ids=())
+    root = write_chaos_tree(str(tmp_path / "Train_Sets"), tiny_chaos_series(mr_ids=("1", "2"), ct_ids=()))
     shutil.rmtree(os.path.join(root, "MR", "2", "T1DUAL", "DICOM_anon", "OutPhase"))
     shutil.rmtree(os.path.join(root, "MR", "1", "T2SPIR", "Ground"))
     raw = tmp_path / "raw"

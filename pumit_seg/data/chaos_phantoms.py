@@ -1,24 +1,27 @@
-"""Synthetic CHAOS-layout MR sets: DICOM series and ground-truth PNG stacks (SPEC section 10).
+"""Synthetic trees in the CHAOS layout: DICOM series and ground-truth PNG stacks (SPEC section 10).
 
-The abdomen phantoms of `pumit_seg.data.synthetic` (MR contrast, smooth bias field) written the way the
-CHAOS challenge distributes its data, so ``pumit_chaos convert / export / score`` run on them exactly as
-on the download::
+CHAOS distributes its data as::
 
-    ROOT/Train_Sets/MR/<id>/T1DUAL/DICOM_anon/InPhase/*.dcm   (and OutPhase/)
-    ROOT/Train_Sets/MR/<id>/T1DUAL/Ground/*.png               one ground truth for both phases
-    ROOT/Train_Sets/MR/<id>/T2SPIR/DICOM_anon/*.dcm
-    ROOT/Train_Sets/MR/<id>/T2SPIR/Ground/*.png
-    ROOT/Test_Sets/MR/<id>/...                                the same without Ground folders
-    ROOT/Test_Sets_reference/MR/<id>/...                      the test cases with Ground, for a local score
+    SET/MR/<id>/T1DUAL/DICOM_anon/InPhase/*.dcm   (and OutPhase/)
+    SET/MR/<id>/T1DUAL/Ground/*.png               one ground truth for both phases
+    SET/MR/<id>/T2SPIR/DICOM_anon/*.dcm
+    SET/MR/<id>/T2SPIR/Ground/*.png
+    SET/CT/<id>/DICOM_anon/*.dcm
+    SET/CT/<id>/Ground/*.png
 
-Ground truths use the CHAOS grey values (liver 63, right kidney 126, left kidney 189, spleen 252); the
-phantom's aorta is left unlabelled, as CHAOS labels no vessels. The patient's right is on the image left
-(columns run to the patient's left), so the liver and the right kidney lie at low column indices.
-Like some real CHAOS series, every other T1DUAL series has file names that run against the slice
-position, which readers that sort by position would reverse.
+where slice k of a ground-truth stack belongs to DICOM file k in file-name order, whatever the slice
+positions. Test sets have no Ground folders. `write_chaos_tree` writes such a tree from `ChaosSeries`
+(what one series holds), and two makers of series feed it:
 
-Each series is written into a temporary sibling folder and renamed into place; a series already
-present is kept (the generator is seeded, so it would be written identically).
+* `make_case` / `write_chaos_phantoms`: the abdomen phantoms of `pumit_seg.data.synthetic` (MR contrast,
+  smooth bias field) as MR cases, so ``pumit_chaos convert / export / score`` run on them exactly as on
+  the download. ``ROOT/Train_Sets``, ``ROOT/Test_Sets`` and ``ROOT/Test_Sets_reference`` (the test cases
+  with Ground, for a local score). Ground truths use the CHAOS grey values (liver 63, right kidney 126,
+  left kidney 189, spleen 252); the phantom's aorta is left unlabelled, as CHAOS labels no vessels. The
+  patient's right is on the image left (columns run to the patient's left), so the liver and the right
+  kidney lie at low column indices.
+* `tiny_chaos_series`: a few-kilobyte tree of noise images and box organs for the tests of the CHAOS
+  tools.
 
     python -m pumit_seg.data.chaos_phantoms OUT --num_train 4 --num_test 2
 """
@@ -27,23 +30,74 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from pumit_seg.atomic import atomic_path
-from pumit_seg.data.synthetic import LABELS, PhantomConfig, make_phantom
+from pumit_seg.atomic import atomic_folder, atomic_path
+from pumit_seg.data.synthetic import LABELS, PhantomConfig, make_phantom, write_dicom_series
 
 SEQUENCES = ("T1DUAL", "T2SPIR")
+SERIES_NUMBER = {"T1DUAL": 4, "T2SPIR": 2}  # the <series> of the CHAOS MR file names IMG-<series>-<number>
 # CHAOS ground-truth grey values (SPEC 10)
 GREY = {"liver": 63, "right_kidney": 126, "left_kidney": 189, "spleen": 252}
 # Out-of-phase T1 darkens voxels holding both fat and water; the phantom's liver plays the fatty organ.
 OUT_PHASE_FACTOR = {"liver": 0.6, "default": 0.9}
-IMAGE_ORIENTATION = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]  # axial slices: rows along x, columns along y
+
+
+# ------------------------------------------------------------------------------------- the writer
+
+
+@dataclass
+class ChaosSeries:
+    """One series of a CHAOS tree: where it lies, its DICOM stacks and its ground truth.
+
+    Slice k of every stack is file k of its names and lies at positions[k]; the phases of T1DUAL share the
+    positions and the ground truth.
+    """
+
+    folder: str  # under the set folder: "MR/<id>/<sequence>" or "CT/<id>"
+    dicom: dict[str, np.ndarray]  # sub-folder of DICOM_anon ("" for none) -> (slices, rows, columns)
+    dicom_names: dict[str, list[str]]  # sub-folder of DICOM_anon -> file names
+    positions: list  # ImagePositionPatient of file k
+    ground: np.ndarray  # CHAOS grey values, uint8 (slices, rows, columns)
+    ground_names: list[str]
+    dicom_options: dict = field(default_factory=dict)  # further `write_dicom_slice` options
+
+
+def write_png(path: str, grey: np.ndarray) -> None:
+    """8-bit grey PNG, written atomically."""
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(grey, dtype=np.uint8), mode="L").save(tmp, format="PNG")
+
+
+def write_chaos_tree(set_folder: str, series: Iterable[ChaosSeries], with_ground: bool = True) -> str:
+    """Write every series under `set_folder`, with its Ground folder unless `with_ground` is False (a test
+    set); returns `set_folder`.
+
+    Each series is built in a temporary sibling folder and renamed into place, replacing what was there,
+    so an interrupted run never leaves a half-written series.
+    """
+    for one in series:
+        with atomic_folder(os.path.join(set_folder, one.folder)) as folder:
+            for sub_folder, volume in one.dicom.items():
+                dicom_folder = os.path.join(folder, "DICOM_anon", sub_folder)
+                names = one.dicom_names[sub_folder]
+                write_dicom_series(dicom_folder, volume, one.positions, names, **one.dicom_options)
+            if with_ground:
+                for grey, name in zip(one.ground, one.ground_names, strict=True):
+                    write_png(os.path.join(folder, "Ground", name), grey)
+    return set_folder
+
+
+def image_names(series_number: int, count: int, suffix: str, first: int = 1) -> list[str]:
+    """CHAOS MR file names IMG-<series>-<number>, numbered from `first`."""
+    return [f"IMG-{series_number:04d}-{first + k:05d}{suffix}" for k in range(count)]
+
+
+# ------------------------------------------------------------------------- the demo's phantom sets
 
 
 @dataclass
@@ -81,92 +135,25 @@ def chaos_ground_truth(label: np.ndarray) -> np.ndarray:
     return grey
 
 
-def write_dicom_slice(
-    path: str, pixels: np.ndarray, position, spacing_hw, series_uid: str, number: int
-) -> None:
-    """One MR slice as a DICOM file (16-bit unsigned, explicit VR little endian), written atomically."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = MRImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "MR"
-    ds.SeriesInstanceUID = series_uid
-    ds.InstanceNumber = number
-    ds.Rows, ds.Columns = pixels.shape
-    ds.PixelSpacing = [float(s) for s in spacing_hw]
-    ds.ImagePositionPatient = [float(p) for p in position]
-    ds.ImageOrientationPatient = IMAGE_ORIENTATION
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint16).tobytes()
-    with atomic_path(path) as tmp:
-        ds.save_as(tmp, enforce_file_format=True)
-
-
-def write_png(path: str, grey: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        Image.fromarray(np.ascontiguousarray(grey, dtype=np.uint8), mode="L").save(tmp, format="PNG")
-
-
 def _to_uint16(image: np.ndarray) -> np.ndarray:
     return np.clip(np.round(image), 0, np.iinfo(np.uint16).max).astype(np.uint16)
 
 
-def write_series(
-    folder: str,
-    volumes: dict[str, np.ndarray],
-    grey: np.ndarray | None,
-    spacing,
-    origin,
-    series_number: int,
-    reversed_names: bool,
-) -> None:
-    """One sequence of one case: ``DICOM_anon[/<phase>]/*.dcm`` (+ ``Ground/*.png``) under `folder`.
+def make_case(chaos_id: int, config: ChaosPhantomConfig, seed: int) -> dict[str, ChaosSeries]:
+    """Both MR series of one phantom case, by sequence.
 
-    `volumes` maps a DICOM sub-folder ("" for T2SPIR, "InPhase" / "OutPhase" for T1DUAL) to a
-    (slices, rows, columns) volume; slice k lies at origin + k * spacing[0] along the slice normal.
-    With `reversed_names` file name k holds slice (num_slices - 1 - k).
-    """
-    tmp = f"{folder}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    num_slices = next(iter(volumes.values())).shape[0]
-    order = list(range(num_slices))[::-1] if reversed_names else list(range(num_slices))
-    for phase_index, (phase, volume) in enumerate(volumes.items()):
-        dicom_folder = os.path.join(tmp, "DICOM_anon", phase)
-        os.makedirs(dicom_folder)
-        series_uid = generate_uid()
-        for k, z in enumerate(order):
-            position = (origin[0], origin[1], origin[2] + z * spacing[0])
-            name = f"IMG-{series_number + phase_index:04d}-{k + 1:05d}.dcm"
-            write_dicom_slice(
-                os.path.join(dicom_folder, name), volume[z], position, spacing[1:], series_uid, k + 1
-            )
-    if grey is not None:
-        os.makedirs(os.path.join(tmp, "Ground"))
-        for k, z in enumerate(order):
-            write_png(os.path.join(tmp, "Ground", f"IMG-{series_number:04d}-{k + 1:05d}.png"), grey[z])
-    shutil.rmtree(folder, ignore_errors=True)
-    os.makedirs(os.path.dirname(folder), exist_ok=True)
-    os.replace(tmp, folder)
-
-
-def make_case(
-    chaos_id: int, config: ChaosPhantomConfig, seed: int
-) -> dict[str, tuple[dict, np.ndarray, tuple]]:
-    """{sequence: (volumes by DICOM sub-folder, ground-truth grey stack, origin)} of one case.
-
-    Seeded by (seed, chaos_id) alone, so a case is the same whichever set it is written into.
+    Seeded by (seed, chaos_id) alone, so a case is the same whichever set it is written into. Slice k lies
+    at origin + k * spacing[0] along the slice normal. Like some real CHAOS series, the T1DUAL series of
+    odd ids has file names that run against the slice position (file k holds slice num_slices - 1 - k),
+    which readers that sort by position would reverse.
     """
     rng = np.random.default_rng([seed, chaos_id])
     phantom_config = PhantomConfig(shape=config.shape, spacing=config.spacing, modality="MR", num_channels=2)
-    series = {}
+    case = {}
     for sequence in SEQUENCES:  # both drawn always, so a case does not depend on `config.sequences`
         image, label, _ = make_phantom(rng, phantom_config)
         t1, t2 = image
-        origin = tuple(rng.uniform(-150, 150, size=3))
+        origin = rng.uniform(-150, 150, size=3)
         if sequence == "T1DUAL":
             factor = np.where(
                 label == LABELS["liver"], OUT_PHASE_FACTOR["liver"], OUT_PHASE_FACTOR["default"]
@@ -175,33 +162,42 @@ def make_case(
             volumes = {"InPhase": _to_uint16(t1), "OutPhase": _to_uint16(out_phase)}
         else:
             volumes = {"": _to_uint16(t2)}
-        series[sequence] = (volumes, chaos_ground_truth(label), origin)
-    return series
+        num_slices = label.shape[0]
+        slice_of_file = np.arange(num_slices)
+        if sequence == "T1DUAL" and chaos_id % 2 == 1:
+            slice_of_file = slice_of_file[::-1]
+        series_number = SERIES_NUMBER[sequence]
+        case[sequence] = ChaosSeries(
+            folder=os.path.join("MR", str(chaos_id), sequence),
+            dicom={sub_folder: volume[slice_of_file] for sub_folder, volume in volumes.items()},
+            dicom_names={  # the out phase is the next series: IMG-0005
+                sub_folder: image_names(series_number + index, num_slices, ".dcm")
+                for index, sub_folder in enumerate(volumes)
+            },
+            positions=[(origin[0], origin[1], origin[2] + z * config.spacing[0]) for z in slice_of_file],
+            ground=chaos_ground_truth(label)[slice_of_file],
+            ground_names=image_names(series_number, num_slices, ".png"),
+            dicom_options={"pixel_spacing": config.spacing[1:], "slice_thickness": None},
+        )
+    return case
 
 
 def write_case(
     set_folder: str, chaos_id: int, config: ChaosPhantomConfig, seed: int, with_ground: bool
 ) -> None:
+    """The case's series of `config.sequences`; a series already present is kept (the generator is
+    seeded, so it would be written identically)."""
+    case_folder = os.path.join(set_folder, "MR", str(chaos_id))
     pending = [
         s
         for s in config.sequences
-        if not os.path.isdir(os.path.join(set_folder, "MR", str(chaos_id), s, "DICOM_anon"))
-        or (with_ground and not os.path.isdir(os.path.join(set_folder, "MR", str(chaos_id), s, "Ground")))
+        if not os.path.isdir(os.path.join(case_folder, s, "DICOM_anon"))
+        or (with_ground and not os.path.isdir(os.path.join(case_folder, s, "Ground")))
     ]
     if not pending:
         return
     case = make_case(chaos_id, config, seed)
-    for sequence in pending:
-        volumes, grey, origin = case[sequence]
-        write_series(
-            os.path.join(set_folder, "MR", str(chaos_id), sequence),
-            volumes,
-            grey if with_ground else None,
-            config.spacing,
-            origin,
-            series_number=2 if sequence == "T2SPIR" else 4,  # as in the CHAOS file names
-            reversed_names=sequence == "T1DUAL" and chaos_id % 2 == 1,
-        )
+    write_chaos_tree(set_folder, [case[sequence] for sequence in pending], with_ground)
 
 
 def write_chaos_phantoms(
@@ -223,9 +219,83 @@ def write_chaos_phantoms(
     return folders
 
 
+# ---------------------------------------------------------------------------- the tests' tiny tree
+
+
+def _tiny_mr_ground_truth(num_slices: int, rows: int, columns: int) -> np.ndarray:
+    """Box organs in CHAOS MR grey values. As in real ground truths, not every grey value is the one a
+    submission writes: readers must map the organs' grey-value ranges, and ignore values outside them."""
+    grey = np.zeros((num_slices, rows, columns), np.uint8)
+    grey[:, 2 : rows // 2, 2 : columns // 2] = GREY["liver"]  # cut by the first and the last slice
+    grey[1:-1, rows // 2 + 2 : rows - 2, 3:7] = 120  # right kidney: inside its range (110-135), not 126
+    grey[1:, rows // 2 + 2 : rows - 2, columns // 2 + 2 : columns - 2] = GREY["left_kidney"]
+    grey[: num_slices // 2, 3:6, columns // 2 + 2 : columns - 2] = 250  # spleen: inside 240-255, not 252
+    grey[:, -1, ::3] = 30  # stray grey values outside every organ's range: background
+    return grey
+
+
+def tiny_chaos_series(
+    mr_ids=("1",), ct_ids=("2",), rows: int = 18, columns: int = 20, seed: int = 0
+) -> list[ChaosSeries]:
+    """The series of a tiny CHAOS download (noise images, box organs), for tests of the CHAOS tools.
+
+    MR <id>: T1DUAL (6 slices, out phase = in phase // 2) has file names running against the slice
+    position, as some real series do; T2SPIR (5 slices) runs with them. CT <id>: 4 slices, Hounsfield
+    units through RescaleIntercept, liver ground truth 255 with one pixel of 1 (any non-zero grey is
+    liver). Every DICOM keeps the misleading default SliceThickness of `write_dicom_slice`.
+    """
+    rng = np.random.default_rng(seed)
+    series = []
+    for chaos_id in mr_ids:
+        t1_slices, t2_slices = 6, 5
+        in_phase = rng.integers(0, 900, (t1_slices, rows, columns))
+        series.append(
+            ChaosSeries(
+                folder=os.path.join("MR", str(chaos_id), "T1DUAL"),
+                dicom={"InPhase": in_phase, "OutPhase": in_phase // 2},
+                dicom_names={
+                    "InPhase": image_names(SERIES_NUMBER["T1DUAL"], t1_slices, ".dcm"),
+                    "OutPhase": image_names(SERIES_NUMBER["T1DUAL"], t1_slices, ".dcm", first=100),
+                },
+                positions=[(-10.0, 20.0, 30.0 - 4.5 * k) for k in range(t1_slices)],  # file 1 lies highest
+                ground=_tiny_mr_ground_truth(t1_slices, rows, columns),
+                ground_names=image_names(SERIES_NUMBER["T1DUAL"], t1_slices, ".png"),
+            )
+        )
+        series.append(
+            ChaosSeries(
+                folder=os.path.join("MR", str(chaos_id), "T2SPIR"),
+                dicom={"": rng.integers(0, 900, (t2_slices, rows, columns))},
+                dicom_names={"": image_names(SERIES_NUMBER["T2SPIR"], t2_slices, ".dcm")},
+                positions=[(-10.0, 20.0, 3.0 + 6.0 * k) for k in range(t2_slices)],
+                ground=_tiny_mr_ground_truth(t2_slices, rows, columns),
+                ground_names=image_names(SERIES_NUMBER["T2SPIR"], t2_slices, ".png"),
+            )
+        )
+    for chaos_id in ct_ids:
+        ct_slices = 4
+        ground = np.zeros((ct_slices, rows, columns), np.uint8)
+        ground[:3, 4 : rows - 4, 3 : columns // 2] = 255
+        ground[3, 5, 5] = 1
+        series.append(
+            ChaosSeries(
+                folder=os.path.join("CT", str(chaos_id)),
+                dicom={"": 1000 + rng.integers(0, 300, (ct_slices, rows, columns))},
+                dicom_names={"": [f"i{k:04d},0000b.dcm" for k in range(ct_slices)]},
+                positions=[(0.0, 0.0, -2.5 * k) for k in range(ct_slices)],
+                ground=ground,
+                ground_names=[f"liver_GT_{k:03d}.png" for k in range(ct_slices)],
+                dicom_options={"modality": "CT", "intercept": -1024.0},
+            )
+        )
+    return series
+
+
 def main(argv: list[str] | None = None) -> None:
     defaults = ChaosPhantomConfig()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description="Write synthetic CHAOS-layout MR sets: DICOM series and ground-truth PNG stacks."
+    )
     parser.add_argument("output", help="folder to write Train_Sets, Test_Sets and Test_Sets_reference into")
     parser.add_argument("--num_train", type=int, default=4, help="training cases (default: 4)")
     parser.add_argument("--num_test", type=int, default=2, help="test cases (default: 2)")

@@ -17,6 +17,9 @@ different degrees of anisotropy are one argument apart. A 2D variant writes 2D i
 
 Everything is seeded and small by default (a 12-case dataset takes about a second).
 
+The module also holds the project's DICOM writer (`write_dicom_slice`, `write_dicom_series`), for the
+CHAOS-layout trees of `pumit_seg.data.chaos_phantoms` and the tests of the DICOM readers.
+
     pumit_make_phantoms -o $nnUNet_raw -d 501 --spacing 3 0.75 0.75
 """
 
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 
-from pumit_seg.atomic import atomic_folder
+from pumit_seg.atomic import atomic_folder, atomic_path
 from pumit_seg.cli_checks import exit_on_bad_input, float_in_range, int_in_range
 
 LABELS = {"background": 0, "liver": 1, "spleen": 2, "kidneys": 3, "aorta": 4}
@@ -237,21 +240,27 @@ def write_phantom_dataset(
 
 
 DICOM_ORIENTATION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)  # axial: rows along x, columns along y
+# Readers must take the slice step from the positions, never from SliceThickness: test series carry a
+# thickness far from their step, so a reader that used it would fail.
+MISLEADING_SLICE_THICKNESS = 99.0
 
 
 def write_dicom_slice(
     path: str,
     pixels: np.ndarray,
     position,
+    series_uid: str,
+    instance_number: int,
     modality: str = "MR",
     pixel_spacing=(0.9, 0.8),
     orientation=DICOM_ORIENTATION,
     intercept: float = 0.0,
+    slice_thickness: float | None = MISLEADING_SLICE_THICKNESS,
 ) -> None:
-    """One uint16 DICOM slice (CT or MR image storage) with the geometry tags CHAOS-style readers use.
+    """One uint16 DICOM slice (CT or MR image storage, explicit VR little endian), written atomically.
 
-    For tests and demos of the DICOM paths (CHAOS convert / score); SliceThickness is deliberately wrong
-    (99) because readers must take the slice step from the positions."""
+    It carries the tags CHAOS-style readers use (geometry, RescaleSlope / Intercept) and the series' UID
+    and instance number; SliceThickness is left out when `slice_thickness` is None."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
@@ -264,100 +273,32 @@ def write_dicom_slice(
     dataset.SOPClassUID = meta.MediaStorageSOPClassUID
     dataset.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     dataset.Modality = modality
+    dataset.SeriesInstanceUID = series_uid
+    dataset.InstanceNumber = instance_number
     dataset.Rows, dataset.Columns = pixels.shape
     dataset.PixelSpacing = [float(s) for s in pixel_spacing]
     dataset.ImagePositionPatient = [float(p) for p in position]
     dataset.ImageOrientationPatient = [float(o) for o in orientation]
-    dataset.SliceThickness = 99.0
+    if slice_thickness is not None:
+        dataset.SliceThickness = float(slice_thickness)
     dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
     dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 16, 15, 0
     dataset.RescaleSlope, dataset.RescaleIntercept = 1.0, float(intercept)
     dataset.PixelData = np.ascontiguousarray(pixels, dtype=np.uint16).tobytes()
-    dataset.save_as(path, enforce_file_format=True)
+    with atomic_path(path) as tmp:
+        dataset.save_as(tmp, enforce_file_format=True)
 
 
 def write_dicom_series(folder: str, volume: np.ndarray, positions, names: list[str], **slice_options) -> None:
-    """`volume[k]` as `folder/names[k]` at `positions[k]` (see `write_dicom_slice` for the options)."""
+    """`volume[k]` as `folder/names[k]` at `positions[k]`, instance number k + 1, one new SeriesInstanceUID.
+
+    `slice_options` are the further options of `write_dicom_slice` (modality, pixel spacing, ...)."""
+    from pydicom.uid import generate_uid
+
     os.makedirs(folder, exist_ok=True)
-    for pixels, position, name in zip(volume, positions, names, strict=True):
-        write_dicom_slice(os.path.join(folder, name), pixels, position, **slice_options)
-
-
-CHAOS_MR_GREY = {"liver": 63, "right_kidney": 126, "left_kidney": 189, "spleen": 252}
-
-
-def _chaos_mr_ground(num_slices: int, rows: int, columns: int) -> np.ndarray:
-    grey = np.zeros((num_slices, rows, columns), np.uint8)
-    grey[:, 2 : rows // 2, 2 : columns // 2] = CHAOS_MR_GREY["liver"]  # cut by the first and last slice
-    grey[1:-1, rows // 2 + 2 : rows - 2, 3:7] = CHAOS_MR_GREY["right_kidney"]
-    grey[1:, rows // 2 + 2 : rows - 2, columns // 2 + 2 : columns - 2] = CHAOS_MR_GREY["left_kidney"]
-    grey[: num_slices // 2, 3:6, columns // 2 + 2 : columns - 2] = CHAOS_MR_GREY["spleen"]
-    return grey
-
-
-def write_chaos_tree(
-    root: str,
-    mr_ids=("1",),
-    ct_ids=("2",),
-    with_ground: bool = True,
-    rows: int = 18,
-    columns: int = 20,
-    seed: int = 0,
-) -> str:
-    """A tiny CHAOS download (SPEC section 10) under `root`: ``MR/<id>/{T1DUAL,T2SPIR}``, ``CT/<id>``.
-
-    T1DUAL (6 slices) has file names running against the slice position (as some real series do), T2SPIR
-    (5 slices) and CT (4 slices, HU through RescaleIntercept) run with it. With `with_ground` every series
-    gets its Ground PNG stack (MR grey values of the four organs, CT liver 255), as in the training set;
-    without, it looks like the test set. For tests of the CHAOS tools; returns `root`.
-    """
-    from PIL import Image
-
-    def write_ground(folder: str, grey: np.ndarray, names: list[str]) -> None:
-        os.makedirs(folder, exist_ok=True)
-        for slice_grey, name in zip(grey, names, strict=True):
-            Image.fromarray(slice_grey, mode="L").save(os.path.join(folder, name))
-
-    rng = np.random.default_rng(seed)
-    for chaos_id in mr_ids:
-        base = os.path.join(root, "MR", str(chaos_id))
-        t1_slices, t2_slices = 6, 5
-        t1_positions = [(-10.0, 20.0, 30.0 - 4.5 * k) for k in range(t1_slices)]
-        in_names = [f"IMG-0004-{k + 1:05d}.dcm" for k in range(t1_slices)]
-        out_names = [f"IMG-0004-{k + 100:05d}.dcm" for k in range(t1_slices)]
-        in_phase = rng.integers(0, 900, (t1_slices, rows, columns))
-        dicom = os.path.join(base, "T1DUAL", "DICOM_anon")
-        write_dicom_series(os.path.join(dicom, "InPhase"), in_phase, t1_positions, in_names)
-        write_dicom_series(os.path.join(dicom, "OutPhase"), in_phase // 2, t1_positions, out_names)
-        t2_names = [f"IMG-0002-{k + 1:05d}.dcm" for k in range(t2_slices)]
-        t2_positions = [(-10.0, 20.0, 3.0 + 6.0 * k) for k in range(t2_slices)]
-        t2 = rng.integers(0, 900, (t2_slices, rows, columns))
-        write_dicom_series(os.path.join(base, "T2SPIR", "DICOM_anon"), t2, t2_positions, t2_names)
-        if with_ground:
-            png = [n.replace(".dcm", ".png") for n in in_names]
-            write_ground(
-                os.path.join(base, "T1DUAL", "Ground"), _chaos_mr_ground(t1_slices, rows, columns), png
-            )
-            png = [n.replace(".dcm", ".png") for n in t2_names]
-            write_ground(
-                os.path.join(base, "T2SPIR", "Ground"), _chaos_mr_ground(t2_slices, rows, columns), png
-            )
-    for chaos_id in ct_ids:
-        base = os.path.join(root, "CT", str(chaos_id))
-        ct_slices = 4
-        ct = 1000 + rng.integers(0, 300, (ct_slices, rows, columns))
-        names = [f"i{k:04d},0000b.dcm" for k in range(ct_slices)]
-        positions = [(0.0, 0.0, -2.5 * k) for k in range(ct_slices)]
-        write_dicom_series(
-            os.path.join(base, "DICOM_anon"), ct, positions, names, modality="CT", intercept=-1024
-        )
-        if with_ground:
-            grey = np.zeros((ct_slices, rows, columns), np.uint8)
-            grey[:3, 4 : rows - 4, 3 : columns // 2] = 255
-            write_ground(
-                os.path.join(base, "Ground"), grey, [f"liver_GT_{k:03d}.png" for k in range(ct_slices)]
-            )
-    return root
+    series_uid = generate_uid()
+    for number, (pixels, position, name) in enumerate(zip(volume, positions, names, strict=True), start=1):
+        write_dicom_slice(os.path.join(folder, name), pixels, position, series_uid, number, **slice_options)
 
 
 def main(argv: list[str] | None = None) -> None:
