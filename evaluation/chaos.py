@@ -43,12 +43,11 @@ from pumit_seg.evaluation.chaos_io import (
     read_dicom_series,
     read_png_stack,
     sorted_files,
-    write_png,
 )
 from pumit_seg.evaluation.metrics import chaos_scores, compute_label_metrics
 from tqdm import tqdm
 
-from pumit_seg.atomic import atomic_folder, atomic_path, write_json_atomic
+from pumit_seg.atomic import atomic_folder, atomic_path, write_grey_png_atomic, write_json_atomic
 from pumit_seg.cli_checks import exit_on_bad_input, int_in_range
 from pumit_seg.data.readers import read_image
 
@@ -459,7 +458,7 @@ def export_submission(
                 os.makedirs(folder)
                 grey = labels_to_grey(labels, record["modality"], liver_only)
                 for name, slice_grey in zip(names, grey, strict=True):
-                    write_png(os.path.join(folder, name), slice_grey)
+                    write_grey_png_atomic(os.path.join(folder, name), slice_grey)
         write_json_atomic(
             os.path.join(building, "export_summary.json"),
             {"exported": [p for p, _ in items], "missing_predictions": missing, "tasks": tasks},

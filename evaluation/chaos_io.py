@@ -14,9 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pydicom
-from PIL import Image
 
-from pumit_seg.atomic import atomic_path
 from pumit_seg.data.readers import ImageReadError, dicom_series_geometry, read_png
 from pumit_seg.data.readers import read_dicom_series as read_dicom_series_image
 
@@ -86,12 +84,6 @@ def read_png_stack(folder: str) -> tuple[np.ndarray, list[str]]:
             )
         slices.append(array)
     return np.stack(slices), names
-
-
-def write_png(path: str, grey: np.ndarray) -> None:
-    """8-bit grey PNG, written atomically."""
-    with atomic_path(path) as tmp:
-        Image.fromarray(np.ascontiguousarray(grey, dtype=np.uint8), mode="L").save(tmp, format="PNG")
 
 
 @dataclass

@@ -47,6 +47,15 @@ def write_json_atomic(path: str | os.PathLike, content, indent: int = 2) -> None
         json.dump(content, f, indent=indent)
 
 
+def write_grey_png_atomic(path: str | os.PathLike, grey) -> None:
+    """Write a 2D array as an 8-bit grey PNG (CHAOS ground truth and submissions), atomically."""
+    import numpy as np
+    from PIL import Image
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(grey, dtype=np.uint8), mode="L").save(tmp, format="PNG")
+
+
 def _hidden_sibling(path: str, tag: str) -> str:
     directory, name = os.path.split(os.path.abspath(path))
     return os.path.join(directory, f".{tag}_{os.getpid()}_{uuid.uuid4().hex[:8]}_{name}")

@@ -34,9 +34,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
 
-from pumit_seg.atomic import atomic_folder, atomic_path
+from pumit_seg.atomic import atomic_folder, write_grey_png_atomic
 from pumit_seg.data.synthetic import LABELS, PhantomConfig, make_phantom, write_dicom_series
 
 SEQUENCES = ("T1DUAL", "T2SPIR")
@@ -67,12 +66,6 @@ class ChaosSeries:
     dicom_options: dict = field(default_factory=dict)  # further `write_dicom_slice` options
 
 
-def write_png(path: str, grey: np.ndarray) -> None:
-    """8-bit grey PNG, written atomically."""
-    with atomic_path(path) as tmp:
-        Image.fromarray(np.ascontiguousarray(grey, dtype=np.uint8), mode="L").save(tmp, format="PNG")
-
-
 def write_chaos_tree(set_folder: str, series: Iterable[ChaosSeries], with_ground: bool = True) -> str:
     """Write every series under `set_folder`, with its Ground folder unless `with_ground` is False (a test
     set); returns `set_folder`.
@@ -88,7 +81,7 @@ def write_chaos_tree(set_folder: str, series: Iterable[ChaosSeries], with_ground
                 write_dicom_series(dicom_folder, volume, one.positions, names, **one.dicom_options)
             if with_ground:
                 for grey, name in zip(one.ground, one.ground_names, strict=True):
-                    write_png(os.path.join(folder, "Ground", name), grey)
+                    write_grey_png_atomic(os.path.join(folder, "Ground", name), grey)
     return set_folder
 
 

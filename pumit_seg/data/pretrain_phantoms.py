@@ -26,7 +26,7 @@ import SimpleITK as sitk
 from PIL import Image
 
 from pumit_seg.atomic import atomic_path, write_json_atomic
-from pumit_seg.data.synthetic import PhantomConfig, make_phantom
+from pumit_seg.data.synthetic import PhantomConfig, make_phantom, write_dicom_series
 
 __all__ = ["CorpusDataset", "DEFAULT_DATASETS", "write_pretrain_corpus", "main"]
 
@@ -103,33 +103,20 @@ def _to_file_axes(volume_dhw: np.ndarray, spacing_dhw, depth_axis: int):
     return np.ascontiguousarray(array), tuple(spacing)
 
 
-def _write_dicom_series(volume_dhw: np.ndarray, spacing_dhw, folder: str, series_uid: str) -> None:
-    """One CT slice file per depth index, with the geometry tags ITK / pydicom read spacing from."""
-    os.makedirs(folder, exist_ok=True)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    pixels = np.clip(np.round(volume_dhw), -1024, 3071).astype(np.int16)
-    for k in range(pixels.shape[0]):
-        slice_image = sitk.GetImageFromArray(pixels[k : k + 1])
-        slice_image.SetSpacing([float(spacing_dhw[2]), float(spacing_dhw[1]), float(spacing_dhw[0])])
-        position = (0.0, 0.0, float(k * spacing_dhw[0]))
-        slice_image.SetOrigin(position)
-        tags = {
-            "0008|0060": "CT",
-            "0020|000e": series_uid,
-            "0020|000d": series_uid + ".1",
-            "0020|0013": str(k + 1),
-            "0020|0032": "\\".join(f"{p:.4f}" for p in position),
-            "0020|0037": "1\\0\\0\\0\\1\\0",
-            "0018|0050": str(spacing_dhw[0]),
-            "0028|0030": f"{spacing_dhw[1]}\\{spacing_dhw[2]}",
-            "0008|0018": f"{series_uid}.{k + 1}",
-        }
-        for tag, value in tags.items():
-            slice_image.SetMetaData(tag, value)
-        with atomic_path(os.path.join(folder, f"slice_{k:03d}.dcm")) as tmp:
-            writer.SetFileName(tmp)
-            writer.Execute(slice_image)
+def _write_dicom_series(volume_dhw: np.ndarray, spacing_dhw, folder: str) -> None:
+    """One CT slice file per depth index (Hounsfield units stored as uint16 with RescaleIntercept -1024),
+    with the geometry tags ITK / pydicom read spacing from."""
+    hounsfield = np.clip(np.round(volume_dhw), -1024, 3071)
+    write_dicom_series(
+        folder,
+        (hounsfield + 1024).astype(np.uint16),
+        positions=[(0.0, 0.0, float(k * spacing_dhw[0])) for k in range(hounsfield.shape[0])],
+        names=[f"slice_{k:03d}.dcm" for k in range(hounsfield.shape[0])],
+        modality="CT",
+        pixel_spacing=(float(spacing_dhw[1]), float(spacing_dhw[2])),
+        intercept=-1024.0,
+        slice_thickness=float(spacing_dhw[0]),
+    )
 
 
 def _xray(rng: np.random.Generator, shape_hw) -> np.ndarray:
@@ -190,10 +177,7 @@ def _write_dataset(root: str, dataset: CorpusDataset, rng: np.random.Generator) 
             with atomic_path(os.path.join(folder, stem + dataset.file_format)) as tmp:
                 sitk.WriteImage(image, tmp, True)
         elif dataset.kind == "dicom":
-            series_uid = f"1.2.826.0.1.3680043.8.498.{rng.integers(10**9)}.{i}"
-            _write_dicom_series(
-                _body_volume(rng, dataset), dataset.spacing, os.path.join(folder, stem), series_uid
-            )
+            _write_dicom_series(_body_volume(rng, dataset), dataset.spacing, os.path.join(folder, stem))
         elif dataset.kind == "xray":
             _write_pil(_xray(rng, dataset.shape[1:]), os.path.join(folder, stem + dataset.file_format))
         elif dataset.kind == "fundus":
