@@ -258,10 +258,12 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict, list[str]]:
         raise ValueError(f"argument --ct_window: LOW must be below HIGH, got {args.ct_window}")
     if args.pretrained_weights is not None:
         # checked before any fingerprint or plan is written, so a bad file leaves the folders untouched
-        from pumit_seg.planners.pumit_planner import norm_eps_from_weights
+        from pumit_seg.models.pumit_checkpoint import norm_eps_from_weights
 
         if not os.path.isfile(args.pretrained_weights):
-            raise FileNotFoundError(f"argument --pretrained_weights: {args.pretrained_weights} does not exist")
+            raise FileNotFoundError(
+                f"argument --pretrained_weights: {args.pretrained_weights} does not exist"
+            )
         norm_eps_from_weights(args.pretrained_weights)  # raises naming the file when it is not readable
     if args.target_spacing is not None and args.overwrite_target_spacing is not None:
         raise ValueError("give either --target_spacing or -overwrite_target_spacing, not both")

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["PaperPreset", "PAPER_PRESETS", "AUTHORS_NORM_EPS", "EVA02_NORM_EPS"]
+from pumit_seg.models.pumit_checkpoint import AUTHORS_NORM_EPS
+from pumit_seg.models.vit import EVA02_NORM_EPS
 
-AUTHORS_NORM_EPS = 1e-5  # PyTorch's LayerNorm default, used by the authors' ViT (SPEC 12)
-EVA02_NORM_EPS = 1e-6
+__all__ = ["PaperPreset", "PAPER_PRESETS", "AUTHORS_NORM_EPS", "EVA02_NORM_EPS"]
 
 
 @dataclass(frozen=True)

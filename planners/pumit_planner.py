@@ -45,8 +45,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
-from pumit_seg.planners.presets import AUTHORS_NORM_EPS, EVA02_NORM_EPS
 
+from pumit_seg.models.pumit_checkpoint import norm_eps_from_weights
 from pumit_seg.models.sac import aniso_d_from_spacing, depth_downsample_stride
 from pumit_seg.models.seg_net import PUMITSegNet, build_arch_kwargs, depth_factor, required_patch_divisor
 
@@ -87,45 +87,6 @@ def choose_aniso_d(spacing_dhw, log2_tolerance: float = ANISO_LOG2_TOLERANCE) ->
             f"(patch depth {16 >> min(aniso_d, 4)} instead of {16 >> min(strict, 4)} slices per token)"
         )
     return aniso_d, text
-
-
-def norm_eps_from_weights(path: str) -> tuple[float | None, str]:
-    """(LayerNorm eps the weights were trained with, how it was found), or (None, why not).
-
-    Our safetensors files carry it in their header; a safetensors file without one is recognised by its
-    key layout (EVA-02 in timm / official layout: 1e-6; the authors' PUMIT layout: 1e-5).
-    """
-    if not path.endswith(".safetensors"):
-        return None, "not a safetensors file: the eps cannot be read without unpickling it"
-    from safetensors import SafetensorError, safe_open
-
-    from pumit_seg.weights import HEADER_KEY
-
-    try:
-        with safe_open(path, framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            keys = list(handle.keys())
-    except (SafetensorError, OSError) as error:
-        raise ValueError(f"pretrained weights {path}: not a readable safetensors file ({error})") from error
-    if HEADER_KEY in metadata:
-        found = []
-
-        def search(obj):
-            if isinstance(obj, dict):
-                for key, value in obj.items():
-                    if key == "norm_eps" and isinstance(value, int | float):
-                        found.append(float(value))
-                    else:
-                        search(value)
-
-        search(json.loads(metadata[HEADER_KEY]).get("config", {}))
-        if found:
-            return found[0], "the weights file's architecture header"
-    if any(".fc1_g." in k or ".attn.qkv." in k or "fc_norm." in k or ".mlp.w12." in k for k in keys):
-        return EVA02_NORM_EPS, "EVA-02 key layout"
-    if any(k.endswith("mlp.w1.weight") for k in keys):
-        return AUTHORS_NORM_EPS, "the authors' PUMIT key layout"
-    return None, "no header and no known key layout"
 
 
 # Largest relative error of the activation estimate against the peak measured on fake tensors over the

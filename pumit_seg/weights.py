@@ -90,7 +90,9 @@ def import_trusted_class(class_path, source: str) -> type:
     """The class at ``class_path`` (a dotted path from a file), refused unless it is one of ours:
     a file must never make us import and instantiate arbitrary code."""
     if not isinstance(class_path, str) or not class_path.startswith(TRUSTED_CLASS_PREFIX):
-        raise ValueError(f"{source}: refusing to instantiate {class_path!r} (only {TRUSTED_CLASS_PREFIX}* classes)")
+        raise ValueError(
+            f"{source}: refusing to instantiate {class_path!r} (only {TRUSTED_CLASS_PREFIX}* classes)"
+        )
     module_name, _, class_name = class_path.rpartition(".")
     try:
         return getattr(importlib.import_module(module_name), class_name)

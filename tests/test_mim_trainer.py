@@ -195,6 +195,53 @@ def test_initialisation_from_encoder_weights(store, tokenizer_file, tmp_path):
         trainer.close()
 
 
+@pytest.mark.parametrize("same_codebook", [True, False])
+def test_initialisation_from_a_mim_file_takes_its_mask_token_and_head(
+    store, tokenizer_file, tmp_path, same_codebook
+):
+    """A MIM file (what `pumit_pretrain import --kind mim` writes) continues MIM with its mask token, head and
+    LayerNorm eps; a head made for another codebook size is left at its initialisation and the report says why."""
+    from pumit_seg.trainers.mim_trainer import MIMTrainer
+
+    from pumit_seg.models.mim import MIMModel
+    from pumit_seg.models.vit import universal_vit_tiny
+    from pumit_seg.weights import save_model
+
+    run = tmp_path / "run"
+    probe = MIMTrainer(mim_config(store, tokenizer_file, run, *TINY_FLAGS))
+    codebook_size = probe.model.codebook_size
+    probe.close()
+    torch.manual_seed(11)
+    encoder = universal_vit_tiny(pos_grid_shape=(2, 4, 4), norm_eps=1e-5).config  # the authors' eps
+    source = MIMModel(encoder=encoder, codebook_size=codebook_size if same_codebook else codebook_size + 3)
+    save_model(source, tmp_path / "mim.safetensors")
+    trainer = MIMTrainer(
+        mim_config(
+            store, tokenizer_file, run, *TINY_FLAGS, "--eva02-weights", str(tmp_path / "mim.safetensors")
+        )
+    )
+    try:
+        assert torch.equal(trainer.model.mask_token, source.mask_token)
+        for key, tensor in source.encoder.state_dict().items():
+            assert torch.equal(trainer.model.encoder.state_dict()[key], tensor), key
+        head_equal = all(
+            torch.equal(a, b)
+            for a, b in zip(trainer.model.mim_head.parameters(), source.mim_head.parameters(), strict=True)
+        )
+        assert head_equal == same_codebook
+        assert "mask_token: loaded" in trainer.init_report
+        # the eps the weights were trained with comes from the file's header, not from the --model preset
+        assert trainer.model.encoder.config["norm_eps"] == 1e-5
+        assert "LayerNorm eps 1e-05 (from the weights file's architecture header)" in trainer.init_report
+        if same_codebook:
+            assert "mim_head: loaded" in trainer.init_report
+        else:
+            assert "mim_head: not loaded" in trainer.init_report
+            assert f"expected ({codebook_size}," in trainer.init_report
+    finally:
+        trainer.close()
+
+
 DDP_SCRIPT = textwrap.dedent(
     """
     import sys, torch

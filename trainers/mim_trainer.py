@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from pumit_seg.atomic import atomic_path
 from pumit_seg.models.mim import MASK_COUNT_RULES, MIMModel, mim_step, random_token_mask
+from pumit_seg.models.pumit_checkpoint import norm_eps_from_weights
 from pumit_seg.models.vit import (
     UniversalViT,
     load_pretrained_encoder,
@@ -47,7 +48,7 @@ from pumit_seg.models.vit import (
     universal_vit_large,
     universal_vit_tiny,
 )
-from pumit_seg.weights import load_model, save_model
+from pumit_seg.weights import load_model, load_state_dict_file, save_model
 
 __all__ = [
     "MIMConfig",
@@ -84,7 +85,11 @@ class MIMConfig(PretrainConfig):
     )
     model: str = field(default="base", metadata={"help": f"ViT size: {', '.join(ENCODER_PRESETS)}"})
     eva02_weights: str = field(
-        default="", metadata={"help": "initialise the ViT from these EVA-02 (or our) weights; '' = random"}
+        default="",
+        metadata={
+            "help": "initialise the ViT from these EVA-02 (or our) weights; a MIM file (pumit_pretrain import "
+            "--kind mim) also gives the mask token and head; '' = random"
+        },
     )
     eva02_allow_pickle: bool = field(
         default=False,
@@ -211,8 +216,14 @@ class MIMTrainer(PretrainTrainer):
         config = self.config
         self.tokenizer = load_tokenizer(config.tokenizer, self.device)
         codebook_size = self._check_tokenizer()
+        # LayerNorm eps of the initial weights where their file tells it (the authors' weights: 1e-5, EVA-02 and
+        # our presets: 1e-6): a ViT trained with one eps is not the same function with another
+        init_eps, init_eps_source = (
+            norm_eps_from_weights(config.eva02_weights) if config.eva02_weights else (None, "")
+        )
+        eps_override = {} if init_eps is None else {"norm_eps": init_eps}
         encoder = ENCODER_PRESETS[config.model](
-            pos_grid_shape=config.pos_grid_shape, grad_checkpointing=config.grad_checkpointing
+            pos_grid_shape=config.pos_grid_shape, grad_checkpointing=config.grad_checkpointing, **eps_override
         )
         model = MIMModel(
             encoder=encoder.config,
@@ -228,7 +239,24 @@ class MIMTrainer(PretrainTrainer):
                 allow_pickle=config.eva02_allow_pickle,
                 hints={"allow_pickle": "pass --eva02-allow-pickle"},
             )
-            self.init_report = f"ViT initialised from {config.eva02_weights}\n{report.summary()}\n"
+            # a MIM file (e.g. `pumit_pretrain import --kind mim` of the authors' pumit.ckpt) also gives the mask
+            # token and head, so that MIM continues where it stopped instead of with a random head
+            source = load_state_dict_file(
+                config.eva02_weights,
+                allow_pickle=config.eva02_allow_pickle,
+                allow_pickle_hint="pass --eva02-allow-pickle",
+            )
+            extras = model.load_mask_token_and_head(source, config.eva02_weights)
+            eps_line = (
+                f"LayerNorm eps {init_eps} (from {init_eps_source})"
+                if init_eps is not None
+                else f"LayerNorm eps {encoder.config['norm_eps']} of --model {config.model} ({init_eps_source})"
+            )
+            self.init_report = (
+                f"ViT initialised from {config.eva02_weights}\n{report.summary()}\n"
+                + "\n".join([*extras, eps_line])
+                + "\n"
+            )
             if self.dist.is_main:
                 print(self.init_report, flush=True)
         return model

@@ -171,6 +171,47 @@ class MIMModel(nn.Module):
         if patch_embed_grad_scale != 1.0:
             self.encoder.patch_embed.proj.register_forward_hook(self._scale_patch_embed_gradient)
 
+    def load_mask_token_and_head(self, state_dict: dict[str, Tensor], source: str) -> list[str]:
+        """Copy the mask token and the MIM head from a MIM model's state dict (a ``pumit_pretrain import
+        --kind mim`` file, one of our MIM checkpoints, under any key prefix) where their shapes fit; returns a
+        report line each. The head is taken whole or not at all: a file made with another tokenizer has
+        another codebook size, and its head is then left at its initialisation (reported)."""
+        prefix = next(
+            (name.removesuffix("mask_token") for name in state_dict if name.split(".")[-1] == "mask_token"),
+            None,
+        )
+        if prefix is None:
+            return [
+                f"{source}: no mask token / MIM head (an encoder file): both start from their initialisation"
+            ]
+        lines = []
+        for part, targets in (
+            ("mask_token", {"mask_token": self.mask_token}),
+            ("mim_head", {f"mim_head.{k}": v for k, v in self.mim_head.named_parameters()}),
+        ):
+            found = {name: state_dict.get(prefix + name) for name in targets}
+            problems = [
+                f"{name} {'missing' if tensor is None else f'of shape {tuple(tensor.shape)}'}, "
+                f"expected {tuple(targets[name].shape)}"
+                for name, tensor in found.items()
+                if tensor is None or tensor.shape != targets[name].shape
+            ]
+            problems += [
+                f"{name} holds NaN / inf"
+                for name, t in found.items()
+                if t is not None and not t.isfinite().all()
+            ]
+            if problems:
+                lines.append(
+                    f"{part}: not loaded from {source} ({'; '.join(problems)}), kept at its initialisation"
+                )
+                continue
+            with torch.no_grad():
+                for name, tensor in found.items():
+                    targets[name].copy_(tensor)
+            lines.append(f"{part}: loaded from {source} ({', '.join(prefix + n for n in found)})")
+        return lines
+
     def _scale_patch_embed_gradient(self, module: nn.Module, inputs, output: Tensor) -> Tensor:
         return _ScaleGradient.apply(output, self.patch_embed_grad_scale)
 

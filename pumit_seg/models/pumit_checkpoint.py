@@ -30,6 +30,7 @@ the objects and the ``--trust-pickle`` flag. With ``trust_pickle=True`` the file
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import pickle
 import re
@@ -65,6 +66,7 @@ __all__ = [
     "import_checkpoint",
     "input_spec",
     "file_sha256",
+    "norm_eps_from_weights",
 ]
 
 KINDS = ("vit", "mim", "tokenizer")
@@ -751,3 +753,44 @@ def input_spec(kind: str, model: nn.Module) -> dict:
     if in_channels == len(IMAGENET_MEAN):
         spec.update(normalization="imagenet", mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
     return spec
+
+
+def norm_eps_from_weights(path: str) -> tuple[float | None, str]:
+    """(LayerNorm eps the weights were trained with, how it was found), or (None, why not).
+
+    Our safetensors files carry it in their header; a safetensors file without one is recognised by its
+    key layout (EVA-02 in timm / official layout: 1e-6; the authors' PUMIT layout: 1e-5).
+    """
+    path = str(path)
+    if not path.endswith(".safetensors"):
+        return None, "not a safetensors file: the eps cannot be read without unpickling it"
+    from safetensors import SafetensorError, safe_open
+
+    from pumit_seg.models.vit import EVA02_NORM_EPS
+    from pumit_seg.weights import HEADER_KEY
+
+    try:
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            keys = list(handle.keys())
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"pretrained weights {path}: not a readable safetensors file ({error})") from error
+    if HEADER_KEY in metadata:
+        found = []
+
+        def search(obj):
+            if isinstance(obj, dict):
+                for key, value in obj.items():
+                    if key == "norm_eps" and isinstance(value, int | float):
+                        found.append(float(value))
+                    else:
+                        search(value)
+
+        search(json.loads(metadata[HEADER_KEY]).get("config", {}))
+        if found:
+            return found[0], "the weights file's architecture header"
+    if any(".fc1_g." in k or ".attn.qkv." in k or "fc_norm." in k or ".mlp.w12." in k for k in keys):
+        return EVA02_NORM_EPS, "EVA-02 key layout"
+    if any(k.endswith("mlp.w1.weight") for k in keys):
+        return AUTHORS_NORM_EPS, "the authors' PUMIT key layout"
+    return None, "no header and no known key layout"

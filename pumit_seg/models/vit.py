@@ -48,6 +48,7 @@ __all__ = [
 PYRAMID_BLOCKS = {"tiny": [0, 1, 2, 3], "base": [3, 5, 7, 11], "large": [7, 11, 15, 23]}
 
 INIT_STD = 0.02  # timm / EVA-02 initialisation of linear layers, CLS token and position grid
+EVA02_NORM_EPS = 1e-6  # the LayerNorm eps of EVA-02 (timm's Eva), our ViT presets' default
 
 
 @dataclass
@@ -163,7 +164,7 @@ class UniversalViT(nn.Module):
         pos_grid_shape: Sequence[int] = (5, 10, 10),
         rope_base: float = 10000.0,
         rope_base_depth: float = 2333.0,
-        norm_eps: float = 1e-6,
+        norm_eps: float = EVA02_NORM_EPS,
         grad_checkpointing: bool = False,
         fixed_aniso_d: int | None = None,
     ):
