@@ -372,49 +372,50 @@ def markdown(rows: list[dict], machine: dict) -> str:
 
 
 def cost_cut_lines(cuts: dict) -> list[str]:
-    """Markdown rows: each cost cut undone (before) next to the network as it is (after)."""
+    """Markdown tables: each cost cut undone (before) next to the network as it is (after), then each option
+    off (the network as it is) next to on."""
     now = cuts["as_it_is"]
-    with_wall = "wall_seconds" in now
+    return [
+        *comparison_table(
+            "Cost cuts: each row undoes one cut (before) and compares with the network as it is (after).",
+            "cut",
+            "before / after",
+            [(cut, cuts[cut], now, description) for cut, description in COST_CUTS.items()],
+        ),
+        *comparison_table(
+            "Options: the default network (off) next to the option switched on.",
+            "option",
+            "off / on",
+            [(option, now, cuts[option], description) for option, description in OPTIONS.items()],
+        ),
+    ]
+
+
+def comparison_table(title: str, first_column: str, pair: str, rows: list[tuple]) -> list[str]:
+    """Markdown table of (name, left entry, right entry, description) rows: step FLOPs, bf16 peak and, where
+    measured, wall step and optimiser times, each as "left / right" with the relative change."""
+    with_wall = all("wall_seconds" in left and "wall_seconds" in right for _, left, right, _ in rows)
     lines = [
-        "Cost cuts: each row undoes one cut (before) and compares with the network as it is (after).",
+        title,
         "",
-        "| cut | step FLOPs before / after | peak bf16 before / after | "
-        + ("wall step before / after | " if with_wall else "")
+        f"| {first_column} | step FLOPs {pair} | peak bf16 {pair} | "
+        + (f"wall step {pair} | " if with_wall else "")
         + "what it is |",
         "|---|---|---|" + ("---|" if with_wall else "") + "---|",
     ]
-    for cut, description in COST_CUTS.items():
-        before = cuts[cut]
+    for name, left, right, description in rows:
         cells = [
-            f"{before['flops'] / 1e12:.3g} / {now['flops'] / 1e12:.3g} TFLOP",
-            f"{before['peak_memory_bf16'] / 2**30:.3g} / {now['peak_memory_bf16'] / 2**30:.3g} GiB "
-            f"({now['peak_memory_bf16'] / before['peak_memory_bf16'] - 1:+.0%})",
+            f"{left['flops'] / 1e12:.3g} / {right['flops'] / 1e12:.3g} TFLOP "
+            f"({right['flops'] / left['flops'] - 1:+.0%})",
+            f"{left['peak_memory_bf16'] / 2**30:.3g} / {right['peak_memory_bf16'] / 2**30:.3g} GiB "
+            f"({right['peak_memory_bf16'] / left['peak_memory_bf16'] - 1:+.0%})",
         ]
         if with_wall:
-            b, a = before["wall_seconds"], now["wall_seconds"]
+            a, b = left["wall_seconds"], right["wall_seconds"]
             cells.append(
-                f"{b['step']:.3g} / {a['step']:.3g} s (optimiser {b['optimizer']:.3g} / {a['optimizer']:.3g} s)"
+                f"{a['step']:.3g} / {b['step']:.3g} s (optimiser {a['optimizer']:.3g} / {b['optimizer']:.3g} s)"
             )
-        lines.append(f"| {cut} | " + " | ".join(cells) + f" | {description} |")
-    lines += [
-        "",
-        "Options: the default network (off) next to the option switched on.",
-        "",
-        "| option | step FLOPs off / on | peak bf16 off / on | "
-        + ("wall step off / on | " if with_wall else "")
-        + "what it is |",
-        "|---|---|---|" + ("---|" if with_wall else "") + "---|",
-    ]
-    for option, description in OPTIONS.items():
-        on = cuts[option]
-        cells = [
-            f"{now['flops'] / 1e12:.3g} / {on['flops'] / 1e12:.3g} TFLOP ({on['flops'] / now['flops'] - 1:+.0%})",
-            f"{now['peak_memory_bf16'] / 2**30:.3g} / {on['peak_memory_bf16'] / 2**30:.3g} GiB "
-            f"({on['peak_memory_bf16'] / now['peak_memory_bf16'] - 1:+.0%})",
-        ]
-        if with_wall:
-            cells.append(f"{now['wall_seconds']['step']:.3g} / {on['wall_seconds']['step']:.3g} s")
-        lines.append(f"| {option} | " + " | ".join(cells) + f" | {description} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {description} |")
     return [*lines, ""]
 
 

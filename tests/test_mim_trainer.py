@@ -292,8 +292,11 @@ def test_two_ddp_ranks_agree_with_one_process(store, tokenizer_file, tmp_path):
     one = torch.load(single / "result.pt", weights_only=True)
     two = torch.load(double / "result.pt", weights_only=True)
     assert one["losses"] == pytest.approx(two["losses"], rel=1e-5)
+    # Two ranks average their gradients in another summation order. Adam divides by the root of the gradient's
+    # square, so for a gradient near zero a rounding difference moves the update by up to a few 1e-6 (seen: one
+    # element of 10,880 off by 3e-6); wrong averaging would move most elements by about the learning rate 1e-3.
     for key, tensor in one["model"].items():
-        torch.testing.assert_close(two["model"][key], tensor, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(two["model"][key], tensor, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------

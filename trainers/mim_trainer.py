@@ -222,35 +222,33 @@ class MIMTrainer(PretrainTrainer):
             norm_eps_from_weights(config.eva02_weights) if config.eva02_weights else (None, "")
         )
         eps_override = {} if init_eps is None else {"norm_eps": init_eps}
-        encoder = ENCODER_PRESETS[config.model](
-            pos_grid_shape=config.pos_grid_shape, grad_checkpointing=config.grad_checkpointing, **eps_override
-        )
+        with torch.device("meta"):  # the preset's constructor arguments only; MIMModel builds the ViT
+            encoder_config = ENCODER_PRESETS[config.model](
+                pos_grid_shape=config.pos_grid_shape,
+                grad_checkpointing=config.grad_checkpointing,
+                **eps_override,
+            ).config
         model = MIMModel(
-            encoder=encoder.config,
+            encoder=encoder_config,
             codebook_size=codebook_size,
             mask_ratio=config.mask_ratio,
             mask_count_rule=config.mask_count_rule,
             patch_embed_grad_scale=config.patch_embed_grad_scale,
         )
         if config.eva02_weights:
-            report = load_pretrained_encoder(
-                model.encoder,
-                config.eva02_weights,
-                allow_pickle=config.eva02_allow_pickle,
-                hints={"allow_pickle": "pass --eva02-allow-pickle"},
-            )
-            # a MIM file (e.g. `pumit_pretrain import --kind mim` of the authors' pumit.ckpt) also gives the mask
-            # token and head, so that MIM continues where it stopped instead of with a random head
+            # read once: the encoder and, from a MIM file (e.g. `pumit_pretrain import --kind mim` of the authors'
+            # pumit.ckpt), the mask token and head, so that MIM continues instead of starting with a random head
             source = load_state_dict_file(
                 config.eva02_weights,
                 allow_pickle=config.eva02_allow_pickle,
                 allow_pickle_hint="pass --eva02-allow-pickle",
             )
+            report = load_pretrained_encoder(model.encoder, source, source_name=config.eva02_weights)
             extras = model.load_mask_token_and_head(source, config.eva02_weights)
             eps_line = (
                 f"LayerNorm eps {init_eps} (from {init_eps_source})"
                 if init_eps is not None
-                else f"LayerNorm eps {encoder.config['norm_eps']} of --model {config.model} ({init_eps_source})"
+                else f"LayerNorm eps {encoder_config['norm_eps']} of --model {config.model} ({init_eps_source})"
             )
             self.init_report = (
                 f"ViT initialised from {config.eva02_weights}\n{report.summary()}\n"

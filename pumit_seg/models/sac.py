@@ -187,11 +187,28 @@ def _check_fixed(fixed_aniso_d: int | None, fixed_num_downsamples: int | None, l
         )
 
 
+def _resampling_kernel_depth(
+    layer: str, stride: int, fixed_aniso_d: int | None, fixed_num_downsamples: int | None, depth_rule
+) -> int:
+    """Stored kernel depth of a down- or upsampling layer (kernel = stride): the isotropic `stride`, or for a
+    fixed layer the depth stride `depth_rule(stride, aniso_d, num_downsamples)` it uses."""
+    _check_power_of_two(stride)
+    _check_fixed(fixed_aniso_d, fixed_num_downsamples, layer)
+    if fixed_aniso_d is None:
+        return stride
+    return depth_rule(stride, fixed_aniso_d, fixed_num_downsamples)
+
+
 class _FixedMixin:
     """Shared by the three layers: the run-time (aniso_d, num_downsamples) of a fixed layer must be its own."""
 
     fixed_aniso_d: int | None = None
     fixed_num_downsamples: int | None = None
+
+    def _set_sac_attributes(self, stride: int, fixed_aniso_d: int | None, fixed_num_downsamples: int | None):
+        self.sac_stride = stride
+        self.fixed_aniso_d = fixed_aniso_d
+        self.fixed_num_downsamples = fixed_num_downsamples
 
     @property
     def is_fixed(self) -> bool:
@@ -243,17 +260,13 @@ class SACDownsample(_InflateOnLoadMixin, _FixedMixin, nn.Conv3d):
         fixed_aniso_d: int | None = None,
         fixed_num_downsamples: int | None = None,
     ):
-        _check_power_of_two(stride)
-        _check_fixed(fixed_aniso_d, fixed_num_downsamples, type(self).__name__)
-        depth = stride
-        if fixed_aniso_d is not None:
-            depth = depth_downsample_stride(stride, fixed_aniso_d, fixed_num_downsamples)
+        depth = _resampling_kernel_depth(
+            type(self).__name__, stride, fixed_aniso_d, fixed_num_downsamples, depth_downsample_stride
+        )
         super().__init__(
             in_channels, out_channels, kernel_size=(depth, stride, stride), stride=stride, bias=bias
         )
-        self.sac_stride = stride
-        self.fixed_aniso_d = fixed_aniso_d
-        self.fixed_num_downsamples = fixed_num_downsamples
+        self._set_sac_attributes(stride, fixed_aniso_d, fixed_num_downsamples)
 
     def forward(self, x: Tensor, aniso_d: int, num_downsamples: int) -> Tensor:  # type: ignore[override]
         _check_5d(x, type(self).__name__)
@@ -306,9 +319,7 @@ class SACConv3d(_InflateOnLoadMixin, _FixedMixin, nn.Conv3d):
             padding=(depth // 2, kernel_size // 2, kernel_size // 2),
             bias=bias,
         )
-        self.sac_stride = stride
-        self.fixed_aniso_d = fixed_aniso_d
-        self.fixed_num_downsamples = fixed_num_downsamples
+        self._set_sac_attributes(stride, fixed_aniso_d, fixed_num_downsamples)
 
     def forward(self, x: Tensor | Sequence[Tensor], aniso_d: int, num_downsamples: int) -> Tensor:  # type: ignore[override]
         """`x` is one input or several whose channel concatenation is the input (a U-Net stage's upsampled
@@ -370,11 +381,9 @@ class SACUpsample(_InflateOnLoadMixin, _FixedMixin, nn.ConvTranspose3d):
         fixed_aniso_d: int | None = None,
         fixed_num_downsamples: int | None = None,
     ):
-        _check_power_of_two(stride)
-        _check_fixed(fixed_aniso_d, fixed_num_downsamples, type(self).__name__)
-        depth = stride
-        if fixed_aniso_d is not None:
-            depth = depth_upsample_stride(stride, fixed_aniso_d, fixed_num_downsamples)
+        depth = _resampling_kernel_depth(
+            type(self).__name__, stride, fixed_aniso_d, fixed_num_downsamples, depth_upsample_stride
+        )
         super().__init__(
             in_channels,
             out_channels,
@@ -382,9 +391,7 @@ class SACUpsample(_InflateOnLoadMixin, _FixedMixin, nn.ConvTranspose3d):
             stride=(depth, stride, stride),
             bias=bias,
         )
-        self.sac_stride = stride
-        self.fixed_aniso_d = fixed_aniso_d
-        self.fixed_num_downsamples = fixed_num_downsamples
+        self._set_sac_attributes(stride, fixed_aniso_d, fixed_num_downsamples)
 
     def forward(self, x: Tensor, aniso_d: int, num_downsamples: int) -> Tensor:  # type: ignore[override]
         _check_5d(x, type(self).__name__)

@@ -405,8 +405,12 @@ def load_pretrained_encoder(
     allow_partial: bool = False,
     min_filled_fraction: float = MIN_FILLED_FRACTION,
     hints: Mapping[str, str] | None = None,
+    source_name: str | None = None,
 ) -> WeightReport:
     """Load a pretrained encoder into `model` (non-strict) and report what happened to every key.
+
+    `path_or_state_dict` is a file or a state dict already read (e.g. by a caller that also needs other
+    entries of the file); `source_name` then names where it came from in messages.
 
     Accepts our safetensors files (a UniversalViT, or a model holding one under a prefix
     such as ``encoder.``), the authors' ``pumit.ckpt`` (``allow_pickle=True`` needed, see
@@ -427,10 +431,11 @@ def load_pretrained_encoder(
     sets them (e.g. an environment variable); the error messages name them.
     """
     hints = {**DEFAULT_LOAD_HINTS, **(hints or {})}
-    where = "the given state dict" if isinstance(path_or_state_dict, Mapping) else str(path_or_state_dict)
     if isinstance(path_or_state_dict, Mapping):
-        source = unwrap_state_dict(path_or_state_dict, source="the given state dict")
+        where = source_name or "the given state dict"
+        source = unwrap_state_dict(path_or_state_dict, source=where)
     else:
+        where = str(path_or_state_dict)
         source = load_state_dict_file(
             path_or_state_dict, allow_pickle=allow_pickle, allow_pickle_hint=hints["allow_pickle"]
         )
