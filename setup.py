@@ -1,8 +1,8 @@
 """pumit-seg: PUMIT (Pre-trained Universal Medical Image Transformer) inside nnU-Net v2.
 
 `planners/`, `trainers/` and `evaluation/` sit at the repository root but install
-inside the `pumit_seg` namespace (see ../shared/ARCHITECTURE.md), so nothing generic
-like `evaluation` lands in site-packages as a top-level module.
+inside the `pumit_seg` namespace, so nothing generic like `evaluation` lands in
+site-packages as a top-level module.
 """
 
 from setuptools import setup
@@ -11,6 +11,7 @@ setup(
     name="pumit-seg",
     version="0.1.0",
     description="PUMIT universal medical image transformer for nnU-Net v2",
+    license="Apache-2.0",
     python_requires=">=3.10",
     packages=[
         "pumit_seg",
@@ -19,6 +20,11 @@ setup(
         "pumit_seg.planners",
         "pumit_seg.trainers",
         "pumit_seg.evaluation",
+        # The nnUNet_extTrainer folder (`pumit_nnunet_ext` prints its path). nnU-Net imports its one module
+        # as a top-level module; that module only re-exports pumit_seg.trainers, so the classes are the
+        # same objects under either name. Listed as a package (not package data) so setuptools installs it
+        # without a warning.
+        "pumit_seg.nnunet_ext",
     ],
     package_dir={
         "pumit_seg": "pumit_seg",
@@ -26,10 +32,6 @@ setup(
         "pumit_seg.trainers": "trainers",
         "pumit_seg.evaluation": "evaluation",
     },
-    # The nnUNet_extTrainer folder is data, not a package: nnU-Net imports its modules
-    # as top-level modules, so it must not be importable as part of pumit_seg too.
-    package_data={"pumit_seg": ["nnunet_ext/*.py"]},
-    include_package_data=True,
     install_requires=[
         # torch is installed first by the Makefile and pinned by a constraint file,
         # so this range never pulls a second (CUDA) build on a CPU machine.

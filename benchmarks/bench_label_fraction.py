@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pumit_seg.cli_checks import float_in_range
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_FRACTIONS = (0.2, 0.4, 0.6, 1.0)
 METHODS = {"pretrained": "PUMITTrainer", "scratch": "PUMITTrainer_scratch"}
@@ -401,7 +403,12 @@ def table_from_folder(args) -> None:
 
 def add_benchmark_arguments(parser: argparse.ArgumentParser, tiny_defaults: bool) -> None:
     parser.add_argument("-o", "--output", required=True, help="work folder (trainings, logs, runs.json)")
-    parser.add_argument("--fractions", type=float, nargs="+", default=list(DEFAULT_FRACTIONS))
+    parser.add_argument(
+        "--fractions",
+        type=float_in_range(0.0, 1.0, low_open=True),
+        nargs="+",
+        default=list(DEFAULT_FRACTIONS),
+    )
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS))
     parser.add_argument(
         "--num-val", type=int, default=0, help="validation cases (default: 25%% of the cases)"
@@ -413,9 +420,12 @@ def add_benchmark_arguments(parser: argparse.ArgumentParser, tiny_defaults: bool
     parser.add_argument("--iterations", type=int, default=25 if tiny_defaults else 250, help="per epoch")
     parser.add_argument("--val-iterations", type=int, default=2 if tiny_defaults else 50, help="per epoch")
     parser.add_argument(
-        "--lr", type=float, default=3e-3 if tiny_defaults else 1e-4, help="peak learning rate"
+        "--lr",
+        type=float_in_range(0.0, None, low_open=True),
+        default=3e-3 if tiny_defaults else 1e-4,
+        help="peak learning rate",
     )
-    parser.add_argument("--warmup-fraction", type=float, default=0.1)
+    parser.add_argument("--warmup-fraction", type=float_in_range(0.0, 1.0), default=0.1)
     parser.add_argument("--mirroring", action=argparse.BooleanOptionalAction, default=not tiny_defaults)
     parser.add_argument("--device", default="cpu" if tiny_defaults else "cuda")
 

@@ -28,6 +28,8 @@ import torch
 from monai.metrics import DiceMetric, HausdorffDistanceMetric, SurfaceDistanceMetric
 from pumit_seg.evaluation.metrics import compute_label_metrics
 
+from pumit_seg.cli_checks import float_in_range
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 KEYS = ("Dice", "HD", "HD95", "ASSD")
 
@@ -111,7 +113,13 @@ def machine() -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", type=int, nargs=3, default=[150, 512, 512], help="depth rows columns")
-    parser.add_argument("--spacing", type=float, nargs=3, default=[2.5, 0.8, 0.8], help="mm per axis")
+    parser.add_argument(
+        "--spacing",
+        type=float_in_range(0.0, None, low_open=True),
+        nargs=3,
+        default=[2.5, 0.8, 0.8],
+        help="mm per axis",
+    )
     parser.add_argument("--labels", type=int, default=13)
     parser.add_argument("--repeats", type=int, default=1, help="best of N runs (each side)")
     parser.add_argument("--seed", type=int, default=0)

@@ -26,17 +26,9 @@ from pathlib import Path
 
 import torch
 
+from pumit_seg.cli_checks import float_in_range
+
 RESULTS = Path(__file__).resolve().parent / "results" / "mim_throughput"
-# dense bf16 tensor-core peaks (no sparsity), FLOP/s
-GPU_PEAK_BF16 = {
-    "H100 SXM": 989e12,
-    "H100 NVL": 835e12,
-    "H100 PCIe": 756e12,
-    "H200": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10": 125e12,
-}
 # (ViT preset, tokenizer preset, crop in-plane, crop depth units, aniso_d, batch size, device kind)
 CONFIGURATIONS = {
     "tiny": ("tiny", "tiny", 64, 2, 2, 4, "cpu"),
@@ -49,11 +41,10 @@ def device_peak(device: torch.device, peak_tflops: float | None) -> float | None
         return peak_tflops * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key in sorted(GPU_PEAK_BF16, key=len, reverse=True):
-        if all(part in name for part in key.split()):
-            return GPU_PEAK_BF16[key]
-    return None
+    from device_peaks import bf16_peak_tflops  # benchmarks/device_peaks.py: one table for every benchmark
+
+    peak = bf16_peak_tflops(torch.cuda.get_device_name(device))
+    return peak * 1e12 if peak else None
 
 
 def device_description(device: torch.device) -> str:
@@ -180,7 +171,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--batch-size", type=int, default=None, help="override the configuration's batch")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (e.g. a CPU's)")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float_in_range(0.0, None, low_open=True),
+        default=None,
+        help="device peak for MFU (e.g. a CPU's)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-save", action="store_true", help="print only")
     args = parser.parse_args(argv)

@@ -33,6 +33,7 @@ import time
 import numpy as np
 
 from pumit_seg.atomic import atomic_path, write_json_atomic
+from pumit_seg.cli_checks import float_in_range
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MACHINE = "2-core CPU, no GPU"
@@ -379,7 +380,9 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="bench", required=True)
     crops = sub.add_parser("crops", help="5a: crop reads per second, store vs source NIfTI")
     crops.add_argument("--shape", type=int, nargs=3, default=[300, 512, 512])
-    crops.add_argument("--spacing", type=float, nargs=3, default=[1.25, 0.75, 0.75])
+    crops.add_argument(
+        "--spacing", type=float_in_range(0.0, None, low_open=True), nargs=3, default=[1.25, 0.75, 0.75]
+    )
     crops.add_argument("--crops", type=int, default=200, help="store crops timed")
     crops.add_argument("--source-reads", type=int, default=3, help="source crops timed per reader")
     crops.add_argument("--samples", type=int, default=50, help="augmented loader samples timed")

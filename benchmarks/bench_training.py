@@ -35,6 +35,7 @@ import sys
 import time
 
 import torch
+from device_peaks import bf16_peak_tflops
 from pumit_seg.planners.pumit_planner import (
     ACTIVATION_TERMS,
     MemoryModel,
@@ -58,8 +59,6 @@ from pumit_seg.atomic import atomic_path, write_json_atomic
 from pumit_seg.models.seg_net import PUMITSegNet, build_arch_kwargs
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-# bf16 dense peak of the GPUs we may be lent (TFLOP/s), for model FLOPs utilisation
-GPU_BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 CONFIGS = {
     "paper_btcv": {
@@ -158,8 +157,9 @@ def nnunet_optimizer(network):
 
 
 def nnunet_factory(config: dict):
+    """nnU-Net's default network for the configuration (``nnunet_features``: narrower widths, smoke runs only)."""
     return lambda: nnunet_default_network(
-        config["patch"], config["spacing"], config["channels"], config["classes"]
+        config["patch"], config["spacing"], config["channels"], config["classes"], **config.get("nnunet_features", {})
     )
 
 
@@ -259,7 +259,7 @@ def bench_config(name: str, config: dict, skip_wall: bool, repeats: int, with_cu
         )
         for label, wall in walls.items():
             row[label]["wall_seconds"] = wall
-            peak = next((v for k, v in GPU_BF16_PEAK_TFLOPS.items() if k in DEVICE_NAME), None)
+            peak = bf16_peak_tflops(DEVICE_NAME)
             if DEVICE.type == "cuda" and peak:
                 flops = row[label]["flops"]["forward"] + row[label]["flops"]["backward"]
                 row[label]["mfu_bf16"] = flops / wall["step"] / (peak * 1e12)

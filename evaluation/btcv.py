@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pumit_seg.atomic import atomic_folder, atomic_path, write_json_atomic
-from pumit_seg.cli_checks import exit_on_bad_input, int_in_range
+from pumit_seg.cli_checks import check_output_path, exit_on_bad_input, int_in_range
 from pumit_seg.data.readers import MedicalImage, read_image
 
 FILE_ENDING = ".nii.gz"
@@ -179,6 +179,18 @@ def main(argv=None) -> None:
     )
     args = parser.parse_args(argv)
     with exit_on_bad_input(parser):
+        # nnUNet_raw (and nnUNet_preprocessed) are continued; they must be writable and not the RawData folder
+        check_output_path(
+            args.nnunet_raw, is_dir=True, overwrite=True, inputs=[args.raw_data], option="NNUNET_RAW"
+        )
+        if args.preprocessed:
+            check_output_path(
+                args.preprocessed,
+                is_dir=True,
+                overwrite=True,
+                inputs=[args.raw_data],
+                option="--preprocessed",
+            )
         folder = convert(args.raw_data, args.nnunet_raw, args.dataset_id, args.preprocessed)
     print(f"wrote {folder}")
 

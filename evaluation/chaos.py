@@ -48,7 +48,7 @@ from pumit_seg.evaluation.metrics import chaos_scores, compute_label_metrics
 from tqdm import tqdm
 
 from pumit_seg.atomic import atomic_folder, atomic_path, write_grey_png_atomic, write_json_atomic
-from pumit_seg.cli_checks import exit_on_bad_input, int_in_range
+from pumit_seg.cli_checks import check_output_path, exit_on_bad_input, int_in_range
 from pumit_seg.data.readers import read_image
 
 FILE_ENDING = ".nii.gz"
@@ -375,7 +375,11 @@ def png_names(num_slices: int) -> list[str]:
     return [f"img{k:0{width}d}.png" for k in range(num_slices)]
 
 
-def read_prediction(path: str, record: dict) -> np.ndarray:
+def read_prediction(path: str, record: dict, allow_unknown_labels: bool = False) -> tuple[np.ndarray, list]:
+    """The prediction's label map and its label values that no organ of its modality has.
+
+    A value outside the modality's organs (or a non-integer one) would silently become background in the
+    submission: it is an error naming the file and the labels unless `allow_unknown_labels`."""
     labels = read_image(path).array  # a truncated or damaged prediction is an error naming the file
     expected = (record["num_slices"], record["rows"], record["columns"])
     if labels.shape != expected:
@@ -383,7 +387,16 @@ def read_prediction(path: str, record: dict) -> np.ndarray:
             f"prediction {path} has shape {labels.shape}, the DICOM series {record['dicom_folders'][0]} "
             f"has {expected} (slices, rows, columns)"
         )
-    return labels
+    known = {0, *(label for label, *_ in organs_of(record["modality"]).values())}
+    unknown = sorted(v for v in np.unique(labels).tolist() if v not in known)
+    if unknown and not allow_unknown_labels:
+        shown = ", ".join(f"{v:g}" for v in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
+        raise ValueError(
+            f"prediction {path} holds label {shown}, not a CHAOS {record['modality']} label "
+            f"(known: {', '.join(map(str, sorted(known)))}); pass --allow_unknown_labels to export such voxels "
+            "as background (they are then listed in export_summary.json)"
+        )
+    return labels, [int(v) if float(v).is_integer() else float(v) for v in unknown]
 
 
 def dataset_records(dataset_folder: str) -> dict[str, dict]:
@@ -405,13 +418,16 @@ def export_submission(
     output_folder: str,
     zip_file: str | None = None,
     allow_missing: bool = False,
+    allow_unknown_labels: bool = False,
 ) -> list[int]:
     """Write the Task folders for [(converted dataset folder, nnU-Net prediction folder), ...]; returns the tasks.
 
     Every test case of each dataset (its imagesTs) must have a prediction, or the export fails naming the
     missing ones (`allow_missing` exports the rest and lists them in ``export_summary.json``). The whole
     output folder is built beside its place and swapped in when complete (with the zip): a failure leaves
-    an earlier submission as it was, and a new one holds no file of an earlier export.
+    an earlier submission as it was, and a new one holds no file of an earlier export. A prediction label
+    that no organ of its modality has is an error naming the file (`allow_unknown_labels` exports it as
+    background and lists it in ``export_summary.json``).
     """
     if zip_file and os.path.abspath(zip_file).startswith(os.path.abspath(output_folder) + os.sep):
         raise ValueError(
@@ -446,9 +462,12 @@ def export_submission(
     if not items:
         raise FileNotFoundError(f"no predictions ending in {FILE_ENDING} in {[p for _, p in predictions]}")
     tasks = tasks_for({record["modality"] for _, record in items})
+    unknown_labels = {}
     with atomic_folder(output_folder) as building:
         for path, record in tqdm(items, desc="CHAOS export", unit="case"):
-            labels = read_prediction(path, record)
+            labels, unknown = read_prediction(path, record, allow_unknown_labels)
+            if unknown:
+                unknown_labels[path] = unknown
             names = png_names(len(labels))
             for task in tasks:
                 liver_only, needed = TASKS[task]
@@ -461,12 +480,19 @@ def export_submission(
                     write_grey_png_atomic(os.path.join(folder, name), slice_grey)
         write_json_atomic(
             os.path.join(building, "export_summary.json"),
-            {"exported": [p for p, _ in items], "missing_predictions": missing, "tasks": tasks},
+            {
+                "exported": [p for p, _ in items],
+                "missing_predictions": missing,
+                "unknown_labels": unknown_labels,
+                "tasks": tasks,
+            },
         )
         if zip_file:
             write_zip(building, [f"Task{t}" for t in tasks], zip_file)
     for case in missing:
         print(f"not exported (--allow_missing): {case}")
+    for path, unknown in unknown_labels.items():
+        print(f"unknown labels exported as background (--allow_unknown_labels): {path}: {unknown}")
     return tasks
 
 
@@ -659,11 +685,21 @@ def main(argv=None) -> None:
         action="store_true",
         help="export even if test cases have no prediction (listed in export_summary.json)",
     )
+    p.add_argument(
+        "--allow_unknown_labels",
+        action="store_true",
+        help="export prediction labels that no CHAOS organ has as background instead of failing "
+        "(listed in export_summary.json)",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output folder and --zip file"
+    )
 
     p = commands.add_parser("score", help="score a results tree (Task folders) against CHAOS ground truths")
     p.add_argument("results_folder", help="folder holding Task1..Task5")
     p.add_argument("chaos_folder", help="CHAOS training folder with the Ground PNGs and DICOM_anon folders")
     p.add_argument("-o", default=None, help="write the scores to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing -o file")
     p.add_argument(
         "--allow_missing",
         action="store_true",
@@ -673,6 +709,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     with exit_on_bad_input(parser):
         if args.command == "convert":
+            # the datasets are updated in place (a conversion replaces the splits it converts)
+            check_output_path(args.nnunet_raw, is_dir=True, overwrite=True, inputs=[args.chaos_folder],
+                              option="NNUNET_RAW")  # fmt: skip
             ids = {sequence: getattr(args, f"{sequence.lower()}_id") for sequence in DEFAULT_DATASET_IDS}
             ids[JOINT_MR] = args.mr_id
             folders = convert(
@@ -681,14 +720,26 @@ def main(argv=None) -> None:
             for key, folder in folders.items():
                 print(f"{key}: {folder}")
         elif args.command == "export":
+            inputs = [folder for pair in args.pred for folder in pair]
+            check_output_path(args.output_folder, is_dir=True, overwrite=args.overwrite, inputs=inputs,
+                              option="OUTPUT_FOLDER", replaced=True)  # fmt: skip
+            if args.zip:
+                check_output_path(args.zip, overwrite=args.overwrite, inputs=inputs, option="--zip")
             tasks = export_submission(
-                [tuple(p) for p in args.pred], args.output_folder, args.zip, args.allow_missing
+                [tuple(p) for p in args.pred],
+                args.output_folder,
+                args.zip,
+                args.allow_missing,
+                args.allow_unknown_labels,
             )
             print(
                 f"wrote {', '.join(f'Task{t}' for t in tasks)} into {args.output_folder}"
                 + (f" and {args.zip}" if args.zip else "")
             )
         else:
+            if args.o:
+                check_output_path(args.o, overwrite=args.overwrite,
+                                  inputs=[args.results_folder, args.chaos_folder])  # fmt: skip
             scores = score_results(args.results_folder, args.chaos_folder, args.o, args.allow_missing)
             for task, result in scores.items():
                 mean = result["mean"]

@@ -116,10 +116,8 @@ class DicomGeometry:
         return np.asarray(self.chaos_index_to_mm, dtype=float).reshape(3, 3)
 
 
-def _geometry(folder: str, files: list[str], first, last, rows: int, columns: int) -> DicomGeometry:
-    geometry = dicom_series_geometry(
-        first, last, len(files), os.path.join(folder, files[0]), os.path.join(folder, files[-1])
-    )
+def _geometry(folder: str, files: list[str], headers: list, rows: int, columns: int) -> DicomGeometry:
+    geometry = dicom_series_geometry(headers, [os.path.join(folder, name) for name in files])
     orientation, pixel_spacing = geometry["orientation"], geometry["pixel_spacing"]
     index_to_mm = np.stack(
         [geometry["slice_vector"], orientation[:3] * pixel_spacing[0], orientation[3:] * pixel_spacing[1]],
@@ -137,17 +135,19 @@ def _geometry(folder: str, files: list[str], first, last, rows: int, columns: in
 
 
 def read_dicom_geometry(folder: str) -> DicomGeometry:
-    """Geometry from the headers of the first and last file in file-name order, CHAOS style."""
+    """Geometry of the series in file-name order, CHAOS style, from every file's header: each slice's
+    position projected on the slice normal, so a missing slice or uneven spacing is an ImageReadError
+    naming the series and the gap (`pumit_seg.data.readers.dicom_series_geometry`), never averaged."""
     files = sorted_files(folder, ".dcm")
     headers = []
-    for name in (files[0], files[-1]):
+    for name in files:
         path = os.path.join(folder, name)
         try:
             headers.append(pydicom.dcmread(path, stop_before_pixels=True))
         except Exception as error:  # noqa: BLE001 -- pydicom raises many types for damaged files
             raise ImageReadError(path, "unreadable", f"not a readable DICOM file ({error})") from None
     rows, columns = (int(headers[0].get(tag, 0)) for tag in ("Rows", "Columns"))
-    return _geometry(folder, files, headers[0], headers[1], rows, columns)
+    return _geometry(folder, files, headers, rows, columns)
 
 
 def read_dicom_series(folder: str) -> tuple[np.ndarray, DicomGeometry]:

@@ -9,6 +9,12 @@ the ignore label come from nnU-Net's ``LabelManager``, and ``summary.json`` has 
 (``metric_per_case``, ``mean``, ``foreground_mean``) with our metric keys (see ``metrics.METRIC_KEYS``).
 A ``summary.csv`` with one row per case and label (and the means) is written next to it.
 
+Every label value in a reference or a prediction must be one of dataset.json's labels (the ignore label
+included): an unknown one is an error naming the file and the label, never scored as background; with
+``--allow_unknown_labels`` such voxels count as background and the files and labels are listed under
+``unknown_labels`` in summary.json. An existing output needs ``--overwrite``; an output that is one of the
+inputs, or cannot be written, is refused before any case is read.
+
 Spacing comes from the reference image. Predictions must have the reference's shape, spacing, origin and
 direction; anything else is refused with an error naming both files. Images whose first spatial axis has
 size 1 (nnU-Net's representation of 2D data, spacing 999 on that axis) are evaluated as 2D.
@@ -39,7 +45,7 @@ from pumit_seg.evaluation.metrics import (
 )
 
 from pumit_seg.atomic import atomic_path
-from pumit_seg.cli_checks import exit_on_bad_input, float_in_range, int_in_range
+from pumit_seg.cli_checks import check_output_path, exit_on_bad_input, float_in_range, int_in_range
 from pumit_seg.data.readers import MedicalImage, read_image
 
 MAX_PROCESSES = 256  # -np beyond this is a typo
@@ -80,6 +86,29 @@ def _as_label_map(seg: np.ndarray, filename: str) -> np.ndarray:
     return labels.astype(np.int32)
 
 
+class UnknownLabelError(ValueError):
+    """A segmentation holds a label value that dataset.json does not define."""
+
+
+def unknown_labels(seg: np.ndarray, known_labels) -> list[int]:
+    """The label values of `seg` that are not in `known_labels`, sorted."""
+    return sorted(set(np.unique(seg).tolist()).difference(int(k) for k in known_labels))
+
+
+def check_known_labels(
+    seg: np.ndarray, known_labels, filename: str, source: str = "dataset.json"
+) -> list[int]:
+    """Raise UnknownLabelError naming `filename` and the labels of `seg` missing from `known_labels`."""
+    unknown = unknown_labels(seg, known_labels)
+    if unknown:
+        raise UnknownLabelError(
+            f"{filename} holds label {', '.join(map(str, unknown))}, not defined in {source} "
+            f"(known: {', '.join(map(str, sorted(int(k) for k in known_labels)))}); pass --allow_unknown_labels "
+            "to count such voxels as background (they are then listed in summary.json)"
+        )
+    return unknown
+
+
 def evaluate_case(
     reference_file: str,
     prediction_file: str,
@@ -87,11 +116,16 @@ def evaluate_case(
     convention: str = "monai",
     nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
     ignore_label: int | None = None,
+    known_labels=None,
+    allow_unknown_labels: bool = False,
 ) -> dict:
     """Metrics of one case: {'reference_file', 'prediction_file', 'spacing', 'metrics': {label: {...}}}.
 
     Both files go through `pumit_seg.data.readers.read_image`, so a truncated file or NaN voxels are an
-    error naming the file, never zeros scored as background."""
+    error naming the file, never zeros scored as background. With `known_labels` (every label value of
+    dataset.json) a value outside them is an `UnknownLabelError` naming the file, unless
+    `allow_unknown_labels`: then it counts as background and the result lists it under 'unknown_labels'
+    ({file: [labels]})."""
     reference = read_image(reference_file)
     prediction = read_image(prediction_file)
     for image in (reference, prediction):
@@ -102,6 +136,14 @@ def evaluate_case(
     check_same_geometry(reference, prediction)
     seg_ref = _as_label_map(reference.array, reference_file)
     seg_pred = _as_label_map(prediction.array, prediction_file)
+    unknown = {}
+    if known_labels is not None:
+        for seg, filename in ((seg_ref, reference_file), (seg_pred, prediction_file)):
+            labels = unknown_labels(seg, known_labels)
+            if labels and not allow_unknown_labels:
+                check_known_labels(seg, known_labels, filename)
+            if labels:
+                unknown[filename] = labels
     spacing = [float(s) for s in reference.spacing]
     if seg_ref.ndim == 3 and seg_ref.shape[0] == 1:  # nnU-Net's 2D layout: evaluate in-plane only
         seg_ref, seg_pred, spacing = seg_ref[0], seg_pred[0], spacing[1:]
@@ -113,6 +155,7 @@ def evaluate_case(
         "prediction_file": prediction_file,
         "spacing": spacing,
         "metrics": metrics,
+        "unknown_labels": unknown,
     }
 
 
@@ -181,10 +224,14 @@ def evaluate_folder(
     num_processes: int = default_num_processes,
     nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
     chill: bool = False,
+    allow_unknown_labels: bool = False,
 ) -> dict:
     """Evaluate every prediction in `folder_pred`; write summary.json (+ .csv) unless output_file is ''.
 
     `output_file` defaults to ``folder_pred/summary.json``. Returns the summary (integer label keys).
+    A label value that dataset.json does not define, in a reference or a prediction, is an
+    `UnknownLabelError` naming the file; with `allow_unknown_labels` it counts as background and
+    ``summary['unknown_labels']`` lists {file: [labels]}.
     """
     check_convention(convention)
     source = dataset_json if not isinstance(dataset_json, dict) else "dataset.json"
@@ -204,6 +251,9 @@ def evaluate_folder(
     labels_or_regions = (
         label_manager.foreground_regions if label_manager.has_regions else label_manager.foreground_labels
     )
+    known_labels = [int(k) for k in label_manager.all_labels]
+    if label_manager.ignore_label is not None:
+        known_labels.append(int(label_manager.ignore_label))
     arguments = [
         (
             ref,
@@ -212,6 +262,8 @@ def evaluate_folder(
             convention,
             nsd_tolerance_mm,
             label_manager.ignore_label,
+            known_labels,
+            allow_unknown_labels,
         )
         for ref, pred in pairs
     ]
@@ -223,6 +275,9 @@ def evaluate_folder(
     summary = summarize(results, labels_or_regions)
     # cases skipped with --chill are named in the summary, so a partial evaluation cannot pass as complete
     summary["references_without_prediction"] = missing_predictions(folder_ref, folder_pred, file_ending)
+    summary["unknown_labels"] = {
+        file: labels for case in results for file, labels in case["unknown_labels"].items()
+    }
     summary["convention"] = convention
     summary["nsd_tolerance_mm"] = nsd_tolerance_mm
     recursive_fix_for_json_export(summary)
@@ -245,6 +300,9 @@ def main(argv=None) -> None:
     parser.add_argument("pred_folder", help="folder with the predicted segmentations (same file names)")
     parser.add_argument("-djfile", required=True, help="dataset.json of the dataset (labels, file_ending)")
     parser.add_argument("-o", default=None, help="output summary.json (default: PRED_FOLDER/summary.json)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing summary.json (and summary.csv)"
+    )
     parser.add_argument(
         "--convention",
         choices=CONVENTIONS,
@@ -269,8 +327,23 @@ def main(argv=None) -> None:
         action="store_true",
         help="allow references without a prediction (they are listed in summary.json)",
     )
+    parser.add_argument(
+        "--allow_unknown_labels",
+        action="store_true",
+        help="count label values that dataset.json does not define as background instead of failing "
+        "(the files and labels are listed in summary.json)",
+    )
     args = parser.parse_args(argv)
     with exit_on_bad_input(parser):
+        output = args.o if args.o is not None else os.path.join(args.pred_folder, "summary.json")
+        if not output.endswith(".json"):
+            raise ValueError(f"-o {output}: the output file must end with .json")
+        inputs = (args.ref_folder, args.pred_folder, args.djfile)
+        option = "-o" if args.o is not None else "the default output"
+        check_output_path(output, overwrite=args.overwrite, inputs=inputs, option=option)
+        check_output_path(
+            output[: -len(".json")] + ".csv", overwrite=args.overwrite, inputs=inputs, option="the table"
+        )
         summary = evaluate_folder(
             args.ref_folder,
             args.pred_folder,
@@ -280,6 +353,7 @@ def main(argv=None) -> None:
             args.np,
             args.nsd_tolerance,
             args.chill,
+            args.allow_unknown_labels,
         )
     foreground = summary["foreground_mean"]
     print(" ".join(f"{k} {foreground[k]:.4f}" for k in METRIC_KEYS))
@@ -287,6 +361,8 @@ def main(argv=None) -> None:
         print(
             f"not evaluated (no prediction, --chill): {', '.join(summary['references_without_prediction'])}"
         )
+    for file, labels in summary["unknown_labels"].items():
+        print(f"unknown labels counted as background (--allow_unknown_labels): {file}: {labels}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,12 @@ so this command runs the same three steps through nnU-Net's API with `PUMITPlann
 
     pumit_plan_and_preprocess -d 300 --preset btcv --pretrained_weights pumit-b.safetensors
 
+Before nnU-Net's fingerprint reads anything, every training image and label is read through the
+project's validated reader (`pumit_seg.data.readers.read_image`, the one ``pumit_evaluate`` uses): a
+truncated file, NaN / inf voxels, a missing channel file (``_0001``) or label, or channels of different
+shapes stop the command with an error naming the case and the file (`check_raw_training_cases`), where
+nnU-Net would plan from a zero-filled volume or crash with an ``IndexError``.
+
 ``--preset btcv|chaos`` plans the paper's configuration (`pumit_seg.planners.presets`) and prints the
 matching ``nnUNetv2_train`` / ``nnUNetv2_predict`` lines. A fingerprint that no longer matches the raw
 images is recomputed, and the command says so (`pumit_seg.planners.fingerprint_state`).
@@ -33,6 +39,93 @@ MAX_BATCH_SIZE = 4096
 MAX_CHANNELS = 16384
 MAX_SPACING_MM = 1000.0
 MAX_GPU_MEMORY_GB = 4096.0
+
+
+def _training_cases(raw_folder: str, dataset_json: dict) -> dict[str, dict]:
+    """Case -> {"images": [channel files], "label": file, "problems": [missing files, extra channels]}."""
+    ending = dataset_json.get("file_ending", ".nii.gz")
+    channels = dataset_json.get("channel_names", dataset_json.get("modality")) or {}
+    num_channels = len(channels)
+    if "dataset" in dataset_json:  # explicit file lists, as nnU-Net allows
+        cases = {}
+        for case, entry in dataset_json["dataset"].items():
+            images = [os.path.join(raw_folder, os.path.expandvars(i)) for i in entry.get("images", [])]
+            label = os.path.join(raw_folder, os.path.expandvars(entry.get("label", "")))
+            problems = [f"missing {f}" for f in [*images, label] if not os.path.isfile(f)]
+            if len(images) != num_channels:
+                problems.append(f"{len(images)} image file(s) listed for {num_channels} channel(s)")
+            cases[case] = {"images": images, "label": label, "problems": problems}
+        return cases
+    images_folder = os.path.join(raw_folder, "imagesTr")
+    if not os.path.isdir(images_folder):
+        raise FileNotFoundError(f"{images_folder} does not exist: no training images to plan from")
+    names = sorted(n for n in os.listdir(images_folder) if n.endswith(ending) and not n.startswith("."))
+    cases = {}
+    for name in names:
+        stem = name[: -len(ending)]
+        if len(stem) < 6 or stem[-5] != "_" or not stem[-4:].isdigit():
+            raise ValueError(
+                f"{os.path.join(images_folder, name)}: not named CASE_XXXX{ending} (XXXX: the 4-digit channel)"
+            )
+        cases.setdefault(stem[:-5], set()).add(int(stem[-4:]))
+    result = {}
+    for case, present in cases.items():
+        images = [os.path.join(images_folder, f"{case}_{c:04d}{ending}") for c in range(num_channels)]
+        label = os.path.join(raw_folder, "labelsTr", case + ending)
+        problems = [f"missing {f}" for f in [*images, label] if not os.path.isfile(f)]
+        extra = sorted(c for c in present if c >= num_channels)
+        if extra:
+            problems.append(
+                f"channel file(s) {[f'{case}_{c:04d}{ending}' for c in extra]} beyond the "
+                f"{num_channels} channel(s) of dataset.json"
+            )
+        result[case] = {"images": images, "label": label, "problems": problems}
+    return result
+
+
+def _check_case(case: str, images: list[str], label: str) -> None:
+    from pumit_seg.data.readers import read_image
+
+    shapes = {}
+    for file in [*images, label]:
+        shapes[file] = read_image(file).spatial_shape  # ImageReadError names the file and the problem
+    if len(set(shapes.values())) > 1:
+        listed = ", ".join(f"{os.path.basename(f)} {s}" for f, s in shapes.items())
+        raise ValueError(f"case {case}: its images and label differ in shape ({listed})")
+
+
+def check_raw_training_cases(raw_dataset_folder: str, num_processes: int = 1) -> int:
+    """Read every training image and label of a raw nnU-Net dataset through the validated reader.
+
+    Raises (naming the case and the file) on a missing channel file or label, a damaged image (truncated,
+    NaN / inf, no spacing: `pumit_seg.data.readers.ImageReadError`, the evaluator's errors) or channels /
+    label of different shapes. Returns the number of cases checked."""
+    import json
+    from concurrent.futures import ProcessPoolExecutor
+
+    dataset_json_file = os.path.join(raw_dataset_folder, "dataset.json")
+    if not os.path.isfile(dataset_json_file):
+        raise FileNotFoundError(f"{dataset_json_file} does not exist")
+    with open(dataset_json_file) as f:
+        dataset_json = json.load(f)
+    cases = _training_cases(raw_dataset_folder, dataset_json)
+    if not cases:
+        raise FileNotFoundError(f"{raw_dataset_folder}: no training case in imagesTr")
+    incomplete = {case: entry["problems"] for case, entry in cases.items() if entry["problems"]}
+    if incomplete:
+        lines = [f"case {case}: {', '.join(problems)}" for case, problems in sorted(incomplete.items())]
+        raise FileNotFoundError(
+            f"{raw_dataset_folder}: {len(incomplete)} training case(s) incomplete: " + "; ".join(lines[:10])
+        )
+    arguments = [(case, entry["images"], entry["label"]) for case, entry in cases.items()]
+    if num_processes > 1 and len(arguments) > 1:
+        with ProcessPoolExecutor(max_workers=min(num_processes, len(arguments))) as pool:
+            for future in [pool.submit(_check_case, *a) for a in arguments]:
+                future.result()
+    else:
+        for a in arguments:
+            _check_case(*a)
+    return len(cases)
 
 
 def check_fingerprints(dataset_ids: list[int], verbose: bool = False) -> list[int]:
@@ -82,6 +175,13 @@ def plan_and_preprocess(
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from pumit_seg.planners.fingerprint_state import record_fingerprint_sources
 
+    for dataset_id in dataset_ids:  # before any fingerprint: nnU-Net's readers zero-fill damaged files
+        checked = check_raw_training_cases(
+            os.path.join(nnUNet_raw, maybe_convert_to_dataset_name(dataset_id)),
+            num_processes_fingerprint or 1,
+        )
+        if verbose:
+            print(f"dataset {dataset_id}: {checked} training case(s) read and checked")
     stale = [] if clean else check_fingerprints(dataset_ids, verbose)
     for dataset_id in dataset_ids:
         extract_fingerprints(

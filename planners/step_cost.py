@@ -206,11 +206,17 @@ def pumit_part_flops(
 
 
 def nnunet_default_network(
-    patch_size, spacing, input_channels: int, num_classes: int, deep_supervision: bool = True
+    patch_size,
+    spacing,
+    input_channels: int,
+    num_classes: int,
+    deep_supervision: bool = True,
+    base_features: int = 32,
+    max_features: int = 320,
 ) -> nn.Module:
     """nnU-Net's default 3D network (`PlainConvUNet`) as its `ExperimentPlanner` configures it for this patch
     and spacing: topology from `get_pool_and_conv_props`, 32 features doubling to 320, two convs per
-    stage, InstanceNorm, LeakyReLU."""
+    stage, InstanceNorm, LeakyReLU. `base_features` / `max_features` shrink it for smoke runs only."""
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
     from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
 
@@ -221,7 +227,7 @@ def nnunet_default_network(
     return PlainConvUNet(
         input_channels=input_channels,
         n_stages=num_stages,
-        features_per_stage=[min(32 * 2**i, 320) for i in range(num_stages)],
+        features_per_stage=[min(base_features * 2**i, max_features) for i in range(num_stages)],
         conv_op=nn.Conv3d,
         kernel_sizes=conv_kernel_sizes,
         strides=pool_op_kernel_sizes,

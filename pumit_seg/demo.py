@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pumit_seg.atomic import write_json_atomic
+from pumit_seg.cli_checks import check_output_path, exit_on_bad_input
 from pumit_seg.nnunet_ext_dir import nnunet_environment
 
 CONFIGURATION = "3d_fullres"
@@ -63,6 +64,46 @@ CORPUS_MODULE = "pumit_seg.data.pretrain_phantoms"
 MIM_ENCODER_NAME = "encoder.safetensors"  # what `pumit_pretrain mim` exports into its run folder
 PRETRAIN_LOG_ROWS = 25  # rows of log.csv per pre-training run (the loss curves' points)
 PRETRAIN_VALIDATIONS = 2  # validations (pictures, codebook health) and checkpoints per run
+PARTS = ("pre-training", "segmentation", "CHAOS", "report")
+
+# Expected wall time of each part in minutes: the one place the banner, the report and docs/demo.md take
+# them from. "cpu": on an idle 2-core CPU machine (no GPU) the whole run was measured (demo 575 s,
+# smallest 154 s) and split by part from the step times; a machine shared with other jobs
+# took up to 4 times as long (38 minutes for the whole demo). "gpu": an estimate, not measured (no GPU
+# was available): the tiny networks leave process start-up, data loading and nnU-Net's validation.
+# On a CPU the three nnU-Net trainings dominate (about 4 s per epoch of 25 iterations each).
+EXPECTED_MINUTES = {
+    "demo": {
+        "cpu": {"pre-training": 1.5, "segmentation": 4.5, "CHAOS": 3.5, "report": 0.5},
+        "gpu": {"pre-training": 0.5, "segmentation": 2.0, "CHAOS": 1.5, "report": 0.5},
+    },
+    "smallest": {
+        "cpu": {"pre-training": 0.5, "segmentation": 1.0, "CHAOS": 1.0, "report": 0.2},
+        "gpu": {"pre-training": 0.3, "segmentation": 0.8, "CHAOS": 0.8, "report": 0.2},
+    },
+}
+SLOW_MACHINE_FACTOR = 4  # the most a busy shared 2-core machine was seen to take, against an idle one
+
+
+def expected_minutes(setting: str, device: str) -> float:
+    """Expected wall time of a whole demo run of `setting` on `device` ("cpu" or "gpu"), in minutes."""
+    return sum(EXPECTED_MINUTES[setting][device].values())
+
+
+def expected_time_text(setting: str, device: str) -> str:
+    """One line for the banner and the report: total, the parts, and what a busy machine does."""
+    parts = EXPECTED_MINUTES[setting][device]
+    total = expected_minutes(setting, device)
+    if device == "cpu":
+        where, basis = "2 idle CPU cores", "the total measured, its split by part estimated"
+        busy = f"; a machine busy with other jobs can take up to {SLOW_MACHINE_FACTOR}x as long"
+    else:
+        where, basis, busy = "a GPU", "an estimate, not measured", ""
+    return (
+        f"about {total:g} minutes on {where} ({basis}: "
+        + ", ".join(f"{part} {minutes:g}" for part, minutes in parts.items())
+        + f" min){busy}"
+    )
 
 
 @dataclass(frozen=True)
@@ -99,7 +140,7 @@ _TINY_NETWORK = (
 
 SETTINGS = {
     "demo": DemoSetting(
-        description="what `make demo` runs: about 15 minutes on 2 CPU cores",
+        description="what `make demo` runs",
         corpus_args=(),
         tokenizer_steps=300,
         mim_steps=200,
@@ -116,7 +157,7 @@ SETTINGS = {
         chaos_plan_args=(*_TINY_NETWORK, "--patch_size_3d", "8", "64", "64"),
     ),
     "smallest": DemoSetting(
-        description="every step on the least data (the CI test): a few minutes on 2 CPU cores",
+        description="every step on the least data (the CI test)",
         corpus_args=(),
         tokenizer_steps=10,
         mim_steps=10,
@@ -299,6 +340,7 @@ def build_steps(
                 )
             )
         store = str(pretrain / "store")
+        paths["store"] = store
         steps.append(
             Step(
                 "pretrain_prepare",
@@ -652,7 +694,8 @@ def main(argv: list[str] | None = None) -> None:
         "--setting",
         choices=sorted(SETTINGS),
         default="demo",
-        help="sizes: " + "; ".join(f"{k}: {v.description}" for k, v in SETTINGS.items()),
+        help="sizes: "
+        + "; ".join(f"{k}: {v.description}, {expected_time_text(k, 'cpu')}" for k, v in SETTINGS.items()),
     )
     parser.add_argument(
         "--parts",
@@ -703,6 +746,10 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--{option} {value} does not exist")
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         parser.error(f"--output {args.output} exists and is not a folder")
+    with exit_on_bad_input(parser):  # the demo continues its folder; it must be writable and not an input
+        inputs = [args.pretrain_config, args.encoder, args.seg_dataset, args.chaos_train, args.chaos_test,
+                  args.chaos_reference]  # fmt: skip
+        check_output_path(args.output, is_dir=True, overwrite=True, inputs=inputs, option="--output")
     if args.encoder and args.encoder.endswith(".safetensors"):
         from pumit_seg.weights import load_state_dict_file
 
@@ -749,18 +796,34 @@ def main(argv: list[str] | None = None) -> None:
             "paths": paths,
         },
     )
-    print(
-        f"pumit demo ({args.setting}: {setting.description}), device {'cuda' if on_gpu else 'cpu'}, output {root}"
-    )
-    print("nnU-Net's folders for every step (set in your shell to repeat a command):")
-    for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_extTrainer"):
-        print(f"   export {key}={base_env[key]}")
+    device = "gpu" if on_gpu else "cpu"
+    print(f"pumit demo ({args.setting}: {setting.description}), device {'cuda' if on_gpu else 'cpu'}, output {root}")
+    print(f"expected: {expected_time_text(args.setting, device)}")
     start = time.time()
     records = run_steps(steps, root, base_env, quiet=args.quiet)
     missing = [r for r in records if r["status"] != "done"]
-    print(f"\ndemo finished in {time.time() - start:.0f} s; report: {root / 'report.html'}")
+    report = root / "report.html"
+    print(f"\ndemo finished in {time.time() - start:.0f} s" + (f"; report: {report}" if report.is_file() else ""))
     for record in missing:
         print(f"   {record['status']}: {record['title']} ({record.get('reason', '')})")
+    print_shell_settings(base_env, root)
+
+
+def print_shell_settings(base_env: dict, root: Path) -> None:
+    """The variables to set in a shell to repeat a step's command by hand; only folders that exist."""
+    lines = [
+        f"   export {key}={base_env[key]}"
+        for key in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_extTrainer")
+        if Path(base_env[key]).is_dir()
+    ]
+    # nnU-Net names results folders by trainer and plans only, so each training has its own nnUNet_results
+    results = sorted(p for p in root.glob("nnUNet_results_*") if p.is_dir())
+    if not lines and not results:
+        return
+    print("to repeat a step's command in your shell (each command line above shows the variables it sets):")
+    print("\n".join(lines))
+    for folder in results:
+        print(f"   nnUNet_results={folder}   # the {folder.name.removeprefix('nnUNet_results_')} training")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The demo's report: one self-contained HTML page and its PNGs, checked in a real headless browser.
 
     python -m pumit_seg.report OUTPUT                 # OUTPUT/report.html + OUTPUT/report/*.png
-    python -m pumit_seg.report OUTPUT --check [--screenshot docs/report.png]
+    python -m pumit_seg.report OUTPUT --check [--screenshot [FILE]]   # default FILE: OUTPUT/report_screenshot.png
 
 The page (no scripts, no style sheets or fonts from elsewhere; every picture a PNG beside it) shows
 what `pumit_demo` wrote under OUTPUT: the commands run and their wall times (``steps.json``), the
@@ -41,6 +41,7 @@ from pumit_seg.atomic import atomic_path
 
 REPORT_NAME = "report.html"
 ASSETS_FOLDER = "report"  # PNGs of the page, beside it
+SCREENSHOT_NAME = "report_screenshot.png"  # `--check --screenshot` without a file name: inside OUTPUT
 MAX_OVERLAY_CASES = 3
 ORGAN_COLOURS = ["#e41a1c", "#377eb8", "#4daf4a", "#984ea3", "#ff7f00", "#a65628", "#f781bf", "#999999"]
 TABLE_METRICS = ("Dice", "ASSD", "HD", "HD95")
@@ -110,7 +111,8 @@ def plot_loss_curves(runs: dict[str, Path], output: Path) -> list[str]:
             keep = ~np.isnan(values)
             if keep.sum():
                 axis.plot(log["step"][keep], values[keep], marker="." if keep.sum() < 30 else None, label=key)
-        axis.set_xlabel("step")
+        axis.set_xlabel("training step")
+        axis.set_ylabel("loss (log.csv columns)")
         axis.set_title(f"{name} (log.csv)")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
@@ -332,6 +334,34 @@ def _steps_section(steps: list[dict]) -> str:
     )
 
 
+def _times_by_part(steps: list[dict], setting: str, device: str) -> str:
+    """Measured minutes per part (this run; steps finished in an earlier run count with their time then)
+    beside what `pumit_seg.demo.EXPECTED_MINUTES` expects."""
+    from pumit_seg.demo import EXPECTED_MINUTES, PARTS, expected_time_text
+
+    device = "gpu" if device == "cuda" else "cpu"
+    expected = EXPECTED_MINUTES.get(setting, {}).get(device, {})
+    rows = []
+    for part in PARTS:
+        measured = [s.get("wall_s") for s in steps if s.get("part") == part and s.get("status") == "done"]
+        if not measured and part not in expected:
+            continue
+        rows.append(
+            f'<tr><td class="l">{_e(part)}</td><td>{_number(sum(measured) / 60, 1) if measured else "–"}</td>'
+            f"<td>{_number(expected.get(part), 1)}</td></tr>"
+        )
+    note = (
+        f"<p>Expected for this setting and device: {_e(expected_time_text(setting, device))}. "
+        "The report step itself is still running while it writes this page: its time is not counted.</p>"
+        if expected
+        else ""
+    )
+    return (
+        '<table><tr><th class="l">part</th><th>measured (min)</th><th>expected (min)</th></tr>'
+        f"{''.join(rows)}</table>{note}"
+    )
+
+
 def _label_names(dataset: Path) -> dict[str, str]:
     labels = (_read_json(dataset / "dataset.json") or {}).get("labels", {})
     return {str(v): k for k, v in labels.items() if isinstance(v, int) and v > 0}
@@ -379,12 +409,13 @@ def _chaos_table(scores: dict) -> str:
                 f"<td>{_number(mean.get(k), 3)}</td><td>{_number(mean.get(k + '_score'), 1)}</td>"
                 for k in keys
             )
-            + f"<td>{len(result.get('series', []))}</td></tr>"
+            + f"<td>{len(result.get('series', []))}</td>"
+            + f'<td class="l">{_e(", ".join(result.get("missing", [])) or "none")}</td></tr>'
         )
     head = "".join(
         f"<th>{k}{' (%)' if k == 'RAVD' else ' (mm)' if k != 'DICE' else ''}</th><th>score</th>" for k in keys
     )
-    return f'<table><tr><th class="l">task</th><th>score (0-100)</th>{head}<th>organ series</th></tr>{"".join(rows)}</table>'
+    return f'<table><tr><th class="l">task</th><th>score (0-100)</th>{head}<th>organ series</th><th class="l">series without results (not scored)</th></tr>{"".join(rows)}</table>'
 
 
 def _pictures_in(folder: Path, words: tuple[str, ...], exclude: tuple[str, ...] = ()) -> list[Path]:
@@ -422,8 +453,41 @@ def _last_validation_table(name: str, val_csv: Path) -> str:
     return f"<p>{_e(name)}, last validation on held-out images:</p><table><tr>{header}</tr><tr>{row}</tr></table>"
 
 
+def _pretraining_scope(root: Path, paths: dict, assets: Path) -> str:
+    """What the pre-training part shows and what it cannot, and the corpus it ran on (the store's overview)."""
+    settings = _read_json(root / "demo_settings.json") or {}
+    steps = {s.get("key"): s for s in (_read_json(root / "steps.json") or {}).get("steps", [])}
+    tokenizer_command = steps.get("pretrain_tokenizer", {}).get("command", "")
+    lpips = "--lpips-weights" in tokenizer_command
+    parts = [
+        "<p><b>What this shows:</b> the pre-training chain running on a small heterogeneous corpus: the "
+        "image store, the universal visual tokenizer and masked image modelling of the universal ViT, "
+        f"with the <i>tiny</i> presets (CPU-sized networks and crops; {_e(settings.get('tokenizer_steps', '?'))} "
+        f"tokenizer and {_e(settings.get('mim_steps', '?'))} MIM steps). <b>What it cannot show:</b> "
+        "a tokenizer or encoder of the paper's quality, or that pre-training helps fine-tuning; the "
+        "paper's models train for hundreds of thousands of steps on GPUs and millions of images. "
+        + (
+            "The tokenizer used its perceptual (LPIPS) loss term."
+            if lpips
+            else "The tokenizer trained <b>without its perceptual (LPIPS) loss term</b>: the demo has no "
+            "VGG16 / LPIPS weights (<code>--lpips-weights</code>), so its reconstructions are driven by "
+            "the L1 term and are blurrier than the recipe's."
+        )
+        + "</p>"
+    ]
+    store = Path(paths.get("store", root / "pretrain" / "store"))
+    overview = _copy_asset(store / "overview.png", assets, "pretraining_corpus_overview.png")
+    parts.append("<h3>The pre-training corpus (the store's overview)</h3>")
+    parts.append(
+        _image(assets, overview, "one slice per dataset of the store, and the number of images per aniso_d")
+        if overview
+        else _missing(f"no {store / 'overview.png'}: the prepare step did not run")
+    )
+    return "".join(parts)
+
+
 def _pretraining_section(root: Path, paths: dict, assets: Path) -> str:
-    parts = []
+    parts = [_pretraining_scope(root, paths, assets)]
     tokenizer_run = Path(paths.get("tokenizer_run", root / "pretrain" / "tokenizer"))
     mim_run = Path(paths.get("mim_run", root / "pretrain" / "mim"))
     parts.append("<h3>Tokenizer: reconstructions and codebook usage (held-out images)</h3>")
@@ -472,7 +536,15 @@ def _weight_report_line(log_file: Path) -> str:
 
 
 def _segmentation_section(root: Path, paths: dict, assets: Path) -> str:
-    parts = []
+    parts = [
+        "<p><b>What this shows:</b> nnU-Net fine-tuning a PUMIT network twice on the same phantom dataset "
+        "with the same trainer and budget, once from the encoder pre-trained above and once from random "
+        "initialisation, then predicting and scoring the held-out test cases. <b>What it cannot show:</b> "
+        "which start is better. The networks are tiny, the training is a few hundred iterations and the "
+        "test set a few phantoms: the numbers change from run to run (seeds, thread timing), an organ can "
+        "stay at Dice 0 for a whole short run in either arm, and the difference between the arms is within "
+        "that spread.</p>"
+    ]
     if paths.get("encoder"):
         parts.append(
             f"<p>The pre-trained model starts from <code>{_e(paths['encoder'])}</code>; the scratch model from "
@@ -511,11 +583,27 @@ def _segmentation_section(root: Path, paths: dict, assets: Path) -> str:
 
 
 def _chaos_section(paths: dict, assets: Path) -> str:
-    parts = [_progress(paths, "chaos_fold", assets, "CHAOS training: loss, pseudo Dice, learning rate")]
+    from pumit_seg.demo import CHAOS_SEQUENCE
+
+    parts = [
+        "<p><b>What this shows:</b> the CHAOS path from DICOM series to a submission in the challenge's "
+        "layout and its score with the challenge's metrics, on synthetic MR series. "
+        f"<b>What it cannot show:</b> a complete submission. The demo trains one model on the {CHAOS_SEQUENCE} "
+        "series only: the other MR sequence has no results, so Tasks 3 and 5 are scored on "
+        f"{CHAOS_SEQUENCE} alone (the table lists what is missing) and the zip would be incomplete for the "
+        "challenge. Tasks 1, 2 and 4 need CT, which the synthetic set has none of. A full MR submission "
+        "trains on both sequences (<code>pumit_chaos convert --joint-mr</code>, see docs/evaluation.md).</p>",
+        _progress(paths, "chaos_fold", assets, "CHAOS training: loss, pseudo Dice, learning rate"),
+    ]
     scores = _read_json(Path(paths["chaos_scores"])) if paths.get("chaos_scores") else None
     parts.append("<h3>CHAOS score of the submission (official metrics and scores)</h3>")
     if scores:
         parts.append(_chaos_table(scores))
+        missing = sorted({m for result in scores.values() for m in result.get("missing", [])})
+        if missing:
+            parts.append(
+                f"<p class=\"missing\">Not scored, no results submitted: {_e(', '.join(missing))}.</p>"
+            )
     else:
         parts.append(
             _missing("no scores.json: the CHAOS score step did not run (or the test set has no ground truth)")
@@ -550,6 +638,8 @@ def build_report(root: str | os.PathLike) -> Path:
     sections = [
         "<h2>1. Commands and wall times</h2>",
         _steps_section(steps),
+        "<h3>Time per part: measured and expected</h3>",
+        _times_by_part(steps, settings.get("setting", ""), settings.get("device", "cpu")),
         "<h2>2. Pre-training</h2>",
         _pretraining_section(root, paths, assets),
         "<h2>3. Segmentation: pre-trained vs from scratch</h2>",
@@ -565,7 +655,9 @@ def build_report(root: str | os.PathLike) -> Path:
         f'<p class="sub">setting <b>{_e(settings.get("setting", "?"))}</b>, device {_e(settings.get("device", "?"))}, '
         f"written {_e(time.strftime('%Y-%m-%d %H:%M:%S'))}; {_e(summary)}</p>"
         "<p>Synthetic phantoms and tiny models: the page shows the method's pipeline working end to end, "
-        "not the paper's accuracy (see SPEC 7 for those numbers).</p>"
+        "not the paper's accuracy (the paper's numbers and how to reproduce them are in docs/benchmarks.md "
+        "of the repository). Each section says what it shows and what it cannot. Numbers vary from run to "
+        "run (docs/demo.md).</p>"
         + "".join(sections)
         + "</body></html>\n"
     )
@@ -792,7 +884,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--check", action="store_true", help="load the page in headless Chromium and check it"
     )
-    parser.add_argument("--screenshot", help="with --check: save a full-page screenshot (PNG) here")
+    parser.add_argument(
+        "--screenshot",
+        nargs="?",
+        const="",
+        metavar="FILE",
+        help=f"with --check: save a full-page screenshot (PNG), by default OUTPUT/{SCREENSHOT_NAME}",
+    )
     parser.add_argument("--no-build", action="store_true", help="check the existing page only")
     args = parser.parse_args(argv)
     if not Path(args.output).is_dir():
@@ -803,7 +901,10 @@ def main(argv: list[str] | None = None) -> None:
     if missing:
         raise SystemExit(f"{page} references missing files: {', '.join(missing)}")
     if args.check:
-        check = check_in_browser(page, args.screenshot)
+        screenshot = None
+        if args.screenshot is not None:
+            screenshot = args.screenshot or str(Path(args.output) / SCREENSHOT_NAME)
+        check = check_in_browser(page, screenshot)
         loaded = sum(i["loaded"] for i in check.images)
         print(f"browser: {loaded} of {len(check.images)} images loaded, {len(check.errors)} errors")
         for error in check.errors:

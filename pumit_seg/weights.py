@@ -32,6 +32,8 @@ __all__ = [
     "FORMAT_VERSION",
     "HEADER_KEY",
     "save_model",
+    "non_finite_tensors",
+    "describe_non_finite",
     "load_model",
     "read_header",
     "load_state_dict_file",
@@ -45,8 +47,36 @@ TRUSTED_CLASS_PREFIX = "pumit_seg."
 STATE_DICT_WRAPPERS = ("state_dict", "model", "module")
 
 
-def save_model(model: nn.Module, path: str | os.PathLike, extra: dict | None = None) -> None:
-    """Write `model`'s state dict and architecture header to a safetensors file, atomically."""
+def non_finite_tensors(tensors: Mapping[str, Tensor]) -> dict[str, int]:
+    """Name -> number of NaN / inf values, for the floating-point tensors that hold any."""
+    counts = {}
+    for name, tensor in tensors.items():
+        if isinstance(tensor, Tensor) and tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor.detach())).sum())
+            if bad:
+                counts[name] = bad
+    return counts
+
+
+def describe_non_finite(counts: Mapping[str, int]) -> str:
+    """``N tensor(s) hold NaN / inf, e.g. 'a' (3 values), 'b' (1 value)`` for `non_finite_tensors`'s result."""
+    shown = ", ".join(f"{name!r} ({n} value{'s' if n > 1 else ''})" for name, n in list(counts.items())[:3])
+    return f"{len(counts)} tensor(s) hold NaN / inf, e.g. {shown}"
+
+
+def save_model(
+    model: nn.Module,
+    path: str | os.PathLike,
+    extra: dict | None = None,
+    allow_non_finite: bool = False,
+    allow_non_finite_hint: str = "pass allow_non_finite=True",
+) -> None:
+    """Write `model`'s state dict and architecture header to a safetensors file, atomically.
+
+    Weights holding NaN / inf are refused (ValueError naming the tensors; nothing is written)
+    unless ``allow_non_finite=True``: a diverged model must not pass for a trained one.
+    `allow_non_finite_hint` is how the user of the calling tool lifts the refusal (a flag).
+    """
     config = getattr(model, "config", None)
     if not isinstance(config, dict):
         raise TypeError(f"{type(model).__name__} has no `config` dict; cannot save it with its architecture")
@@ -58,6 +88,13 @@ def save_model(model: nn.Module, path: str | os.PathLike, extra: dict | None = N
     header = {"format_version": FORMAT_VERSION, "class": model_class, "config": config, **extra}
     metadata = {HEADER_KEY: json.dumps(header)}  # fails here, before any file is touched, if not JSON-able
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    if not allow_non_finite:
+        bad = non_finite_tensors(tensors)
+        if bad:
+            raise ValueError(
+                f"{path}: refusing to write weights of {type(model).__name__} with non-finite values "
+                f"({describe_non_finite(bad)}); {allow_non_finite_hint} to write them anyway"
+            )
 
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)

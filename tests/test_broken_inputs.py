@@ -431,6 +431,339 @@ def build_demo_inputs(tmp: Path) -> dict:
     }
 
 
+# unknown labels and outputs: builders
+
+
+def _skip_if_root() -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders: the read-only case needs a non-root user")
+
+
+def build_evaluate_unknown_prediction_label(tmp: Path) -> dict:
+    values = build_evaluate_folders(tmp)
+    labels = blob_labels(11)
+    labels[4, 6:8, 6:8] = 7  # dataset.json knows 0, 1, 2
+    write_image(values["pred"] / "case_b.nii.gz", labels)
+    return {**values, "bad": values["pred"] / "case_b.nii.gz"}
+
+
+def build_evaluate_unknown_reference_label(tmp: Path) -> dict:
+    values = build_evaluate_folders(tmp)
+    labels = blob_labels(0)
+    labels[4, 6:8, 6:8] = 5
+    write_image(values["ref"] / "case_a.nii.gz", labels)
+    return {**values, "bad": values["ref"] / "case_a.nii.gz"}
+
+
+def build_evaluate_earlier_summary(tmp: Path) -> dict:
+    """Prediction folders with a summary.json of an earlier evaluation (the default output and -o)."""
+    values = build_evaluate_folders(tmp)
+    (values["pred"] / "summary.json").write_text("{}")
+    (tmp / "summary.json").write_text("{}")
+    return {**values, "summary": tmp / "summary.json"}
+
+
+def build_outputs_under_a_file(tmp: Path) -> dict:
+    """A regular file standing where an output folder's parent should be, and a read-only folder."""
+    (tmp / "a_file").write_text("a regular file, not a folder")
+    (tmp / "read_only").mkdir()
+    (tmp / "read_only").chmod(0o555)
+    return {"a_file": tmp / "a_file", "read_only": tmp / "read_only"}
+
+
+def build_evaluate_output_under_file(tmp: Path) -> dict:
+    return build_evaluate_folders(tmp) | build_outputs_under_a_file(tmp)
+
+
+def build_evaluate_output_read_only(tmp: Path) -> dict:
+    _skip_if_root()
+    return build_evaluate_output_under_file(tmp)
+
+
+def _write_prediction(path: Path, labels: np.ndarray) -> Path:
+    """Overwrite a CHAOS prediction with `labels`, keeping its geometry."""
+    reference = sitk.ReadImage(str(path))
+    image = sitk.GetImageFromArray(labels)
+    image.CopyInformation(reference)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def build_chaos_export_unknown_label(tmp: Path) -> dict:
+    values = build_chaos_converted(tmp)
+    bad = values["t2_pred"] / "CHAOS_001.nii.gz"
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(bad)))
+    labels[0, :2, :2] = 9  # MR organs are 1..4
+    _write_prediction(bad, labels.astype(np.uint8))
+    return {**values, "out": tmp / "submission", "bad": bad}
+
+
+def build_chaos_export_fractional_label(tmp: Path) -> dict:
+    values = build_chaos_converted(tmp)
+    bad = values["t1_pred"] / "CHAOS_001.nii.gz"
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(bad))).astype(np.float32)
+    labels[0, :2, :2] = 1.5
+    _write_prediction(bad, labels)
+    return {**values, "out": tmp / "submission", "bad": bad}
+
+
+def build_chaos_export_earlier(tmp: Path) -> dict:
+    """A submission folder and zip of an earlier export (complete predictions)."""
+    from pumit_seg.evaluation import chaos
+
+    values = build_chaos_converted(tmp)
+    out = tmp / "submission"
+    pred = [(str(values["t1"]), str(values["t1_pred"])), (str(values["t2"]), str(values["t2_pred"]))]
+    chaos.export_submission(pred, str(out), str(tmp / "submission.zip"))
+    return {**values, "out": out, "zip": tmp / "submission.zip", "new_out": tmp / "submission2"}
+
+
+def build_chaos_export_output_under_file(tmp: Path) -> dict:
+    return build_chaos_converted(tmp) | build_outputs_under_a_file(tmp) | {"out": tmp / "submission"}
+
+
+def build_chaos_train_output_under_file(tmp: Path) -> dict:
+    return build_chaos_train(tmp) | build_outputs_under_a_file(tmp)
+
+
+def build_medmnist_label_99(tmp: Path, metadata: bool = False, name: str = "organ.npz") -> dict:
+    """A 3-class MedMNIST-layout file (not an official name) with one training label 99."""
+    from pumit_seg.data.medmnist import write_synthetic_medmnist
+
+    path = tmp / name
+    write_synthetic_medmnist(path, samples=(6, 3, 3))
+    with np.load(path) as npz:
+        arrays = {key: npz[key] for key in npz.files}
+    arrays["train_labels"][2, 0] = 99
+    if metadata:
+        arrays["num_classes"] = np.array(3)
+    else:
+        arrays.pop("num_classes", None)
+    np.savez(path, **arrays)
+    return {"npz": path, "run": tmp / "run"}
+
+
+def build_medmnist_label_99_with_metadata(tmp: Path) -> dict:
+    return build_medmnist_label_99(tmp, metadata=True)
+
+
+def build_medmnist_output_under_file(tmp: Path) -> dict:
+    return build_medmnist(tmp) | build_outputs_under_a_file(tmp)
+
+
+def build_classify_evaluate_earlier_output(tmp: Path) -> dict:
+    """`pumit_classify evaluate` inputs (the weights are never read: the output is refused first)."""
+    values = build_medmnist(tmp)
+    (tmp / "best_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    (tmp / "metrics.json").write_text("{}")
+    return {**values, "weights": tmp / "best_model.safetensors", "metrics": tmp / "metrics.json"}
+
+
+def build_classify_evaluate_output_under_file(tmp: Path) -> dict:
+    return build_classify_evaluate_earlier_output(tmp) | build_outputs_under_a_file(tmp)
+
+
+def build_export_run(tmp: Path) -> dict:
+    """A tokenizer run folder with a real checkpoint_last.pt (tiny tokenizer) and an earlier export."""
+    import torch
+
+    from pumit_seg.models.tokenizer import tokenizer_tiny
+
+    torch.manual_seed(0)
+    model = tokenizer_tiny()
+    run = tmp / "run"
+    run.mkdir()
+    checkpoint = {
+        "format": 1,
+        "kind": "tokenizer",
+        "step": 3,
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "model_config": model.config,
+        "model": model.state_dict(),
+    }
+    torch.save(checkpoint, run / "checkpoint_last.pt")
+    (run / "log.csv").write_text("step,loss\n1,0.5\n")
+    (run / "config.json").write_text(json.dumps({"kind": "tokenizer"}))
+    torch.save(checkpoint, tmp / "standalone.pt")
+    (tmp / "earlier.safetensors").write_bytes(b"an earlier export")
+    return {
+        "run": run,
+        "checkpoint": run / "checkpoint_last.pt",
+        "standalone": tmp / "standalone.pt",
+        "earlier": tmp / "earlier.safetensors",
+    } | build_outputs_under_a_file(tmp)
+
+
+def build_pumit_checkpoints_output_under_file(tmp: Path) -> dict:
+    return build_pumit_checkpoints(tmp) | build_outputs_under_a_file(tmp)
+
+
+def build_pumit_checkpoints_read_only(tmp: Path) -> dict:
+    _skip_if_root()
+    return build_pumit_checkpoints_output_under_file(tmp)
+
+
+def build_tokenizer_output_under_file(tmp: Path) -> dict:
+    return build_tokenizer_inputs(tmp) | build_outputs_under_a_file(tmp)
+
+
+def build_mim_output_under_file(tmp: Path) -> dict:
+    return build_mim_inputs(tmp) | build_outputs_under_a_file(tmp)
+
+
+def build_pretrain_output_under_file(tmp: Path) -> dict:
+    return build_pretrain_corpus(tmp) | build_outputs_under_a_file(tmp)
+
+
+def build_demo_output_read_only(tmp: Path) -> dict:
+    _skip_if_root()
+    return build_demo_inputs(tmp) | build_outputs_under_a_file(tmp)
+
+
+def build_btcv_output_under_file(tmp: Path) -> dict:
+    return build_btcv_raw(tmp, num_cases=2) | build_outputs_under_a_file(tmp)
+
+
+# stores, real-world images, planning
+
+
+def _prepare(config, out, settings: dict | None = None, **options) -> None:
+    from pumit_seg.data.prepare import PrepareConfig, prepare_store
+
+    prepare_store(str(config), str(out), config=PrepareConfig(**(settings or {})), progress=False, **options)
+
+
+def build_pretrain_store(tmp: Path) -> dict:
+    """A store prepared with the default settings from the small 2D corpus."""
+    values = build_pretrain_corpus(tmp)
+    _prepare(values["config"], values["out"])
+    return values
+
+
+def build_pretrain_parts_of_other_settings(tmp: Path) -> dict:
+    """Part 0 of 2 prepared with the defaults; part 1, by a job started at the same time into another
+    folder, with --max-in-plane 32; its journal and arrays then copied into the store."""
+    import shutil
+
+    values = build_pretrain_corpus(tmp)
+    _prepare(values["config"], values["out"], part=0, num_parts=2, merge=False)
+    other = tmp / "other_job"
+    _prepare(values["config"], other, {"max_in_plane": 32}, part=1, num_parts=2, merge=False)
+    for path in (other / "parts").iterdir():
+        if path.name.startswith("part-1-of-2"):
+            shutil.copy(path, values["out"] / "parts" / path.name)
+    shutil.copytree(other / "images", values["out"] / "images", dirs_exist_ok=True)
+    return values
+
+
+def _add_dataset(values: dict, entry: dict) -> None:
+    content = json.loads(Path(values["config"]).read_text())
+    content["datasets"].append(entry)
+    Path(values["config"]).write_text(json.dumps(content))
+
+
+def build_pretrain_empty_dataset(tmp: Path) -> dict:
+    values = build_pretrain_corpus(tmp)
+    (Path(values["config"]).parent / "empty_folder").mkdir()
+    _add_dataset(values, {"name": "empty", "path": "empty_folder", "modality": "CT"})
+    return values
+
+
+def build_pretrain_label_folders_only(tmp: Path) -> dict:
+    """A dataset whose folder holds only CHAOS-style label folders (any case): Segmentation, ground."""
+    from PIL import Image
+
+    values = build_pretrain_corpus(tmp)
+    root = Path(values["config"]).parent / "chaos_like"
+    for folder in ("Segmentation", "ground"):
+        (root / "1" / folder).mkdir(parents=True)
+        mask = np.zeros((40, 40), np.uint8)
+        mask[10:30, 12:28] = 63
+        Image.fromarray(mask).save(root / "1" / folder / "liver_000.png")
+    _add_dataset(values, {"name": "chaos_gt", "path": "chaos_like", "modality": "MR"})
+    return values
+
+
+def _chaos_ct_series(values: dict) -> tuple[Path, list[str], Path, list[str]]:
+    series = Path(values["chaos"]) / "CT" / "2" / "DICOM_anon"
+    ground = Path(values["chaos"]) / "CT" / "2" / "Ground"
+    return series, sorted(p.name for p in series.iterdir()), ground, sorted(p.name for p in ground.iterdir())
+
+
+def build_chaos_missing_slice(tmp: Path) -> dict:
+    """CT series 2 without its second DICOM file (and that slice's ground truth): a 5 mm gap in 2.5 mm."""
+    values = build_chaos_train(tmp)
+    series, names, ground, ground_names = _chaos_ct_series(values)
+    (series / names[1]).unlink()
+    (ground / ground_names[1]).unlink()
+    return {**values, "series": series, "before": names[0], "after": names[2]}
+
+
+def build_chaos_uneven_spacing(tmp: Path) -> dict:
+    """CT series 2 with its third slice moved 1 mm: steps 2.5, 3.5 and 1.5 mm."""
+    import pydicom
+
+    values = build_chaos_train(tmp)
+    series, names, _, _ = _chaos_ct_series(values)
+    dataset = pydicom.dcmread(series / names[2])
+    dataset.ImagePositionPatient = [float(v) for v in dataset.ImagePositionPatient[:2]] + [
+        float(dataset.ImagePositionPatient[2]) - 1.0
+    ]
+    dataset.save_as(series / names[2])
+    return {**values, "series": series}
+
+
+def build_plan_raw(tmp: Path, channels: int = 1) -> dict:
+    """nnUNet_raw/Dataset502_Tiny: two tiny training cases with `channels` image channels, 2 labels."""
+    folder = tmp / "raw" / "Dataset502_Tiny"
+    rng = np.random.default_rng(0)
+    for k, case in enumerate(("case_a", "case_b")):
+        labels = blob_labels(k)
+        for c in range(channels):
+            image = labels * 100.0 + rng.normal(0, 10, labels.shape) + 10 * c
+            write_image(folder / "imagesTr" / f"{case}_{c:04d}.nii.gz", image.astype(np.int16))
+        write_image(folder / "labelsTr" / f"{case}.nii.gz", labels)
+    dataset = {
+        "channel_names": {str(c): f"MR{c}" for c in range(channels)},
+        "labels": {"background": 0, "a": 1, "b": 2},
+        "numTraining": 2,
+        "file_ending": ".nii.gz",
+    }
+    (folder / "dataset.json").write_text(json.dumps(dataset))
+    return {
+        "raw": tmp / "raw",
+        "pre": tmp / "preprocessed",
+        "results": tmp / "results",
+        "image": folder / "imagesTr" / "case_b_0000.nii.gz",
+    }
+
+
+def build_plan_truncated_image(tmp: Path) -> dict:
+    values = build_plan_raw(tmp)
+    truncate(values["image"])
+    return values
+
+
+def build_plan_nan_image(tmp: Path) -> dict:
+    values = build_plan_raw(tmp)
+    write_nan_nifti(values["image"])
+    return values
+
+
+def build_plan_missing_channel(tmp: Path) -> dict:
+    values = build_plan_raw(tmp, channels=2)
+    missing = Path(str(values["image"]).replace("_0000.nii.gz", "_0001.nii.gz"))
+    missing.unlink()
+    return {**values, "missing": missing}
+
+
+def build_plan_missing_label(tmp: Path) -> dict:
+    values = build_plan_raw(tmp)
+    label = Path(values["raw"]) / "Dataset502_Tiny" / "labelsTr" / "case_a.nii.gz"
+    label.unlink()
+    return {**values, "missing": label}
+
+
 # ------------------------------------------------------------------------------------------------ CASES
 
 CASES = [
@@ -535,6 +868,7 @@ CASES = [
             "{t2_pred}",
             "--zip",
             "{zip}",
+            "--overwrite",
         ],
         build_chaos_export_into_used_folder,
         "{bad}",
@@ -866,6 +1200,541 @@ CASES = [
         build_demo_inputs,
         "--shape|shape and spacing need three positive values",
         watch=("out",),
+    ),
+    # unknown labels and outputs
+    Case(
+        "evaluate-unknown-predicted-label",
+        ["pumit_evaluate", "{ref}", "{pred}", "-djfile", "{dj}", "-np", "1"],
+        build_evaluate_unknown_prediction_label,
+        "{bad}.*label 7, not defined in .*dataset.json.*--allow_unknown_labels",
+        watch=("pred",),
+    ),
+    Case(
+        "evaluate-unknown-reference-label",
+        ["pumit_evaluate", "{ref}", "{pred}", "-djfile", "{dj}", "-np", "1"],
+        build_evaluate_unknown_reference_label,
+        "{bad}.*label 5, ",
+        watch=("pred",),
+    ),
+    Case(
+        "evaluate-unknown-label-in-worker",
+        ["pumit_evaluate", "{ref}", "{pred}", "-djfile", "{dj}", "-np", "2"],
+        build_evaluate_unknown_prediction_label,
+        "{bad}.*label 7, ",
+        watch=("pred",),
+    ),
+    Case(
+        "evaluate-existing-default-summary",
+        ["pumit_evaluate", "{ref}", "{pred}", "-djfile", "{dj}", "-np", "1"],
+        build_evaluate_earlier_summary,
+        "{pred}/summary.json exists: pass --overwrite",
+        watch=("pred",),
+    ),
+    Case(
+        "evaluate-existing-output",
+        ["pumit_evaluate", "{ref}", "{pred}", "-djfile", "{dj}", "-np", "1", "-o", "{summary}"],
+        build_evaluate_earlier_summary,
+        "-o {summary} exists: pass --overwrite",
+        watch=("pred", "summary"),
+    ),
+    Case(
+        "evaluate-output-is-dataset-json",
+        ["pumit_evaluate", "{ref}", "{pred}", "-djfile", "{dj}", "-np", "1", "-o", "{dj}", "--overwrite"],
+        build_evaluate_folders,
+        "-o {dj} is also an input",
+        watch=("pred", "dj"),
+    ),
+    Case(
+        "evaluate-output-under-a-file",
+        ["pumit_evaluate", "{ref}", "{pred}", "-djfile", "{dj}", "-np", "1", "-o", "{a_file}/summary.json"],
+        build_evaluate_output_under_file,
+        "{a_file}/summary.json cannot be created: {a_file} is a file",
+        watch=("pred", "a_file"),
+    ),
+    Case(
+        "evaluate-output-in-read-only-folder",
+        ["pumit_evaluate", "{ref}", "{pred}", "-djfile", "{dj}", "-np", "1", "-o", "{read_only}/s.json"],
+        build_evaluate_output_read_only,
+        "{read_only}/s.json cannot be written",
+        watch=("pred", "read_only"),
+    ),
+    Case(
+        "chaos-export-unknown-label",
+        ["pumit_chaos", "export", "{out}", "--pred", "{t1}", "{t1_pred}", "--pred", "{t2}", "{t2_pred}"],
+        build_chaos_export_unknown_label,
+        "{bad}.*label 9, .*--allow_unknown_labels",
+        watch=("out", "t2_pred"),
+    ),
+    Case(
+        "chaos-export-fractional-label",
+        ["pumit_chaos", "export", "{out}", "--pred", "{t1}", "{t1_pred}", "--pred", "{t2}", "{t2_pred}"],
+        build_chaos_export_fractional_label,
+        "{bad}.*1.5",
+        watch=("out", "t1_pred"),
+    ),
+    Case(
+        "chaos-export-existing-folder",
+        ["pumit_chaos", "export", "{out}", "--pred", "{t1}", "{t1_pred}", "--pred", "{t2}", "{t2_pred}"],
+        build_chaos_export_earlier,
+        "{out} exists and is not empty: pass --overwrite",
+        watch=("out", "zip"),
+    ),
+    Case(
+        "chaos-export-existing-zip",
+        [
+            "pumit_chaos",
+            "export",
+            "{new_out}",
+            "--pred",
+            "{t1}",
+            "{t1_pred}",
+            "--pred",
+            "{t2}",
+            "{t2_pred}",
+            "--zip",
+            "{zip}",
+        ],  # fmt: skip
+        build_chaos_export_earlier,
+        "--zip {zip} exists: pass --overwrite",
+        watch=("new_out", "zip"),
+    ),
+    Case(
+        "chaos-export-onto-prediction-folder",
+        [
+            "pumit_chaos",
+            "export",
+            "{t2_pred}",
+            "--pred",
+            "{t1}",
+            "{t1_pred}",
+            "--pred",
+            "{t2}",
+            "{t2_pred}",
+            "--overwrite",
+        ],  # fmt: skip
+        build_chaos_converted,
+        "{t2_pred} is also an input",
+        watch=("t2_pred", "t1_pred"),
+    ),
+    Case(
+        "chaos-export-output-holds-predictions",
+        [
+            "pumit_chaos",
+            "export",
+            "{raw}/..",
+            "--pred",
+            "{t1}",
+            "{t1_pred}",
+            "--pred",
+            "{t2}",
+            "{t2_pred}",
+            "--overwrite",
+        ],  # fmt: skip
+        build_chaos_converted,
+        "replaced as a whole but holds the input",
+        watch=("raw", "t1_pred", "t2_pred"),
+    ),
+    Case(
+        "chaos-export-output-under-a-file",
+        [
+            "pumit_chaos",
+            "export",
+            "{a_file}/sub",
+            "--pred",
+            "{t1}",
+            "{t1_pred}",
+            "--pred",
+            "{t2}",
+            "{t2_pred}",
+        ],
+        build_chaos_export_output_under_file,
+        "{a_file}/sub cannot be created: {a_file} is a file",
+        watch=("a_file",),
+    ),
+    Case(
+        "chaos-export-zip-under-a-file",
+        [
+            "pumit_chaos",
+            "export",
+            "{out}",
+            "--pred",
+            "{t1}",
+            "{t1_pred}",
+            "--pred",
+            "{t2}",
+            "{t2_pred}",
+            "--zip",
+            "{a_file}/s.zip",
+        ],  # fmt: skip
+        build_chaos_export_output_under_file,
+        "--zip {a_file}/s.zip cannot be created",
+        watch=("out", "a_file"),
+    ),
+    Case(
+        "chaos-convert-output-under-a-file",
+        ["pumit_chaos", "convert", "{chaos}", "{a_file}/raw"],
+        build_chaos_train_output_under_file,
+        "{a_file}/raw cannot be created: {a_file} is a file",
+        watch=("a_file", "chaos"),
+    ),
+    Case(
+        "chaos-convert-into-the-chaos-folder",
+        ["pumit_chaos", "convert", "{chaos}", "{chaos}"],
+        build_chaos_train,
+        "{chaos} is also an input",
+        watch=("chaos",),
+    ),
+    Case(
+        "chaos-score-output-under-a-file",
+        ["pumit_chaos", "score", "{results}", "{chaos}", "-o", "{a_file}/scores.json", "--allow_missing"],
+        lambda tmp: build_chaos_score_missing_series(tmp) | build_outputs_under_a_file(tmp),
+        "{a_file}/scores.json cannot be created",
+        watch=("a_file",),
+    ),
+    Case(
+        "btcv-convert-output-under-a-file",
+        ["pumit_btcv", "convert", "{rawdata}", "{a_file}/raw"],
+        build_btcv_output_under_file,
+        "{a_file}/raw cannot be created: {a_file} is a file",
+        watch=("a_file",),
+    ),
+    Case(
+        "classify-label-99-without-class-count",
+        [
+            "pumit_classify",
+            "train",
+            "--data",
+            "{npz}",
+            "-o",
+            "{run}",
+            "--model",
+            "tiny",
+            "--input-size",
+            "32",
+            "--epochs",
+            "1",
+        ],  # fmt: skip
+        build_medmnist_label_99,
+        "{npz}: .*99.*--num-classes",
+        watch=("run", "npz"),
+    ),
+    Case(
+        "classify-label-99-outside-file-metadata",
+        [
+            "pumit_classify",
+            "train",
+            "--data",
+            "{npz}",
+            "-o",
+            "{run}",
+            "--model",
+            "tiny",
+            "--input-size",
+            "32",
+            "--epochs",
+            "1",
+        ],  # fmt: skip
+        build_medmnist_label_99_with_metadata,
+        "{npz}: train_labels.*label 99.*0\\.\\.2",
+        watch=("run", "npz"),
+    ),
+    Case(
+        "classify-label-99-outside-num-classes",
+        [
+            "pumit_classify",
+            "train",
+            "--data",
+            "{npz}",
+            "-o",
+            "{run}",
+            "--model",
+            "tiny",
+            "--input-size",
+            "32",
+            "--epochs",
+            "1",
+            "--num-classes",
+            "3",
+        ],  # fmt: skip
+        build_medmnist_label_99,
+        "{npz}: train_labels.*label 99.*0\\.\\.2",
+        watch=("run", "npz"),
+    ),
+    Case(
+        "classify-num-classes-contradicts-official-name",
+        [
+            "pumit_classify",
+            "train",
+            "--data",
+            "{npz}",
+            "-o",
+            "{run}",
+            "--model",
+            "tiny",
+            "--num-classes",
+            "4",
+        ],
+        lambda tmp: build_medmnist_label_99(tmp, name="organmnist3d.npz"),
+        "{npz}: the class counts disagree: --num-classes 4; organmnist3d has 11 classes",
+        watch=("run", "npz"),
+    ),
+    Case(
+        "classify-train-output-under-a-file",
+        ["pumit_classify", "train", "--data", "{npz}", "-o", "{a_file}/run", "--model", "tiny"],
+        build_medmnist_output_under_file,
+        "{a_file}/run cannot be created: {a_file} is a file",
+        watch=("a_file", "npz"),
+    ),
+    Case(
+        "classify-train-output-is-the-data",
+        ["pumit_classify", "train", "--data", "{npz}", "-o", "{npz}", "--model", "tiny"],
+        build_medmnist,
+        "{npz} is also an input",
+        watch=("npz",),
+    ),
+    Case(
+        "classify-evaluate-existing-output",
+        ["pumit_classify", "evaluate", "--weights", "{weights}", "--data", "{npz}", "-o", "{metrics}"],
+        build_classify_evaluate_earlier_output,
+        "{metrics} exists: pass --overwrite",
+        watch=("metrics",),
+    ),
+    Case(
+        "classify-evaluate-output-is-the-weights",
+        [
+            "pumit_classify",
+            "evaluate",
+            "--weights",
+            "{weights}",
+            "--data",
+            "{npz}",
+            "-o",
+            "{weights}",
+            "--overwrite",
+        ],  # fmt: skip
+        build_classify_evaluate_earlier_output,
+        "{weights} is also an input",
+        watch=("weights",),
+    ),
+    Case(
+        "classify-evaluate-output-under-a-file",
+        ["pumit_classify", "evaluate", "--weights", "{weights}", "--data", "{npz}", "-o", "{a_file}/m.json"],
+        build_classify_evaluate_output_under_file,
+        "{a_file}/m.json cannot be created",
+        watch=("a_file",),
+    ),
+    Case(
+        "export-onto-its-own-checkpoint",
+        ["pumit_pretrain", "export", "{checkpoint}", "-o", "{checkpoint}"],
+        build_export_run,
+        "{checkpoint} is also an input",
+        watch=("run",),
+    ),
+    Case(
+        "export-onto-its-own-checkpoint-with-overwrite",
+        ["pumit_pretrain", "export", "{standalone}", "-o", "{standalone}", "--overwrite"],
+        build_export_run,
+        "{standalone} is also an input",
+        watch=("standalone",),
+    ),
+    Case(
+        "export-onto-a-run-file",
+        ["pumit_pretrain", "export", "{standalone}", "-o", "{run}/log.csv", "--overwrite"],
+        build_export_run,
+        "{run}/log.csv is a file of the training run",
+        watch=("run",),
+    ),
+    Case(
+        "export-existing-output",
+        ["pumit_pretrain", "export", "{checkpoint}", "-o", "{earlier}"],
+        build_export_run,
+        "{earlier} exists: pass --overwrite",
+        watch=("earlier", "run"),
+    ),
+    Case(
+        "export-output-under-a-file",
+        ["pumit_pretrain", "export", "{checkpoint}", "-o", "{a_file}/t.safetensors"],
+        build_export_run,
+        "{a_file}/t.safetensors cannot be created: {a_file} is a file",
+        watch=("a_file", "run"),
+    ),
+    Case(
+        "import-report-onto-the-checkpoint",
+        ["pumit_pretrain", "import", "{good}", "-o", "{out}", "--report", "{good}"],
+        build_pumit_checkpoints,
+        "--report {good} is also an input",
+        watch=("folder",),
+    ),
+    Case(
+        "import-output-under-a-file",
+        ["pumit_pretrain", "import", "{good}", "-o", "{a_file}/vit.safetensors"],
+        build_pumit_checkpoints_output_under_file,
+        "{a_file}/vit.safetensors cannot be created: {a_file} is a file",
+        watch=("folder",),
+    ),
+    Case(
+        "import-output-in-read-only-folder",
+        ["pumit_pretrain", "import", "{good}", "-o", "{read_only}/vit.safetensors"],
+        build_pumit_checkpoints_read_only,
+        "{read_only}/vit.safetensors cannot be written",
+        watch=("folder",),
+    ),
+    Case(
+        "tokenizer-output-under-a-file",
+        ["pumit_pretrain", "tokenizer", "--preset", "tiny", "--store", "{store}", "-o", "{a_file}/run"],
+        build_tokenizer_output_under_file,
+        "{a_file}/run cannot be created: {a_file} is a file",
+        watch=("a_file",),
+    ),
+    Case(
+        "tokenizer-output-is-the-store",
+        [
+            "pumit_pretrain",
+            "tokenizer",
+            "--preset",
+            "tiny",
+            "--store",
+            "{run_truncated}",
+            "-o",
+            "{run_truncated}",
+        ],
+        build_tokenizer_inputs,
+        "{run_truncated} is also an input",
+        watch=("run_truncated",),
+    ),
+    Case(
+        "mim-output-under-a-file",
+        [*MIM_TINY[:5], "{a_file}/run", *MIM_TINY[6:], "--tokenizer", "{tokenizer}"],
+        build_mim_output_under_file,
+        "{a_file}/run cannot be created: {a_file} is a file",
+        watch=("a_file",),
+    ),
+    Case(
+        "mim-output-is-the-tokenizer",
+        [*MIM_TINY[:5], "{tokenizer}", *MIM_TINY[6:], "--tokenizer", "{tokenizer}"],
+        build_mim_inputs,
+        "{tokenizer} is also an input",
+        watch=("tokenizer",),
+    ),
+    Case(
+        "prepare-output-under-a-file",
+        ["pumit_pretrain", "prepare", "{config}", "-o", "{a_file}/store", "--num-workers", "0"],
+        build_pretrain_output_under_file,
+        "{a_file}/store cannot be created: {a_file} is a file",
+        watch=("a_file",),
+    ),
+    Case(
+        "demo-output-under-a-file",
+        ["pumit_demo", "--output", "{a_file}/demo"],
+        build_demo_inputs,
+        "--output {a_file}/demo cannot be created: {a_file} is a file",
+        watch=("a_file",),
+    ),
+    Case(
+        "demo-output-in-read-only-folder",
+        ["pumit_demo", "--output", "{read_only}/demo"],
+        build_demo_output_read_only,
+        "--output {read_only}/demo cannot be written",
+        watch=("read_only",),
+    ),
+    Case(
+        "chaos-phantoms-nan-spacing",
+        ["python", "-m", "pumit_seg.data.chaos_phantoms", "{out}", "--spacing", "nan", "1", "1"],
+        build_demo_inputs,
+        "argument --spacing",
+        watch=("out",),
+    ),
+    # stores, real-world images, planning
+    Case(
+        "prepare-rerun-other-max-in-plane",
+        ["pumit_pretrain", "prepare", "{config}", "-o", "{out}", "--num-workers", "0", "--max-in-plane", "32"],
+        build_pretrain_store,
+        "{out}.*prepared with other settings.*--max-in-plane: 512 then, 32 now.*--reprocess",
+        watch=("out",),
+    ),  # fmt: skip
+    Case(
+        "prepare-rerun-other-clip-percentiles",
+        ["pumit_pretrain", "prepare", "{config}", "-o", "{out}", "--num-workers", "0",
+         "--clip-percentiles", "1", "99"],
+        build_pretrain_store,
+        "prepared with other settings.*--clip-percentiles: \\[0.5, 99.5\\] then, \\[1.0, 99.0\\] now",
+        watch=("out",),
+    ),  # fmt: skip
+    Case(
+        "prepare-merge-parts-of-other-settings",
+        ["pumit_pretrain", "prepare", "{config}", "-o", "{out}", "--merge"],
+        build_pretrain_parts_of_other_settings,
+        "prepared with other settings than the store's.*--max-in-plane: 32 then, 512 now",
+        watch=("out",),
+    ),
+    Case(
+        "prepare-empty-dataset-folder",
+        ["pumit_pretrain", "prepare", "{config}", "-o", "{out}", "--num-workers", "0"],
+        build_pretrain_empty_dataset,
+        "dataset 'empty': no image file in .*empty_folder",
+        watch=("out",),
+    ),
+    Case(
+        "prepare-dataset-of-label-folders-only",
+        ["pumit_pretrain", "prepare", "{config}", "-o", "{out}", "--num-workers", "0"],
+        build_pretrain_label_folders_only,
+        "dataset 'chaos_gt': no image file .*2 label folder",
+        watch=("out",),
+    ),
+    Case(
+        "chaos-convert-missing-slice",
+        ["pumit_chaos", "convert", "{chaos}", "{raw}"],
+        build_chaos_missing_slice,
+        "{series}: 1 slice\\(s\\) missing: a gap of 5 mm between {before} and {after}",
+        watch=("raw", "chaos"),
+    ),
+    Case(
+        "chaos-convert-uneven-spacing",
+        ["pumit_chaos", "convert", "{chaos}", "{raw}"],
+        build_chaos_uneven_spacing,
+        "{series}: uneven slice spacing",
+        watch=("raw", "chaos"),
+    ),
+    Case(
+        "plan-truncated-image",
+        ["pumit_plan_and_preprocess", "-d", "502", "-npfp", "1", "--model", "tiny", "--no_pp"],
+        build_plan_truncated_image,
+        "{image}: compressed file is cut short",
+        watch=("pre", "raw"),
+        env={"nnUNet_raw": "{raw}", "nnUNet_preprocessed": "{pre}", "nnUNet_results": "{results}"},
+    ),
+    Case(
+        "plan-truncated-image-verify-integrity",
+        ["pumit_plan_and_preprocess", "-d", "502", "-npfp", "1", "--model", "tiny", "--no_pp",
+         "--verify_dataset_integrity"],
+        build_plan_truncated_image,
+        "{image}: compressed file is cut short",
+        watch=("pre", "raw"),
+        env={"nnUNet_raw": "{raw}", "nnUNet_preprocessed": "{pre}", "nnUNet_results": "{results}"},
+    ),  # fmt: skip
+    Case(
+        "plan-nan-image",
+        ["pumit_plan_and_preprocess", "-d", "502", "-npfp", "1", "--model", "tiny", "--no_pp"],
+        build_plan_nan_image,
+        "{image}: 1 NaN and 1 infinite voxels",
+        watch=("pre", "raw"),
+        env={"nnUNet_raw": "{raw}", "nnUNet_preprocessed": "{pre}", "nnUNet_results": "{results}"},
+    ),
+    Case(
+        "plan-missing-channel-file",
+        ["pumit_plan_and_preprocess", "-d", "502", "-npfp", "1", "--model", "tiny", "--no_pp"],
+        build_plan_missing_channel,
+        "case case_b: missing {missing}",
+        watch=("pre", "raw"),
+        env={"nnUNet_raw": "{raw}", "nnUNet_preprocessed": "{pre}", "nnUNet_results": "{results}"},
+    ),
+    Case(
+        "plan-missing-label",
+        ["pumit_plan_and_preprocess", "-d", "502", "-npfp", "1", "--model", "tiny", "--no_pp"],
+        build_plan_missing_label,
+        "case case_a: missing {missing}",
+        watch=("pre", "raw"),
+        env={"nnUNet_raw": "{raw}", "nnUNet_preprocessed": "{pre}", "nnUNet_results": "{results}"},
     ),
 ]
 

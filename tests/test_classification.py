@@ -127,7 +127,7 @@ def test_load_3d_and_2d_layouts(tmp_path):
         **rgb,
         **{f"{s}_labels": np.array([[0], [1], [2]]) for s in ("train", "val", "test")},
     )
-    data = load_medmnist(tmp_path / "rgb.npz")
+    data = load_medmnist(tmp_path / "rgb.npz", num_classes=3)  # not an official name, no num_classes entry
     assert data.channels == 3 and data.splits["test"].images.shape == (3, 3, 1, 28, 28)
 
 
@@ -173,7 +173,9 @@ def test_load_errors_name_the_file_and_key(tmp_path):
     arrays = _arrays()
     arrays["test_labels"][0, 0] = 11  # organmnist3d has classes 0..10
     np.savez(tmp_path / "organmnist3d.npz", **arrays)
-    with pytest.raises(ValueError, match=r"organmnist3d\.npz: test_labels must be class indices 0\.\.10"):
+    with pytest.raises(
+        ValueError, match=r"organmnist3d\.npz: test_labels holds label 11, outside the class indices 0\.\.10"
+    ):
         load_medmnist(tmp_path / "organmnist3d.npz")
 
     np.savez(
@@ -184,6 +186,94 @@ def test_load_errors_name_the_file_and_key(tmp_path):
         ValueError, match=r"nodulemnist3d\.npz: train_images: shape \(4, 28, 28\) does not fit"
     ):
         load_medmnist(tmp_path / "nodulemnist3d.npz")
+
+
+def test_class_count_comes_from_name_metadata_or_option(tmp_path):
+    arrays = _arrays(n=6, num_classes=3)
+    np.savez(tmp_path / "plain.npz", **arrays)
+    # a multi-class file whose name and content do not tell the class count is refused, naming its labels
+    with pytest.raises(
+        ValueError,
+        match=r"plain\.npz: the number of classes is unknown \(labels found: 0, 1, 2\).*--num-classes",
+    ):
+        load_medmnist(tmp_path / "plain.npz")
+    assert load_medmnist(tmp_path / "plain.npz", num_classes=4).num_classes == 4  # class 3 absent: fine
+    assert load_medmnist(tmp_path / "plain.npz", default_num_classes=3).num_classes == 3
+    np.savez(tmp_path / "meta.npz", **arrays, num_classes=np.array(5))
+    assert load_medmnist(tmp_path / "meta.npz").num_classes == 5
+    with pytest.raises(
+        ValueError,
+        match=r"meta\.npz: the class counts disagree: --num-classes 3; its num_classes entry \(5\)",
+    ):
+        load_medmnist(tmp_path / "meta.npz", num_classes=3)
+    np.savez(tmp_path / "bad_meta.npz", **arrays, num_classes=np.array([3, 4]))
+    with pytest.raises(ValueError, match=r"bad_meta\.npz: num_classes must be one positive integer"):
+        load_medmnist(tmp_path / "bad_meta.npz")
+    # a label outside the classes names the file, the split and the label, whatever gave the count
+    arrays["val_labels"][1, 0] = 99
+    np.savez(tmp_path / "label99.npz", **arrays)
+    with pytest.raises(ValueError, match=r"label99\.npz: .*99.*--num-classes"):
+        load_medmnist(tmp_path / "label99.npz")
+    with pytest.raises(
+        ValueError,
+        match=r"label99\.npz: val_labels holds label 99, outside the class indices 0\.\.2 \(--num-classes 3\)",
+    ):
+        load_medmnist(tmp_path / "label99.npz", num_classes=3)
+    with pytest.raises(ValueError, match=r"val_labels holds label 99, outside .*the model's 3 classes"):
+        load_medmnist(tmp_path / "label99.npz", default_num_classes=3)
+    np.savez(tmp_path / "organmnist3d.npz", **arrays)
+    with pytest.raises(
+        ValueError, match=r"organmnist3d\.npz: val_labels holds label 99, outside the class indices 0\.\.10"
+    ):
+        load_medmnist(tmp_path / "organmnist3d.npz")
+    with pytest.raises(
+        ValueError, match=r"the class counts disagree: --num-classes 4; organmnist3d has 11 classes"
+    ):
+        load_medmnist(tmp_path / "organmnist3d.npz", num_classes=4)
+    arrays["val_labels"][1, 0] = -1
+    np.savez(tmp_path / "negative.npz", **arrays)
+    with pytest.raises(ValueError, match=r"negative\.npz: val_labels holds label -1, outside"):
+        load_medmnist(tmp_path / "negative.npz", num_classes=3)
+    # binary (labels 0 / 1) and multi-label (one column per label) files tell their count themselves
+    binary = _arrays(n=4, num_classes=2)
+    np.savez(tmp_path / "binary.npz", **binary)
+    assert load_medmnist(tmp_path / "binary.npz").num_classes == 2
+    # every synthetic file carries its count
+    write_synthetic_medmnist(tmp_path / "syn.npz", TASK_MULTI_CLASS, 4, samples=(8, 4, 4))
+    with np.load(tmp_path / "syn.npz") as npz:
+        assert int(npz["num_classes"]) == 4
+
+
+def test_classify_cli_label_outside_classes_and_outputs(tmp_path, capsys):
+    arrays = _arrays(n=6, num_classes=3)
+    arrays["train_labels"][2, 0] = 99
+    np.savez(tmp_path / "d.npz", **arrays)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        clf.main(
+            [
+                "train",
+                "--data",
+                str(tmp_path / "d.npz"),
+                "-o",
+                str(run),
+                "--model",
+                "tiny",
+                "--num-classes",
+                "3",
+            ]
+        )
+    assert exit_info.value.code == 1 and not run.exists()
+    assert "train_labels holds label 99" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(SystemExit):
+        clf.main(["train", "--data", str(tmp_path / "d.npz"), "-o", str(tmp_path / "a_file" / "run")])
+    assert "a_file is a file, not a folder" in capsys.readouterr().err
+    (tmp_path / "metrics.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        clf.main(["evaluate", "--weights", str(tmp_path / "w.safetensors"), "--data", str(tmp_path / "d.npz"),
+                             "-o", str(tmp_path / "metrics.json")])  # fmt: skip
+    assert "metrics.json exists: pass --overwrite" in capsys.readouterr().err
 
 
 def test_prepare_batch_resizes_replicates_normalises_and_augments():

@@ -180,11 +180,25 @@ def test_report_references_only_existing_images(demo_run):
         assert step["command"].split(" ")[0] in text
     for key in ("Dice", "ASSD", "HD95", "Task5"):
         assert key in text
+    # every section says what it shows and what it cannot; the CHAOS one names the series without results
+    assert text.count("What it cannot show") >= 3
+    assert "T1DUAL" in text and "SPEC" not in text
+    if steps.get("pretrain_prepare", {}).get("status") == "done":
+        assert "pretraining_corpus_overview.png" in names  # the store's overview of the corpus
     if steps.get("pretrain_tokenizer", {}).get("status") == "done":
         assert "pretraining_loss_curves.png" in names
         assert any(n.startswith("tokenizer_reconstruction") for n in names)
     else:
         assert "not available" in text or "did not run" in text
+
+
+def test_printed_paths_exist(demo_run):
+    """The demo prints folders to repeat a step by hand: only ones that exist."""
+    _, stdout, _ = demo_run
+    printed = re.findall(r"^\s+(?:export )?nnUNet_\w+=(\S+)", stdout, flags=re.M)
+    assert printed
+    for path in printed:
+        assert Path(path).is_dir(), path
 
 
 def test_report_loads_in_headless_chromium(demo_run, tmp_path):

@@ -150,3 +150,68 @@ def test_nan_in_a_prediction_is_refused(tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps({**DATASET_JSON, "file_ending": ".mha"}))
     with pytest.raises(ValueError, match="pred/c.mha: 1 NaN"):
         evaluate_folder(str(ref), str(pred), str(tmp_path / "dataset.json"), "", num_processes=1)
+
+
+def test_unknown_labels_are_refused_or_listed(folders, tmp_path, capsys):
+    ref, pred, dataset_json, cases = folders
+    seg_ref, seg_pred = cases["case_1.nii.gz"]
+    with_unknown = seg_pred.copy()
+    with_unknown[0, :3, :3] = 7  # dataset.json knows 0, 1, 2
+    write(pred / "case_1.nii.gz", with_unknown)
+    with pytest.raises(ValueError, match=r"pred/case_1.nii.gz holds label 7, not defined in dataset.json"):
+        evaluate_folder(str(ref), str(pred), str(dataset_json), "", num_processes=1)
+    summary = evaluate_folder(
+        str(ref), str(pred), str(dataset_json), "", num_processes=1, allow_unknown_labels=True
+    )
+    assert summary["unknown_labels"] == {str(pred / "case_1.nii.gz"): [7]}
+    # allowed, they count as background: the scores equal those of the prediction without them
+    as_background = with_unknown.copy()
+    as_background[as_background == 7] = 0
+    spacing = sitk.ReadImage(str(ref / "case_1.nii.gz")).GetSpacing()[::-1]
+    expected = compute_label_metrics(seg_ref, as_background, [1, 2], spacing)
+    assert summary["metric_per_case"][1]["metrics"][1] == expected[1]
+    # the reference side too, named by its file
+    write(pred / "case_1.nii.gz", seg_pred)
+    reference = seg_ref.copy()
+    reference[1, :2, :2] = 3
+    write(ref / "case_1.nii.gz", reference)
+    with pytest.raises(ValueError, match=r"ref/case_1.nii.gz holds label 3, "):
+        evaluate_folder(str(ref), str(pred), str(dataset_json), "", num_processes=1)
+    # the command line: refused, then listed in summary.json and printed
+    with pytest.raises(SystemExit):
+        main([str(ref), str(pred), "-djfile", str(dataset_json), "-np", "1"])
+    assert "ref/case_1.nii.gz holds label 3" in capsys.readouterr().err
+    main([str(ref), str(pred), "-djfile", str(dataset_json), "-np", "1", "--allow_unknown_labels"])
+    assert str(ref / "case_1.nii.gz") in capsys.readouterr().out
+    written = json.loads((pred / "summary.json").read_text())
+    assert written["unknown_labels"] == {str(ref / "case_1.nii.gz"): [3]}
+
+
+def test_ignore_label_is_known(folders):
+    ref, pred, dataset_json, cases = folders
+    dataset = {**DATASET_JSON, "labels": {**DATASET_JSON["labels"], "ignore": 3}}
+    dataset_json.write_text(json.dumps(dataset))
+    seg_ref, _ = cases["case_0.nii.gz"]
+    seg_ref = seg_ref.copy()
+    seg_ref[0, :2, :2] = 3
+    write(ref / "case_0.nii.gz", seg_ref)
+    summary = evaluate_folder(str(ref), str(pred), str(dataset_json), "", num_processes=1)
+    assert summary["unknown_labels"] == {}
+
+
+def test_existing_summary_needs_overwrite(folders, capsys):
+    ref, pred, dataset_json, _ = folders
+    arguments = [str(ref), str(pred), "-djfile", str(dataset_json), "-np", "1"]
+    main(arguments)
+    before = (pred / "summary.json").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        main(arguments)
+    assert exit_info.value.code == 1
+    assert "summary.json exists: pass --overwrite" in capsys.readouterr().err
+    assert (pred / "summary.json").read_bytes() == before
+    main([*arguments, "--overwrite"])
+    # the output is never one of the inputs, even with --overwrite
+    with pytest.raises(SystemExit):
+        main([*arguments, "-o", str(dataset_json), "--overwrite"])
+    assert "is also an input" in capsys.readouterr().err
+    assert json.loads(dataset_json.read_text()) == DATASET_JSON

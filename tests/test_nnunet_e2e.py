@@ -4,6 +4,8 @@ pumit_plan_and_preprocess -> nnUNetv2_train -tr PUMITTrainer_test -p PUMITPlans 
 then: predictions have the reference geometry, and their foreground Dice beats an untrained network's.
 
 Tiny on purpose (CPU, 2 cores): a tiny ViT, small conv widths, patch 8x64x64 at aniso_d 2, 250 iterations.
+`test_nnunet_compat.py` reuses this module's plan and helpers for nnU-Net's cross-validation, best
+configuration, ensembling and model-folder prediction.
 """
 
 import json
@@ -20,6 +22,8 @@ import torch
 
 from pumit_seg.data.synthetic import LABELS, PhantomConfig, write_phantom_dataset
 from pumit_seg.nnunet_ext_dir import nnunet_environment
+
+pytestmark = pytest.mark.e2e  # minutes on 2 CPU cores; `pytest -m "not e2e"` leaves them out
 
 DATASET_ID = 961
 DATASET_NAME = f"Dataset{DATASET_ID:03d}_E2EPhantoms"

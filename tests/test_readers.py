@@ -107,9 +107,12 @@ def test_dicom_series(tmp_path):
     image = read_dicom_series(tmp_path)
     np.testing.assert_array_equal(image.array, volume[[1, 0, 2]].astype(np.float32) - 10)
     assert image.spacing == pytest.approx((2.5, 0.9, 0.8))
-    np.testing.assert_array_equal(
-        read_dicom_series(tmp_path, files=names).array, volume.astype(np.float32) - 10
-    )
+    reverse = read_dicom_series(tmp_path, files=["c.dcm", "b.dcm", "a.dcm"])  # a given order is kept
+    np.testing.assert_array_equal(reverse.array, volume[[2, 0, 1]].astype(np.float32) - 10)
+    assert reverse.spacing == pytest.approx((2.5, 0.9, 0.8)) and reverse.direction[2, 2] == -1
+    with pytest.raises(ImageReadError, match="back and forth") as error:  # 2.5, 0, 5 mm: not a stack
+        read_dicom_series(tmp_path, files=names)
+    assert error.value.reason == "bad geometry" and error.value.path == str(tmp_path)
     open(tmp_path / "b.dcm", "wb").write(open(tmp_path / "b.dcm", "rb").read()[:200])
     with pytest.raises(ImageReadError, match="b.dcm") as error:
         read_dicom_series(tmp_path)

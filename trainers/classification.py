@@ -1,4 +1,4 @@
-"""`pumit_classify`: fine-tune the universal ViT on MedMNIST v2 and evaluate it (SPEC section 8).
+"""`pumit_classify`: fine-tune the universal ViT on MedMNIST v2 and evaluate it.
 
     pumit_classify train    --data organmnist3d.npz -o RUN [--pretrained encoder.safetensors] [--lr-sweep ...]
     pumit_classify evaluate --weights RUN/best_model.safetensors --data organmnist3d.npz [--split test]
@@ -17,6 +17,10 @@ A run folder holds ``config.json``, ``log.csv`` (one row per epoch), ``curves.pn
 ``evaluate`` reads), ``checkpoint_last.safetensors`` + ``checkpoint_state.pt`` (optimizer and
 progress, read with ``weights_only=True``) and, when done, ``results.json``. Starting the same
 command again resumes exactly where it stopped; a folder of a different configuration is refused.
+A step with a NaN / inf loss or gradient is skipped, never applied (counted in ``log.csv``, column
+``skipped_steps``); after ``--max-bad-steps`` (5) such steps in a row, or a validation loss that is not
+finite, the run stops with exit status 1 and is not scored, its best model and last checkpoint kept; in
+an ``--lr-sweep`` that learning rate is left out.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from pumit_seg.atomic import atomic_path, write_json_atomic
-from pumit_seg.cli_checks import exit_on_bad_input, int_in_range
+from pumit_seg.cli_checks import check_output_path, exit_on_bad_input, int_in_range
 from pumit_seg.data.medmnist import (
     INPUT_NORMS,
     INTENSITY_SCALE_MODES,
@@ -90,11 +94,12 @@ STATE_FORMAT = 1
 
 
 class TrainingDiverged(ValueError):
-    """The training loss became NaN / inf before any epoch was complete (a learning rate too high)."""
+    """--max-bad-steps training steps in a row with a NaN / inf loss or gradient, or a validation loss that
+    is not finite (a learning rate too high): the run stops without scoring, its last good epoch kept."""
 
 
 # Options that may change between a run and its resumption (they do not change the result).
-RESUMABLE_CHANGES = ("device", "output_dir", "lr_sweep", "trust_pickle")
+RESUMABLE_CHANGES = ("device", "output_dir", "lr_sweep", "trust_pickle", "max_bad_steps")
 
 
 @dataclass
@@ -148,6 +153,13 @@ class ClassificationConfig:
         default=0.0, metadata={"help": "training augmentation: flip probability per axis"}
     )
     task: str | None = field(default=None, metadata={"help": f"override the task, one of {TASKS}"})
+    num_classes: int | None = field(
+        default=None,
+        metadata={
+            "help": "number of classes; default: the official MedMNIST name of --data or the file's num_classes "
+            "entry (a label outside the classes is an error)"
+        },
+    )
     epochs: int = field(default=100, metadata={"help": "training epochs"})
     batch_size: int = field(default=32, metadata={"help": "batch size (training and evaluation)"})
     lr: float = field(default=1e-5, metadata={"help": "learning rate (ignored with --lr-sweep)"})
@@ -168,6 +180,13 @@ class ClassificationConfig:
     )
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
     seed: int = field(default=0, metadata={"help": "random seed (initialisation, shuffling, augmentation)"})
+    max_bad_steps: int = field(
+        default=5,
+        metadata={
+            "help": "stop the run (non-zero exit, nothing scored) after this many steps in a row with a NaN / "
+            "inf loss or gradient; such steps are skipped, never applied"
+        },
+    )
 
     def check(self) -> None:
         """Raise ValueError naming the option for values that cannot work."""
@@ -177,7 +196,9 @@ class ClassificationConfig:
             raise ValueError("--output-dir / -o is required")
         if self.model not in ENCODER_PRESETS:
             raise ValueError(f"--model must be one of {sorted(ENCODER_PRESETS)}, got {self.model!r}")
-        for name in ("epochs", "batch_size", "in_channels", "input_size"):
+        if self.num_classes is not None and self.num_classes < 2:
+            raise ValueError(f"--num-classes must be >= 2, got {self.num_classes}")
+        for name in ("epochs", "batch_size", "in_channels", "input_size", "max_bad_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name, value in [("lr", self.lr), *(("lr-sweep", lr) for lr in self.lr_sweep)]:
@@ -294,6 +315,10 @@ def _evaluate_split(model, data: MedMNISTData, split: str, preprocess, batch_siz
         model, data.splits[split].images, labels, preprocess, data.task, data.aniso_d, batch_size, device,
         precision, desc=f"{split}",
     )  # fmt: skip
+    if not math.isfinite(loss) or not torch.isfinite(scores).all():
+        raise TrainingDiverged(
+            f"{data.path}: {split} split: the loss became {loss} (the model's outputs are not finite)"
+        )
     try:
         metrics = evaluate_scores(labels.numpy(), scores.numpy(), data.task)
     except ValueError as error:
@@ -344,7 +369,9 @@ def _check_run_folder(run_dir: Path, config: ClassificationConfig) -> bool:
 
 def _write_log(path: Path, rows: list[dict]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        # rows of an older run may lack a column
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -482,7 +509,7 @@ def resolve_input_norm(mode: str, header: dict | None) -> str:
 def train_classifier(config: ClassificationConfig, data: MedMNISTData | None = None) -> dict:
     """Train one learning rate in ``config.output_dir`` (resuming it), score the best model; the results."""
     config.check()
-    data = data if data is not None else load_medmnist(config.data, task=config.task)
+    data = data if data is not None else load_medmnist(config.data, config.task, config.num_classes)
     run_dir = Path(config.output_dir)
     resuming = _check_run_folder(run_dir, config)
     if resuming and (run_dir / RESULTS).exists():
@@ -527,7 +554,7 @@ def train_classifier(config: ClassificationConfig, data: MedMNISTData | None = N
         print(report if report is not None else "random initialisation (no --pretrained)")
 
     train = data.splits["train"]
-    diverged = None
+    diverged, bad_in_a_row = None, 0
     title = f"{data.name or Path(config.data).name}: lr {config.lr:g}"
     for epoch in range(start_epoch, config.epochs):
         lr = lr_at_epoch(config.lr, epoch, config.epochs, config.lr_milestones, config.lr_gamma)
@@ -537,7 +564,7 @@ def train_classifier(config: ClassificationConfig, data: MedMNISTData | None = N
         generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
         order = torch.randperm(len(train), generator=generator)
         model.train()
-        started, loss_sum = time.time(), 0.0
+        started, loss_sum, skipped = time.time(), 0.0, 0
         batches = tqdm(range(0, len(train), config.batch_size), desc=f"epoch {epoch + 1}/{config.epochs}")
         for start in batches:
             index = order[start : start + config.batch_size]
@@ -545,23 +572,41 @@ def train_classifier(config: ClassificationConfig, data: MedMNISTData | None = N
             with _autocast(config.precision, device):
                 logits = model(x, data.aniso_d)
             loss = loss_fn(logits.float(), _targets(train.labels[index], data.task, device))
-            if not torch.isfinite(loss):
-                diverged = f"the training loss became {loss.item()} in epoch {epoch} at lr {lr:g}"
-                break
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            bad = f"the training loss became {loss.item()}" if not torch.isfinite(loss) else None
+            if bad is None:
+                loss.backward()
+                grads = [p.grad for p in model.parameters() if p.grad is not None]
+                grad_norm = float(nn.utils.get_total_norm(grads)) if grads else 0.0
+                if not math.isfinite(grad_norm):
+                    bad = f"the gradient norm became {grad_norm} (loss {loss.item():.4g})"
+            if bad is not None:  # never applied: skipped, counted, and the run stops after too many in a row
+                optimizer.zero_grad(set_to_none=True)
+                skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
+                if bad_in_a_row >= config.max_bad_steps:
+                    diverged = (
+                        f"{bad} in {bad_in_a_row} steps in a row (--max-bad-steps {config.max_bad_steps}), "
+                        f"the last in epoch {epoch} at lr {lr:g}; none applied"
+                    )
+                    break
+                continue
+            bad_in_a_row = 0
             optimizer.step()
             loss_sum += loss.item() * index.numel()
             batches.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2g}")
         if diverged:
             batches.close()
-            if rows:
-                print(f"{run_dir}: stopped: {diverged}; the best epoch before it is kept", file=sys.stderr)
             break
-        val = _evaluate_split(model, data, "val", preprocess, config.batch_size, device, config.precision)
+        try:
+            val = _evaluate_split(model, data, "val", preprocess, config.batch_size, device, config.precision)
+        except TrainingDiverged as error:
+            diverged = f"after epoch {epoch} at lr {lr:g}, {error}"
+            break
+        applied = len(train) - skipped * config.batch_size  # a skipped step may be the short last batch
         rows.append({
-            "epoch": epoch, "lr": lr, "train_loss": loss_sum / len(train), "val_loss": val["loss"],
+            "epoch": epoch, "lr": lr, "train_loss": loss_sum / max(applied, 1), "val_loss": val["loss"],
             "val_auc": val["auc"], "val_acc": val["acc"], "seconds": round(time.time() - started, 2),
+            "skipped_steps": skipped,
         })  # fmt: skip
         best_epoch = select_best_epoch([row["val_auc"] for row in rows])
         if best_epoch == epoch:
@@ -574,8 +619,14 @@ def train_classifier(config: ClassificationConfig, data: MedMNISTData | None = N
         _plot_curves(run_dir / CURVES, rows, best_epoch, title)
         _save_checkpoint(run_dir, model, optimizer, epoch + 1, {"rows": rows})
 
-    if not rows:
+    if diverged and not rows:
         raise TrainingDiverged(f"{run_dir}: {diverged}, before a first epoch was complete; try a lower --lr")
+    if diverged:
+        raise TrainingDiverged(
+            f"{run_dir}: stopped: {diverged}; not scored. {BEST_MODEL} (epoch "
+            f"{select_best_epoch([row['val_auc'] for row in rows])}) and the checkpoint after epoch {len(rows) - 1} "
+            "are kept; try a lower --lr"
+        )
     best_epoch = select_best_epoch([row["val_auc"] for row in rows])
     best = load_model(run_dir / BEST_MODEL).to(device)
     test = _evaluate_split(best, data, "test", preprocess, config.batch_size, device, config.precision)
@@ -603,7 +654,7 @@ def train_classifier(config: ClassificationConfig, data: MedMNISTData | None = N
 def sweep_learning_rates(config: ClassificationConfig, data: MedMNISTData | None = None) -> dict:
     """One run per learning rate in ``output_dir/lr_<lr>``; the best validation AUC is chosen."""
     config.check()
-    data = data if data is not None else load_medmnist(config.data, task=config.task)
+    data = data if data is not None else load_medmnist(config.data, config.task, config.num_classes)
     runs, diverged = [], {}
     for lr in config.lr_sweep:
         run_dir = str(Path(config.output_dir) / f"lr_{lr:g}")
@@ -655,7 +706,8 @@ def evaluate_classifier(
     if not isinstance(model, ViTClassifier):
         raise ValueError(f"{weights}: holds a {type(model).__name__}, not a ViTClassifier")
     preprocess = PreprocessConfig(**header["preprocess"])
-    data = load_medmnist(data_path, task=header["task"])
+    # the model's class count is used when the file itself does not tell it; labels outside it are an error
+    data = load_medmnist(data_path, task=header["task"], default_num_classes=model.num_classes)
     if data.num_classes != model.num_classes or data.spatial_dims != preprocess.spatial_dims:
         raise ValueError(
             f"{data_path}: {data.spatial_dims}D data with {data.num_classes} outputs does not fit {weights} "
@@ -688,6 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--precision", default="auto", choices=PRECISIONS)
     evaluate.add_argument("-o", "--output", default=None, help="JSON file for the metrics")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     return parser
 
 
@@ -696,8 +749,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     with exit_on_bad_input(parser):
         if args.command == "train":
-            fit_classifier(config_from_args(ClassificationConfig, args))
+            config = config_from_args(ClassificationConfig, args)
+            # a run folder is continued (resumed); ClassificationConfig.check names a missing -o
+            if config.output_dir:
+                check_output_path(config.output_dir, is_dir=True, overwrite=True,
+                                  inputs=[config.data, config.pretrained], option="-o/--output-dir")  # fmt: skip
+            fit_classifier(config)
         else:
+            if args.output:
+                check_output_path(args.output, overwrite=args.overwrite, inputs=[args.weights, args.data],
+                                  option="-o/--output")  # fmt: skip
             metrics = evaluate_classifier(
                 args.weights, args.data, args.split, args.batch_size, args.device, args.precision
             )

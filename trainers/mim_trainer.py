@@ -16,7 +16,12 @@ masked by a generator seeded from ``(seed, s, i)``, so a run on N ranks masks ex
 with the same global batch masks, and a resumed run masks what the uninterrupted one did.
 
 Validation (main rank, every ``--val-every`` steps, held-out images): the loss and masked-token
-accuracy (head argmax == tokenizer argmax) with fixed masks, and a picture ``pictures/step_N.png``:
+accuracy (head argmax == tokenizer argmax) with fixed masks, next to the majority-code baseline
+(always guessing the most frequent target code) and the number of codes the targets and the
+predictions use (`pumit_seg.trainers.pretrain_health`); a run whose accuracy does not beat that
+baseline, or whose head guesses one code, prints ``WARNING: MIM stalled ...`` (or ``collapsed``) on
+stderr and into ``health.json``, and ``--stop-on-collapse`` ends it (exit status 3). A picture
+``pictures/step_N.png``:
 the input with its masked patches blanked, the tokenizer's reconstruction of its own tokens, and its
 reconstruction of the tokens the ViT predicted at the masked positions (the tokenizer's elsewhere).
 """
@@ -36,6 +41,7 @@ from pumit_seg.trainers.pretrain_base import (
     add_config_arguments,
     run_pretraining,
 )
+from pumit_seg.trainers.pretrain_health import MIMHealth, mim_verdict, record_health
 from torch import Tensor, nn
 
 from pumit_seg.atomic import atomic_path
@@ -108,6 +114,10 @@ class MIMConfig(PretrainConfig):
     )
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute blocks in backward"})
     val_pictures: int = field(default=1, metadata={"help": "samples pictured per validation"})
+    stop_on_collapse: bool = field(
+        default=False,
+        metadata={"help": "end the run (exit status 3) when a validation finds it collapsed or stalled"},
+    )
     # the paper's values (SPEC 5) for the common fields
     max_steps: int = field(default=300_000, metadata={"help": "optimisation steps"})
     batch_size: int = field(default=84, metadata={"help": "global batch size (split over ranks)"})
@@ -306,8 +316,14 @@ class MIMTrainer(PretrainTrainer):
         grad_norm = self.backward_and_step(result.loss, "model", self.model)
         return {"loss": result.loss.item(), "accuracy": result.accuracy.item(), "grad_norm": grad_norm}
 
+    health_stop: str | None = None  # why --stop-on-collapse ends the run
+
+    def stop_requested(self) -> str | None:
+        return self.health_stop
+
     def validate(self, step: int) -> dict[str, float]:
         total_loss = total_correct = total_masked = 0.0
+        health = MIMHealth(self.model.codebook_size)
         pictures = []
         # fixed masks (their own stream, "step" = batch index): every validation sees the same ones
         for index, batch in enumerate(self.validation_batches()):
@@ -318,13 +334,20 @@ class MIMTrainer(PretrainTrainer):
             total_loss += result.loss.item() * masked
             total_correct += result.accuracy.item() * masked
             total_masked += masked
+            health.add(result.masked_logits, result.target_probs[result.mask])
             if len(pictures) < self.config.val_pictures:
                 pictures.append((image[:1], aniso_d, result, batch.get("keys", ["?"])[0]))
         if not total_masked:
             return {}
+        metrics = {"loss": total_loss / total_masked, **health.metrics()}
+        verdict = mim_verdict(metrics)
+        metrics["healthy"] = float(verdict.healthy)
+        record_health(self.output_dir, "MIM", step, verdict, metrics)
+        if self.config.stop_on_collapse and not verdict.healthy:
+            self.health_stop = f"--stop-on-collapse: {verdict.message('MIM', step)}"
         if pictures:
-            self.write_pictures(step, pictures)
-        return {"loss": total_loss / total_masked, "accuracy": total_correct / total_masked}
+            self.write_pictures(step, pictures, metrics)
+        return metrics
 
     # ---- pictures ------------------------------------------------------------------
 
@@ -335,7 +358,7 @@ class MIMTrainer(PretrainTrainer):
         probs[0, result.mask[0]] = torch.softmax(result.masked_logits[:count].float(), dim=-1)
         return probs.transpose(1, 2).reshape(1, -1, *result.grid)
 
-    def write_pictures(self, step: int, pictures: list) -> None:
+    def write_pictures(self, step: int, pictures: list, metrics: dict | None = None) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
@@ -366,7 +389,13 @@ class MIMTrainer(PretrainTrainer):
                 ax.set_title(title, fontsize=8)
                 ax.axis("off")
             axes[row][0].set_ylabel(str(key), fontsize=7)
-        fig.suptitle(f"MIM validation, step {step}", fontsize=9)
+        title = f"MIM validation, step {step}"
+        if metrics:
+            title += (
+                f": masked-token accuracy {metrics['accuracy']:.3f} "
+                f"(majority-code baseline {metrics['accuracy_majority']:.3f})"
+            )
+        fig.suptitle(title, fontsize=9)
         fig.tight_layout()
         with atomic_path(self.output_dir / "pictures" / f"step_{step:07d}.png") as tmp:
             fig.savefig(tmp, dpi=90)

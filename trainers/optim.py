@@ -16,12 +16,22 @@ NO_WEIGHT_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token")
 
 
 def weight_decay_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups: ``weight_decay`` on weights, none on biases, norms and embeddings/tokens."""
+    """AdamW parameter groups: ``weight_decay`` on weights, none on biases, norms and embeddings/tokens.
+
+    A model may name more parameters to leave undecayed with a ``no_weight_decay()`` method (the timm
+    convention; the tokenizer's codebook).
+    """
+    skip = set(model.no_weight_decay()) if callable(getattr(model, "no_weight_decay", None)) else set()
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        if parameter.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_WEIGHT_DECAY_NAMES:
+        if (
+            parameter.ndim <= 1
+            or name.endswith(".bias")
+            or name.split(".")[-1] in NO_WEIGHT_DECAY_NAMES
+            or name in skip
+        ):
             no_decay.append(parameter)
         else:
             decay.append(parameter)

@@ -22,7 +22,30 @@ checkpoints, read by `pumit_pretrain export`) and `export_name`.
 
 Configs are dataclasses; `add_config_arguments` / `config_from_args` turn one into
 command-line flags (every field a flag whose default is the paper's value) with named
-presets (``--preset tiny`` runs on a CPU).
+presets (``--preset tiny`` runs on a CPU). Number flags refuse NaN and inf when parsed.
+
+Run health: a step whose loss or gradient norm is NaN / inf is not applied (the optimiser
+step is skipped, the trainer's own state such as the discriminator-loss EMA is put back), and
+is counted in ``log.csv`` (column ``skipped_steps``). After ``--max-bad-steps`` (default 5)
+such steps in a row the run stops with exit status 3 and a message naming the loss terms or
+gradients that were not finite and the step; the last checkpoint is kept and nothing is
+exported. No checkpoint or export is ever written from weights holding NaN / inf.
+
+Resuming: the checkpoint records the options of the run. Starting the command again on the
+same ``--output-dir`` with other options is refused before any heavy work, listing each
+differing option with its old and new value, unless ``--allow-option-change`` is given. These
+options may change on resume without it (`RESUME_SAFE_OPTIONS`): ``--max-steps`` (not below
+the checkpoint's step; the warm-up + cosine schedule is recomputed for the new total),
+``--log-every``, ``--val-every``, ``--ckpt-every``, ``--val-batch-size``,
+``--val-max-batches``, ``--num-workers``, ``--device``, ``--max-bad-steps``, ``--output-dir``
+(the folder moved) and the picture / gradient-checkpointing options. Every change is printed
+and recorded in ``config.json`` under ``"changes"`` (step, option, old, new); the optimisers
+and schedules follow the new values from that step on, so ``config.json`` never claims a
+value the run did not use.
+
+Exit status of a training command: 0 done, 2 bad options or inputs (nothing trained),
+3 stopped by a health check (diverged, or e.g. ``--stop-on-collapse``), 1 a loader worker
+died (usually out of memory: lower ``--num-workers``).
 """
 
 from __future__ import annotations
@@ -32,6 +55,7 @@ import contextlib
 import csv
 import dataclasses
 import io
+import json
 import math
 import os
 import random
@@ -52,7 +76,8 @@ from pumit_seg.trainers.optim import WarmupCosineLRScheduler, build_adamw
 from torch import Tensor, nn
 
 from pumit_seg.atomic import atomic_path, write_json_atomic
-from pumit_seg.weights import save_model
+from pumit_seg.cli_checks import check_output_path
+from pumit_seg.weights import describe_non_finite, non_finite_tensors, save_model
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -63,11 +88,88 @@ __all__ = [
     "load_checkpoint",
     "DistributedContext",
     "run_pretraining",
+    "PretrainingStopped",
+    "TrainingDiverged",
+    "LoaderWorkerDied",
+    "RESUME_SAFE_OPTIONS",
+    "default_num_workers",
+    "finite_float",
 ]
 
 CHECKPOINT_NAME = "checkpoint_last.pt"
 CHECKPOINT_FORMAT = 1
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+STOPPED_EXIT_CODE = 3  # a run ended by its own health check (e.g. --stop-on-collapse)
+
+
+class PretrainingStopped(RuntimeError):
+    """A run ended on purpose before --max-steps (`PretrainTrainer.stop_requested` gave a reason)."""
+
+
+class TrainingDiverged(PretrainingStopped):
+    """--max-bad-steps steps in a row with a non-finite loss or gradient, or weights holding NaN / inf."""
+
+
+class LoaderWorkerDied(RuntimeError):
+    """A data-loader worker process was killed (most often by the kernel, out of memory)."""
+
+
+LOADER_DIED_EXIT_CODE = 1
+DEFAULT_MAX_BAD_STEPS = 5
+# Options that may differ when a run folder is resumed: they change neither the data, the model nor the
+# optimisation of a step (--max-steps changes the schedule's length, which is recomputed and recorded).
+RESUME_SAFE_OPTIONS = (
+    "max_steps", "log_every", "val_every", "ckpt_every", "val_batch_size", "val_max_batches", "num_workers",
+    "device", "max_bad_steps", "output_dir", "picture_samples", "val_pictures", "grad_checkpointing",
+)  # fmt: skip
+# Not options of the run: never compared nor recorded as a change.
+RESUME_IGNORED_OPTIONS = ("allow_option_change",)
+# Path options: the same file given another way (relative / absolute) is no change.
+PATH_OPTIONS = ("store", "output_dir", "tokenizer", "init_from", "eva02_weights", "lpips_weights")
+# Memory one loader worker may take at the paper's crop sizes (prefetched batches of float crops and the
+# decompressed chunks they come from); the default --num-workers keeps their sum within half the memory.
+WORKER_MEMORY_BYTES = 3 * 2**30
+MAX_DEFAULT_WORKERS = 8
+
+
+def _memory_bytes() -> int | None:
+    """Physical memory, or the cgroup (container) limit when that is lower; None when unknown."""
+    sizes = []
+    try:
+        sizes.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        pass
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2**60:
+            sizes.append(int(text))
+    return min(sizes) if sizes else None
+
+
+def default_num_workers() -> int:
+    """Loader workers that fit this machine: at most 8, one core left to the training process, and
+    `WORKER_MEMORY_BYTES` each within half the memory (a 2-core machine gets 1, a 1-core one 0)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    memory = _memory_bytes()
+    by_memory = MAX_DEFAULT_WORKERS if memory is None else int(memory // 2 // WORKER_MEMORY_BYTES)
+    return max(0, min(MAX_DEFAULT_WORKERS, cpus - 1, by_memory))
+
+
+def finite_float(text: str) -> float:
+    """argparse `type` of every float flag: a number, refusing NaN and inf."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+finite_float.__name__ = "number"  # argparse names the type in "invalid number value" messages
 
 
 # --------------------------------------------------------------------------------------
@@ -97,7 +199,13 @@ class PretrainConfig:
     crop_depth_units: int = field(
         default=4, metadata={"help": "crop depth = units * max(16 >> aniso_d, 1) slices (1 slice in 2D)"}
     )
-    num_workers: int = field(default=8, metadata={"help": "loader worker processes per rank"})
+    num_workers: int = field(
+        default_factory=default_num_workers,
+        metadata={
+            "help": "loader worker processes per rank (default: what this machine's cores and memory allow, "
+            "at most 8)"
+        },
+    )
     seed: int = field(default=0, metadata={"help": "random seed"})
     log_every: int = field(default=50, metadata={"help": "steps between log.csv rows"})
     val_every: int = field(default=5000, metadata={"help": "steps between validations (pictures, health)"})
@@ -108,6 +216,21 @@ class PretrainConfig:
         default="auto", metadata={"help": "auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16, fp16"}
     )
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda"})
+    max_bad_steps: int = field(
+        default=DEFAULT_MAX_BAD_STEPS,
+        metadata={
+            "help": "stop the run (exit status 3) after this many steps in a row with a NaN / inf loss or "
+            "gradient; such steps are skipped, never applied"
+        },
+    )
+    allow_option_change: bool = field(
+        default=False,
+        metadata={
+            "help": "resume a run folder with options other than those it was started with (each change is "
+            "recorded in config.json); without it such a resume is refused. Options that may always change: "
+            + ", ".join(f"--{n.replace('_', '-')}" for n in RESUME_SAFE_OPTIONS)
+        },
+    )
 
     def check(self) -> None:
         """Raise ValueError naming the option for values that cannot work."""
@@ -122,6 +245,13 @@ class PretrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        for f in dataclasses.fields(self):  # every number option, also those parsed without argparse
+            value = getattr(self, f.name)
+            values = value if isinstance(value, tuple | list) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise ValueError(f"--{_flag(f.name)} must be a finite number, got {value}")
+        if self.max_bad_steps < 1:
+            raise ValueError(f"--max-bad-steps must be >= 1, got {self.max_bad_steps}")
         for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
@@ -151,8 +281,11 @@ def _argument_type(annotation) -> tuple[Any, dict]:
         return bool, {"action": argparse.BooleanOptionalAction}
     if origin in (tuple, list):
         args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
-        return origin, {"type": args[0] if args else str, "nargs": "+"}
-    if annotation in (int, float, str):
+        item = args[0] if args else str
+        return origin, {"type": finite_float if item is float else item, "nargs": "+"}
+    if annotation is float:
+        return float, {"type": finite_float}
+    if annotation in (int, str):
         return annotation, {"type": annotation}
     raise TypeError(f"config field type {annotation!r} has no command-line form")
 
@@ -312,6 +445,40 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return checkpoint
 
 
+def _plain(value):
+    """A value as config.json holds it (tuples -> lists)."""
+    return json.loads(json.dumps(value))
+
+
+def _same_option(name: str, old, new) -> bool:
+    if old == new:
+        return True
+    if name in PATH_OPTIONS:  # the same file named another way (relative / absolute)
+        olds, news = (old, new) if isinstance(old, list) and isinstance(new, list) else ([old], [new])
+        return len(olds) == len(news) and all(
+            isinstance(a, str) and isinstance(b, str) and bool(a) == bool(b)
+            and (a == b or os.path.realpath(a) == os.path.realpath(b))
+            for a, b in zip(olds, news, strict=True)
+        )  # fmt: skip
+    return False
+
+
+def option_changes(saved: Mapping, config, step: int) -> list[dict]:
+    """``[{"step", "option", "old", "new"}]`` for every option of `config` that differs from `saved`
+    (a checkpoint's config); options the checkpoint does not know (added since) are not compared."""
+    saved = _plain(dict(saved))
+    current = _plain(dataclasses.asdict(config))
+    return [
+        {"step": step, "option": name, "old": saved[name], "new": value}
+        for name, value in current.items()
+        if name in saved and name not in RESUME_IGNORED_OPTIONS and not _same_option(name, saved[name], value)
+    ]
+
+
+def _describe_changes(changes: list[dict]) -> str:
+    return ", ".join(f"--{_flag(c['option'])} {c['old']!r} -> {c['new']!r}" for c in changes)
+
+
 # --------------------------------------------------------------------------------------
 # The trainer
 # --------------------------------------------------------------------------------------
@@ -329,8 +496,11 @@ class PretrainTrainer:
         config.check()
         self.config = config
         self.output_dir = Path(config.output_dir)
-        # a run folder holding an unreadable or foreign checkpoint fails now, before any heavy setup
+        # a run folder holding an unreadable or foreign checkpoint, or one of a run with other options,
+        # fails now, before any heavy setup
         self._resume_from = self._read_resume_checkpoint()
+        self._new_changes = self._check_resume_options(self._resume_from)
+        self._changes: list[dict] = []  # every option change of the run (config.json "changes")
         self.dist = DistributedContext.from_environment()
         self.device = self._pick_device()
         self._init_distributed()
@@ -343,6 +513,10 @@ class PretrainTrainer:
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.step = 0
+        self.skipped_steps = 0  # steps not applied: non-finite loss or gradient
+        self._bad_in_a_row = 0
+        self._bad_this_step: list[str] = []
+        self._checkpoint_step: int | None = None  # step of checkpoint_last.pt, None if there is none
         self._log_rows: list[dict] = []
         self._val_rows: list[dict] = []
         self._tensorboard = None
@@ -481,7 +655,12 @@ class PretrainTrainer:
     def backward_and_step(
         self, loss: Tensor, optimizer_name: str, module: nn.Module, update_scaler: bool = True
     ) -> float:
-        """Backward, optional grad clip, optimiser step (GradScaler-aware); returns the grad norm (or nan).
+        """Backward, optional grad clip, optimiser step (GradScaler-aware); returns the gradient norm.
+
+        A NaN / inf loss or gradient norm is not applied: the step of this optimiser is skipped (on
+        every rank alike) and noted for `fit`, which counts it and stops the run after
+        ``--max-bad-steps`` in a row. In fp16 the GradScaler skips steps with inf gradients itself
+        (its loss-scale search); only a non-finite loss counts there.
 
         With several optimisers per step pass ``update_scaler=False`` to all but the last one
         (the GradScaler is updated once per step).
@@ -489,12 +668,25 @@ class PretrainTrainer:
         optimizer, _ = self.optimizers[optimizer_name]
         optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        grad_norm = float("nan")
-        if self.config.grad_clip > 0:
+        if self.scaler.is_enabled():
             self.scaler.unscale_(optimizer)
+        if self.config.grad_clip > 0:
             grad_norm = float(nn.utils.clip_grad_norm_(module.parameters(), self.config.grad_clip))
-        self.scaler.step(optimizer)
-        if update_scaler:
+        else:
+            grads = [p.grad for p in module.parameters() if p.grad is not None]
+            grad_norm = float(nn.utils.get_total_norm(grads)) if grads else 0.0
+        loss_value = float(loss.detach())
+        bad = not math.isfinite(loss_value) or (not math.isfinite(grad_norm) and not self.scaler.is_enabled())
+        if self.dist.enabled:  # gradients are already averaged, a loss is per rank: agree on skipping
+            flag = torch.tensor([float(bad)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            bad = bool(flag.item())
+        if bad:
+            optimizer.zero_grad(set_to_none=True)
+            self._bad_this_step.append(f"{optimizer_name} loss {loss_value:g}, gradient norm {grad_norm:g}")
+        else:
+            self.scaler.step(optimizer)
+        if update_scaler and self.scaler.is_enabled():
             self.scaler.update()
         return grad_norm
 
@@ -527,6 +719,8 @@ class PretrainTrainer:
             "scaler": self.scaler.state_dict(),
             "rank_states": rank_states,
             "trainer_state": self.extra_checkpoint_state(),
+            "health": {"skipped_steps": self.skipped_steps},
+            "changes": self._changes,
         }
 
     def extra_checkpoint_state(self) -> dict:
@@ -536,11 +730,39 @@ class PretrainTrainer:
     def load_extra_checkpoint_state(self, state: dict) -> None:
         pass
 
+    def stop_requested(self) -> str | None:
+        """Asked on the main rank after each validation: a reason to end the run now, or None."""
+        return None
+
+    def _stop_if_requested(self) -> None:
+        reason = self.dist.gather_objects(self.stop_requested() if self.dist.is_main else None)[0]
+        if reason:
+            raise PretrainingStopped(reason)
+
+    def non_finite_weights(self) -> dict[str, int]:
+        """Tensors of the model and extra modules holding NaN / inf (name -> count); empty when healthy."""
+        bad = {f"model.{k}": n for k, n in non_finite_tensors(self.model.state_dict()).items()}
+        for name, module in self.extra_modules.items():
+            bad.update({f"{name}.{k}": n for k, n in non_finite_tensors(module.state_dict()).items()})
+        return bad
+
+    def _kept_checkpoint(self) -> str:
+        if self._checkpoint_step is None:
+            return "no checkpoint had been written"
+        return f"the last good checkpoint {self.checkpoint_path} (step {self._checkpoint_step}) is kept"
+
     def save_checkpoint(self) -> None:
+        bad = self.non_finite_weights()  # the same on every rank: DDP keeps the weights equal
+        if bad:
+            raise TrainingDiverged(
+                f"{self.output_dir}: at step {self.step} the weights are not finite ({describe_non_finite(bad)}); "
+                f"checkpoint not written, {self._kept_checkpoint()}; nothing exported"
+            )
         state = self.checkpoint_state()  # collective: every rank takes part
         if self.dist.is_main:
             with atomic_path(self.checkpoint_path) as tmp:
                 torch.save(state, tmp)
+        self._checkpoint_step = self.step
         self.dist.barrier()
 
     def _read_resume_checkpoint(self) -> dict | None:
@@ -553,6 +775,42 @@ class PretrainTrainer:
                 "use another --output-dir"
             )
         return checkpoint
+
+    def _check_resume_options(self, checkpoint: dict | None) -> list[dict]:
+        """The option changes against the checkpoint's run; ValueError listing them unless every one is in
+        `RESUME_SAFE_OPTIONS` or --allow-option-change is given."""
+        if checkpoint is None or not isinstance(checkpoint.get("config"), Mapping):
+            return []
+        step = int(checkpoint.get("step", 0))
+        changes = option_changes(checkpoint["config"], self.config, step)
+        safe = set(RESUME_SAFE_OPTIONS)
+        unsafe = [c for c in changes if c["option"] not in safe]
+        if unsafe and not self.config.allow_option_change:
+            raise ValueError(
+                f"{self.output_dir} holds a run (at step {step}) started with other options: "
+                f"{_describe_changes(unsafe)}. Repeat the run's options, use another --output-dir, or pass "
+                f"--allow-option-change to continue with the new values from step {step} (recorded in "
+                "config.json). Options that may change on resume: "
+                + ", ".join(f"--{_flag(n)}" for n in RESUME_SAFE_OPTIONS)
+            )
+        if self.config.max_steps < step:
+            raise ValueError(
+                f"--max-steps {self.config.max_steps}: {self.checkpoint_path} is at step {step} already; "
+                f"give --max-steps >= {step} or use another --output-dir"
+            )
+        return changes
+
+    def _announce_changes(self, changes: list[dict]) -> None:
+        for change in changes:
+            line = (
+                f"step {change['step']}: --{_flag(change['option'])} changed from {change['old']!r} to "
+                f"{change['new']!r} on resume"
+            )
+            if change["option"] == "max_steps":
+                line += (
+                    f"; the learning-rate schedule (warm-up + cosine) is recomputed for {change['new']} steps"
+                )
+            print(line, flush=True)
 
     def resume(self) -> bool:
         """Load `checkpoint_last.pt` from the output folder if there is one; True when resumed."""
@@ -570,11 +828,19 @@ class PretrainTrainer:
                 f"{self.checkpoint_path}: its weights do not fit this configuration "
                 f"(was the run started with other options?): {error}"
             ) from error
-        for name, (optimizer, scheduler) in self.optimizers.items():
+        for name, (optimizer, _) in self.optimizers.items():
+            # the moments come from the checkpoint, the hyper-parameters (lr, weight decay, betas) from this
+            # run's options; the schedules are not restored but rebuilt from the options (a function of the
+            # step only), so a changed --max-steps or --lr takes effect instead of the saved values
+            hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
             optimizer.load_state_dict(checkpoint["optimizers"][name])
-            scheduler.load_state_dict(checkpoint["schedulers"][name])
+            for group, values in zip(optimizer.param_groups, hyper, strict=True):
+                group.update(values)
         self.scaler.load_state_dict(checkpoint["scaler"])
         self.step = int(checkpoint["step"])
+        self._checkpoint_step = self.step
+        self.skipped_steps = int(checkpoint.get("health", {}).get("skipped_steps", 0))
+        self._changes = [*checkpoint.get("changes", []), *self._new_changes]
         rank_states = checkpoint["rank_states"]
         if len(rank_states) == self.dist.world_size:
             own = rank_states[self.dist.rank]
@@ -675,6 +941,44 @@ class PretrainTrainer:
         while True:
             yield from self.loader
 
+    def _next_batch(self, batches: Iterator[dict]) -> dict:
+        try:
+            return next(batches)
+        # torch's loader raises "DataLoader worker (pid X) is killed by signal: Killed." when the kernel kills one
+        except RuntimeError as error:
+            if "DataLoader worker" not in str(error):
+                raise
+            raise LoaderWorkerDied(
+                f"a data-loader worker died ({str(error).strip().splitlines()[0]}), most likely out of memory: "
+                f"run again with fewer --num-workers (this run: {self.config.num_workers}; 0 loads in the "
+                "training process); the run resumes from its last checkpoint"
+            ) from error
+
+    def _count_bad_step(self, metrics: dict[str, float], trainer_state: dict) -> str | None:
+        """Count a step that was not applied; the reason to stop after --max-bad-steps in a row, else None."""
+        bad = list(self._bad_this_step)
+        loss = metrics.get("loss")
+        if not bad and loss is not None and not math.isfinite(loss):  # a step without backward_and_step
+            bad.append(f"loss {loss:g}")
+        if not bad:
+            self._bad_in_a_row = 0
+            return None
+        self.load_extra_checkpoint_state(trainer_state)  # e.g. an EMA fed a NaN loss: as before the step
+        self.skipped_steps += 1
+        self._bad_in_a_row += 1
+        terms = [f"{k}={v:g}" for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+        what = f"non-finite {', '.join(terms)}; " if terms else ""
+        if self.dist.is_main:
+            print(f"step {self.step} skipped: {what}{'; '.join(bad)}", file=sys.stderr, flush=True)
+        if self._bad_in_a_row < self.config.max_bad_steps:
+            return None
+        first = self.step - self._bad_in_a_row + 1
+        return (
+            f"{self.output_dir}: training diverged: {self._bad_in_a_row} steps in a row ({first} to {self.step}) "
+            f"with a NaN / inf loss or gradient, none applied (--max-bad-steps {self.config.max_bad_steps}); "
+            f"at step {self.step}: {what}{'; '.join(bad)}; {self._kept_checkpoint()}; nothing exported"
+        )
+
     def run_validation(self, step: int) -> None:
         if self.dist.is_main:
             self.model.eval()
@@ -701,10 +1005,12 @@ class PretrainTrainer:
         resumed = self.resume()
         if self.dist.is_main:
             write_json_atomic(
-                self.output_dir / "config.json", {"kind": self.kind, **dataclasses.asdict(config)}
+                self.output_dir / "config.json",
+                {"kind": self.kind, **dataclasses.asdict(config), "changes": self._changes},
             )
             if resumed:
                 print(f"resuming {self.output_dir} from step {self.step}", flush=True)
+                self._announce_changes(self._new_changes)
         self.model.train()
         for module in self.extra_modules.values():
             module.train()
@@ -715,36 +1021,50 @@ class PretrainTrainer:
         )  # fmt: skip
         window_samples, window_start = 0, time.perf_counter()
         while self.step < config.max_steps:
-            batch = self.to_device(next(batches))
+            batch = self.to_device(self._next_batch(batches))
             for _, scheduler in self.optimizers.values():
                 scheduler.step(self.step)
+            self._bad_this_step = []
+            trainer_state = self.extra_checkpoint_state()
             metrics = self.training_step(batch, self.step)
             self.step += 1
+            diverged = self._count_bad_step(metrics, trainer_state)
             window_samples += config.batch_size
             progress.update(1)
-            if self.step % config.log_every == 0 or self.step == config.max_steps:
+            if self.step % config.log_every == 0 or self.step == config.max_steps or diverged:
                 metrics = self.dist.mean(metrics, self.device)
                 elapsed = time.perf_counter() - window_start
                 throughput = window_samples / max(elapsed, 1e-9)
                 window_samples, window_start = 0, time.perf_counter()
                 lrs = {f"lr_{name}": opt.param_groups[0]["lr"] for name, (opt, _) in self.optimizers.items()}
                 if self.dist.is_main:
-                    row = {"step": self.step, **metrics, **lrs}
+                    row = {"step": self.step, **metrics, **lrs, "skipped_steps": self.skipped_steps}
                     self._append_csv(self.output_dir / "log.csv", self._log_rows, row)
                     self._tensorboard_log("train", self.step, {**metrics, "samples_per_s": throughput})
                     progress.set_postfix(
                         {**{k: f"{v:.4g}" for k, v in metrics.items()}, "img/s": f"{throughput:.1f}"}
                     )
+            if diverged:
+                progress.close()
+                raise TrainingDiverged(diverged)
             last = self.step == config.max_steps
             if self.step % config.val_every == 0 or last:
                 self.run_validation(self.step)
                 if self.dist.is_main:
                     self.plot_losses()
-            if self.step % config.ckpt_every == 0 or last:
+                self._stop_if_requested()
+            if (self.step % config.ckpt_every == 0 and not self._bad_in_a_row) or last:
+                # not in the middle of skipped steps: the last checkpoint stays the last good step's
                 self.save_checkpoint()
                 if self.dist.is_main:
                     print(f"checkpoint step {self.step}", flush=True)
         progress.close()
+        if self.skipped_steps and self.dist.is_main:
+            print(
+                f"{self.skipped_steps} step(s) skipped (non-finite loss or gradient; column skipped_steps of "
+                "log.csv)",
+                file=sys.stderr, flush=True,
+            )  # fmt: skip
         export_path = self.output_dir / self.export_name
         if self.dist.is_main:
             self.export(export_path)
@@ -772,11 +1092,24 @@ def run_pretraining(trainer_class: type, config_class: type, args: argparse.Name
     trainer = None
     try:
         config = config_from_args(config_class, args)
+        if config.output_dir:  # a run folder is continued (resumed); its inputs must not be it
+            inputs = [
+                getattr(config, name, None) for name in ("store", "tokenizer", "init_from", "eva02_weights")
+            ]
+            check_output_path(
+                config.output_dir, is_dir=True, overwrite=True, inputs=inputs, option="-o/--output-dir"
+            )
         trainer = trainer_class(config)
         trainer.fit()
     except (ValueError, FileNotFoundError) as error:
         print(f"pumit_pretrain {command}: error: {error}", file=sys.stderr, flush=True)
         return 2
+    except PretrainingStopped as reason:
+        print(f"pumit_pretrain {command}: stopped: {reason}", file=sys.stderr, flush=True)
+        return STOPPED_EXIT_CODE
+    except LoaderWorkerDied as error:
+        print(f"pumit_pretrain {command}: error: {error}", file=sys.stderr, flush=True)
+        return LOADER_DIED_EXIT_CODE
     finally:
         if trainer is not None:
             trainer.close()

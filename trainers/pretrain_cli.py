@@ -1,4 +1,4 @@
-"""`pumit_pretrain`: the pre-training command line (SPEC sections 4-6, 12).
+"""`pumit_pretrain`: the pre-training command line.
 
     pumit_pretrain prepare   CONFIG -o STORE ...      folders of images -> pre-training store
     pumit_pretrain tokenizer --store STORE -o RUN ...  universal visual tokenizer

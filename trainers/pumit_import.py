@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from pumit_seg.atomic import atomic_path, write_json_atomic
-from pumit_seg.cli_checks import float_in_range, int_in_range
+from pumit_seg.cli_checks import check_output_path, float_in_range, int_in_range
 from pumit_seg.models.pumit_checkpoint import (
     AUTHORS_NORM_EPS,
     AUTHORS_ROPE_BASE,
@@ -101,7 +101,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"where to write the JSON report of every key (default: OUTPUT with {REPORT_SUFFIX})",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output file (and its --report)"
+    )
 
 
 def default_report_path(output: Path) -> Path:
@@ -123,12 +125,11 @@ def import_to_file(
     report_path = Path(report_path) if report_path is not None else default_report_path(output)
     if output.suffix != ".safetensors":
         raise ValueError(f"-o/--output {output}: must end in .safetensors")
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"-o/--output {output} exists: pass --overwrite to replace it")
-    if output.exists() and not output.is_file():
-        raise FileExistsError(f"-o/--output {output} exists and is not a file")
     if report_path.resolve() == output.resolve():
         raise ValueError(f"--report {report_path} is the output file itself")
+    # before the checkpoint is read: an existing, unwritable or input path as an output is refused
+    check_output_path(output, overwrite=overwrite, inputs=[checkpoint], option="-o/--output")
+    check_output_path(report_path, overwrite=overwrite, inputs=[checkpoint], option="--report")
 
     result = import_checkpoint(checkpoint, kind, options, trust_pickle=trust_pickle)
     report = result.report

@@ -1,4 +1,4 @@
-"""nnU-Net trainers that fine-tune `pumit_seg.models.seg_net.PUMITSegNet` (SPEC section 7).
+"""nnU-Net trainers that fine-tune `pumit_seg.models.seg_net.PUMITSegNet`.
 
 Use with plans from `pumit_plan_and_preprocess` and nnU-Net's own commands::
 
@@ -36,6 +36,17 @@ that fill less than 90 % of the encoder (``PUMIT_PRETRAINED_ALLOW_PARTIAL=1``). 
 checkpoint (``--c``, ``--val``, prediction) the checkpoint holds them and the file is not needed.
 `PUMITTrainer_scratch` ignores both sources: the random-init baseline of the paper.
 
+nnU-Net's own ``nnUNetv2_train ... -pretrained_weights FILE`` works too: an nnU-Net checkpoint of a PUMIT
+model (``checkpoint_final.pth``, with ``network_weights``) goes to nnU-Net's loader as usual, any other
+file (an encoder from ``pumit_pretrain``, EVA-02, the authors' weights) to the encoder loader above, and
+it replaces what the environment variable or the plans named. See `route_nnunet_pretrained_weights`.
+
+Run health: a training step whose loss or gradient norm is NaN / inf is not applied (the optimiser step is
+skipped; the epoch's count goes to the training log). After ``MAX_BAD_STEPS`` (5) such steps in a row, or
+the value of the environment variable ``PUMIT_MAX_BAD_STEPS``, training stops with `TrainingDiverged`
+(non-zero exit) naming the loss / gradient and the step; no checkpoint (latest, best, final) is ever
+written from weights holding NaN / inf, so the last good one is kept.
+
 Plans from ``pumit_plan_and_preprocess --preset`` may carry ``pumit_oversample_foreground_percent``
 (BTCV: 0.75, the reference's 3 : 1 foreground crops), which replaces nnU-Net's 0.33.
 
@@ -45,6 +56,9 @@ bf16 inside its forward, see ``PUMITSegNet.prefer_bf16_autocast``).
 """
 
 import os
+import sys
+import weakref
+import zipfile
 from contextlib import nullcontext
 
 import numpy as np
@@ -61,6 +75,7 @@ PRETRAINED_WEIGHTS_ENV = "PUMIT_PRETRAINED_WEIGHTS"
 ALLOW_PICKLE_ENV = "PUMIT_PRETRAINED_ALLOW_PICKLE"
 ALLOW_NON_FINITE_ENV = "PUMIT_PRETRAINED_ALLOW_NON_FINITE"
 ALLOW_PARTIAL_ENV = "PUMIT_PRETRAINED_ALLOW_PARTIAL"
+MAX_BAD_STEPS_ENV = "PUMIT_MAX_BAD_STEPS"
 PRETRAINED_WEIGHTS_PLANS_KEY = "pumit_pretrained_weights"
 OVERSAMPLE_PLANS_KEY = "pumit_oversample_foreground_percent"
 TRUE_VALUES = ("1", "true", "yes")
@@ -77,6 +92,64 @@ def env_flag(name: str) -> bool:
     raise ValueError(
         f"environment variable {name}={os.environ[name]!r}: expected 1 / 0 (or true / false, yes / no)"
     )
+
+
+def is_nnunet_checkpoint(path: str) -> bool:
+    """Whether `path` is a checkpoint written by nnU-Net (a torch zip whose pickle holds ``network_weights``).
+
+    Reads the archive's pickle bytes without unpickling them: safetensors files, EVA-02 / Lightning
+    checkpoints and our pre-training checkpoints are not nnU-Net checkpoints.
+    """
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(b"network_weights" in archive.read(n) for n in archive.namelist() if n.endswith("data.pkl"))
+
+
+def route_nnunet_pretrained_weights(trainer: "PUMITTrainer") -> None:
+    """Make ``nnUNetv2_train -pretrained_weights FILE`` load encoder files into `trainer`'s encoder.
+
+    nnU-Net's runner calls ``load_pretrained_weights(network, FILE)`` (a function of
+    ``nnunetv2.run.run_training``) right after ``initialize()``; that function only takes nnU-Net
+    checkpoints and fails on an encoder file (``KeyError: 'network_weights'``). The runner's name is
+    rebound to a wrapper that hands a file to `PUMITTrainer.load_pretrained_encoder` when the network is
+    this trainer's and the file is not an nnU-Net checkpoint; every other call goes to nnU-Net's function.
+    """
+    run_training = sys.modules.get("nnunetv2.run.run_training")
+    if run_training is None or not hasattr(run_training, "load_pretrained_weights"):
+        return  # not started by nnU-Net's runner: nothing to route
+    original = getattr(
+        run_training.load_pretrained_weights, "nnunet_original", run_training.load_pretrained_weights
+    )
+    owner = weakref.ref(trainer)
+
+    def load_pretrained_weights(network, fname, verbose=False):
+        current = owner()
+        if (
+            current is None
+            or current.network is None
+            or unwrap_network(network) is not unwrap_network(current.network)
+            or is_nnunet_checkpoint(fname)
+        ):
+            return original(network, fname, verbose=verbose)
+        current.load_pretrained_encoder(path=fname, source="nnUNetv2_train -pretrained_weights")
+
+    load_pretrained_weights.nnunet_original = original
+    run_training.load_pretrained_weights = load_pretrained_weights
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many training steps in a row with a NaN / inf loss or gradient, or weights holding NaN / inf."""
+
+
+def env_positive_int(name: str, default: int) -> int:
+    """A positive integer from an environment variable (`default` when unset or empty)."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"environment variable {name}={os.environ[name]!r}: expected an integer >= 1")
+    return int(value)
 
 
 def unwrap_network(network: nn.Module) -> nn.Module:
@@ -104,6 +177,7 @@ class PUMITTrainer(nnUNetTrainer):
     NUM_VAL_ITERATIONS_PER_EPOCH = 50  # nnU-Net's
     SAVE_EVERY = 50  # nnU-Net's checkpoint interval (epochs)
     USE_PRETRAINED_WEIGHTS = True
+    MAX_BAD_STEPS = 5  # steps in a row with a NaN / inf loss or gradient before training stops
 
     def __init__(
         self,
@@ -126,6 +200,9 @@ class PUMITTrainer(nnUNetTrainer):
         self.use_pretrained_weights = self.USE_PRETRAINED_WEIGHTS
         self.pretrained_weight_report: WeightReport | None = None
         self.iteration = 0  # global training step, drives the learning rate
+        self.max_bad_steps = env_positive_int(MAX_BAD_STEPS_ENV, self.MAX_BAD_STEPS)
+        self.bad_steps_in_a_row = 0
+        self.skipped_steps_epoch = 0  # steps of this epoch not applied (non-finite loss or gradient)
         self.restoring_checkpoint = False  # set while nnU-Net restores a checkpoint (it holds the weights)
         oversample = self.configuration_manager.configuration.get(OVERSAMPLE_PLANS_KEY)
         if oversample is not None:
@@ -138,6 +215,7 @@ class PUMITTrainer(nnUNetTrainer):
             self.grad_scaler = None  # bf16 has fp32's range: no loss scaling
         else:
             self.autocast_dtype = torch.float16  # only used on CUDA; nnU-Net's GradScaler stays
+        route_nnunet_pretrained_weights(self)  # nnUNetv2_train -pretrained_weights ENCODER_FILE
 
     # ------------------------------------------------------------------ network and weights
     @staticmethod
@@ -188,7 +266,19 @@ class PUMITTrainer(nnUNetTrainer):
             return self.plans_manager.plans[PRETRAINED_WEIGHTS_PLANS_KEY], "plans (top level)"
         return None, ""
 
-    def load_pretrained_encoder(self) -> None:
+    def load_pretrained_encoder(self, path: str | None = None, source: str | None = None) -> None:
+        """Load encoder weights: from `path` when given (``-pretrained_weights``), else from
+        `pretrained_weights_source`."""
+        if path is not None:
+            if not self.use_pretrained_weights:
+                raise RuntimeError(
+                    f"{self.__class__.__name__} trains from random initialisation: drop {source} {path}, "
+                    "or fine-tune with PUMITTrainer"
+                )
+            if self.pretrained_weight_report is not None:
+                self.print_to_log_file(f"{source} {path} replaces the encoder weights loaded before")
+            self._load_encoder_file(path, source)
+            return
         if not self.use_pretrained_weights:
             self.print_to_log_file(
                 f"{self.__class__.__name__}: encoder from random initialisation (pretrained weights ignored)"
@@ -206,6 +296,9 @@ class PUMITTrainer(nnUNetTrainer):
                 f"Restoring a checkpoint: pretrained weights {path} not loaded (the checkpoint has them)"
             )
             return
+        self._load_encoder_file(path, source)
+
+    def _load_encoder_file(self, path: str, source: str) -> None:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"pretrained encoder weights {path} (from {source}) do not exist")
         report = load_pretrained_encoder(
@@ -275,13 +368,64 @@ class PUMITTrainer(nnUNetTrainer):
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
-            self.grad_scaler.step(self.optimizer)
+            # inf gradients are the GradScaler's business (it skips the step and lowers its scale)
+            if self.step_is_healthy(loss, None):
+                self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
-            self.optimizer.step()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.grad_clip_norm)
+            if self.step_is_healthy(loss, grad_norm):
+                self.optimizer.step()
         return {"loss": loss.detach().cpu().numpy()}
+
+    def step_is_healthy(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
+        """False for a NaN / inf loss or gradient norm (the step must not be applied); counts such steps and
+        raises `TrainingDiverged` after `max_bad_steps` in a row. Every DDP rank takes the same decision."""
+        loss_value = float(loss.detach())
+        norm_value = float(grad_norm) if grad_norm is not None else 0.0
+        bad = not (np.isfinite(loss_value) and np.isfinite(norm_value))
+        if self.is_ddp:
+            flag = torch.tensor([float(bad)], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            bad = bool(flag.item())
+        if not bad:
+            self.bad_steps_in_a_row = 0
+            return True
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_steps_epoch += 1
+        self.bad_steps_in_a_row += 1
+        what = f"loss {loss_value:g}" + (f", gradient norm {norm_value:g}" if grad_norm is not None else "")
+        self.print_to_log_file(f"iteration {self.iteration} (epoch {self.current_epoch}) skipped: {what}")
+        if self.bad_steps_in_a_row >= self.max_bad_steps:
+            raise TrainingDiverged(
+                f"training diverged: {self.bad_steps_in_a_row} steps in a row with a NaN / inf loss or gradient, "
+                f"none applied ({self.__class__.__name__}.MAX_BAD_STEPS / {MAX_BAD_STEPS_ENV} = "
+                f"{self.max_bad_steps}); at iteration {self.iteration} (epoch {self.current_epoch}): {what}. "
+                "The checkpoints written before are kept; checkpoint_final.pth is not written"
+            )
+        return False
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        if self.skipped_steps_epoch:
+            self.print_to_log_file(
+                f"{self.skipped_steps_epoch} of {len(train_outputs)} training steps skipped this epoch "
+                "(NaN / inf loss or gradient)"
+            )
+        self.skipped_steps_epoch = 0
+        return super().on_train_epoch_end(train_outputs)
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, refused (`TrainingDiverged`, nothing written) when the weights hold NaN / inf."""
+        network = unwrap_network(self.network)
+        bad = [name for name, tensor in network.state_dict().items()
+               if tensor.is_floating_point() and not torch.isfinite(tensor).all()]  # fmt: skip
+        if bad:
+            raise TrainingDiverged(
+                f"{filename} not written: the weights hold NaN / inf ({len(bad)} tensor(s), e.g. {bad[:3]}); "
+                "the checkpoints written before are kept"
+            )
+        super().save_checkpoint(filename)
 
     def validation_step(self, batch: dict) -> dict:
         # nnU-Net's inner autocast inherits the dtype of this outer one (bf16 instead of its fp16)
@@ -306,8 +450,8 @@ class PUMITTrainer_5epochs(PUMITTrainer):
 
 
 class PUMITTrainer_demo(PUMITTrainer):
-    """`make demo`: 30 epochs x 25 iterations (~11 s per epoch with validation on 2 CPU cores with the
-    demo's tiny plan). A higher learning rate (3e-3, warm-up 1 epoch) because the demo trains a tiny ViT
+    """`make demo`: 30 epochs x 25 iterations (the demo's expected times: `pumit_seg.demo.EXPECTED_MINUTES`).
+    A higher learning rate (3e-3, warm-up 1 epoch) because the demo trains a tiny ViT
     from scratch for a few hundred steps only: at 1e-3 the spleen was not learnt in 500 steps, and at
     3e-3 an organ sometimes starts late (the kidneys once stayed at Dice 0 for 500 steps)."""
 

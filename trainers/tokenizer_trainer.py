@@ -10,9 +10,21 @@ weight 0.2) + quantisation (hard mode) + adversarial (weight 3e-3, only while
 (hinge loss) trains every step with its own AdamW. Every number is a flag with the paper's
 default; ``--preset tiny`` runs on a CPU.
 
-On the held-out images every ``--val-every`` steps: L1, perplexity of the mean token
-distribution, mean token entropy, codes in use, PNG grids of input vs reconstruction
-(2D and 3D samples) and a codebook-usage plot. The final export is ``tokenizer.safetensors``.
+Two stages in one run (the authors warm-start their soft-token runs from a tokenizer trained
+beforehand): for the first ``--reconstruction-steps`` steps the tokenizer learns to reconstruct
+(L1 + perceptual; the prior, the entropy term and the generator's GAN term are off, the
+discriminator already trains), then the soft-token regularisers and the GAN term join. From scratch,
+prior + entropy alone have a content-free optimum (each token position keeps its own few codes
+whatever the image). The stage follows from the step, so a resumed run switches at the same step;
+``--reconstruction-steps 0`` (e.g. with ``--init-from`` a tokenizer that already reconstructs) skips
+the first stage. See docs/pretraining_recipe.md.
+
+On the held-out images every ``--val-every`` steps: L1 against two baselines (a crop's mean, the
+crop averaged over token blocks), input dependence, perplexity of the mean token distribution, mean
+token entropy against log K, codes in use (`pumit_seg.trainers.pretrain_health`), PNG grids of input
+vs reconstruction (2D and 3D samples) and a codebook-usage plot. A collapsed or stalled run prints a
+``WARNING: tokenizer collapsed ...`` line on stderr and into ``health.json``; ``--stop-on-collapse``
+ends it instead (exit status 3). The final export is ``tokenizer.safetensors``.
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ from pumit_seg.trainers.pretrain_base import (
     add_config_arguments,
     run_pretraining,
 )
+from pumit_seg.trainers.pretrain_health import TokenizerHealth, record_health, tokenizer_verdict
 from torch import Tensor, nn
 
 from pumit_seg.atomic import atomic_path
@@ -72,6 +85,11 @@ TINY_PRESET = {
 }
 
 
+# First-stage length of the paper configuration: extrapolated from the CPU-scale runs in
+# docs/pretraining_recipe.md (the authors' own first stage, a separate earlier run, is not published).
+RECONSTRUCTION_STEPS_PAPER = 50_000
+
+
 @dataclass
 class TokenizerConfig(PretrainConfig):
     """Flags of `pumit_pretrain tokenizer`; defaults are the authors' main run (SPEC section 4)."""
@@ -98,7 +116,24 @@ class TokenizerConfig(PretrainConfig):
     num_groups: int = field(default=8, metadata={"help": "GroupNorm groups in the tokenizer"})
     gumbel_t_max: float = field(default=0.9, metadata={"help": "Gumbel temperature at step 0 (cosine)"})
     gumbel_t_min: float = field(default=1e-6, metadata={"help": "Gumbel temperature at the last step"})
-    init_from: str = field(default="", metadata={"help": "warm start: tokenizer weights (safetensors / .pt)"})
+    init_from: str = field(
+        default="",
+        metadata={
+            "help": "warm start: tokenizer weights (safetensors / .pt); one that already reconstructs may "
+            "skip the first stage (--reconstruction-steps 0)"
+        },
+    )
+    reconstruction_steps: int = field(
+        default=RECONSTRUCTION_STEPS_PAPER,
+        metadata={
+            "help": "first stage: steps trained on reconstruction alone (prior, entropy and GAN terms off), "
+            "then they switch on; 0 = regularised from the first step"
+        },
+    )
+    stop_on_collapse: bool = field(
+        default=False,
+        metadata={"help": "end the run (exit status 3) when a validation finds it collapsed or stalled"},
+    )
     # loss
     prior_weight: float = field(
         default=1.0, metadata={"help": "weight of sum p_bar log p_bar (the 'sharpen' run: -0.1)"}
@@ -152,6 +187,8 @@ class TokenizerConfig(PretrainConfig):
             )
         if self.max_perceptual_slices < 1:
             raise ValueError(f"--max-perceptual-slices must be >= 1, got {self.max_perceptual_slices}")
+        if self.reconstruction_steps < 0:
+            raise ValueError(f"--reconstruction-steps must be >= 0, got {self.reconstruction_steps}")
         if not 0 <= self.disc_ema_momentum < 1:
             raise ValueError(f"--disc-ema-momentum must be in [0, 1), got {self.disc_ema_momentum}")
 
@@ -192,6 +229,7 @@ class TokenizerTrainer(PretrainTrainer):
     def __init__(self, config: TokenizerConfig):
         self.disc_loss_ema = config.disc_ema_init
         self.last_disc_loss = config.disc_ema_init
+        self.health_stop: str | None = None  # why --stop-on-collapse ends the run
         config.check()
         # weight files are read before the store is opened, so a bad file fails fast
         perceptual = build_perceptual_loss(config.lpips_weights) if config.perceptual_weight > 0 else None
@@ -229,11 +267,31 @@ class TokenizerTrainer(PretrainTrainer):
         }
 
     def extra_checkpoint_state(self) -> dict:
-        return {"disc_loss_ema": self.disc_loss_ema, "last_disc_loss": self.last_disc_loss}
+        return {
+            "disc_loss_ema": self.disc_loss_ema,
+            "last_disc_loss": self.last_disc_loss,
+            "reconstruction_steps": self.config.reconstruction_steps,
+            "stage": self.stage(self.step),
+        }
 
     def load_extra_checkpoint_state(self, state: dict) -> None:
         self.disc_loss_ema = float(state.get("disc_loss_ema", self.config.disc_ema_init))
         self.last_disc_loss = float(state.get("last_disc_loss", self.config.disc_ema_init))
+        saved = int(state.get("reconstruction_steps", 0))
+        if saved != self.config.reconstruction_steps:
+            raise ValueError(
+                f"{self.checkpoint_path} was trained with --reconstruction-steps {saved}, this run asks for "
+                f"{self.config.reconstruction_steps}: resume with the same value or use another --output-dir"
+            )
+
+    # ---- the two stages --------------------------------------------------------------
+
+    def stage(self, step: int) -> int:
+        """1: reconstruction only (steps < --reconstruction-steps), 2: with the soft-token regularisers."""
+        return 1 if step < self.config.reconstruction_steps else 2
+
+    def stop_requested(self) -> str | None:
+        return self.health_stop
 
     # ---- one step ------------------------------------------------------------------
 
@@ -248,9 +306,13 @@ class TokenizerTrainer(PretrainTrainer):
         return c.gumbel_t_min + 0.5 * (c.gumbel_t_max - c.gumbel_t_min) * (1 + math.cos(math.pi * progress))
 
     def generator_loss(
-        self, x: Tensor, aniso_d: int, use_gan: bool
+        self, x: Tensor, aniso_d: int, use_gan: bool, regularise: bool = True
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """The tokenizer's loss on one (local) batch in [-1, 1] -> (loss, reconstruction, terms)."""
+        """The tokenizer's loss on one (local) batch in [-1, 1] -> (loss, reconstruction, terms).
+
+        ``regularise=False`` (the first stage) leaves the prior and entropy terms out of the loss;
+        they are still computed and logged.
+        """
         c = self.config
         discriminator = self.extra_modules["discriminator"]
         with self.autocast():
@@ -267,11 +329,12 @@ class TokenizerTrainer(PretrainTrainer):
                 adversarial = generator_adversarial_loss(discriminator(reconstruction, aniso_d))
         prior, p_bar = prior_regularization(out.probs)
         entropy = mean_token_entropy(out.probs)
+        prior_weight, entropy_weight = (c.prior_weight, c.entropy_weight) if regularise else (0.0, 0.0)
         loss = (
             l1
             + c.perceptual_weight * perceptual
-            + c.prior_weight * prior
-            + c.entropy_weight * entropy
+            + prior_weight * prior
+            + entropy_weight * entropy
             + c.quant_weight * out.quant_loss
             + (c.gan_weight * adversarial if use_gan else 0.0)
         )
@@ -294,9 +357,12 @@ class TokenizerTrainer(PretrainTrainer):
             self.model.quantize.temperature = self.gumbel_temperature(step)
         discriminator = self.extra_modules["discriminator"]
 
-        use_gan = self.gan_enabled
+        stage = self.stage(step)
+        if stage == 2 and step == c.reconstruction_steps and step > 0 and self.dist.is_main:
+            print(f"step {step}: first stage done, prior, entropy and GAN terms switch on", flush=True)
+        use_gan = self.gan_enabled and stage == 2
         discriminator.requires_grad_(False)  # the generator's GAN term must not touch D's grads / DDP hooks
-        loss, reconstruction, terms = self.generator_loss(x, aniso_d, use_gan)
+        loss, reconstruction, terms = self.generator_loss(x, aniso_d, use_gan, regularise=stage == 2)
         self.backward_and_step(loss, "generator", self.model, update_scaler=False)
         discriminator.requires_grad_(True)
 
@@ -312,7 +378,12 @@ class TokenizerTrainer(PretrainTrainer):
         self.disc_loss_ema = m * self.disc_loss_ema + (1 - m) * self.last_disc_loss
         metrics = {"loss": loss.item(), **{k: float(v.item()) for k, v in terms.items()}}
         metrics.update(
-            {"disc": float(disc_loss.item()), "disc_ema": self.disc_loss_ema, "gan_on": float(use_gan)}
+            {
+                "disc": float(disc_loss.item()),
+                "disc_ema": self.disc_loss_ema,
+                "gan_on": float(use_gan),
+                "stage": float(stage),
+            }
         )
         return metrics
 
@@ -322,8 +393,7 @@ class TokenizerTrainer(PretrainTrainer):
         batches = self.validation_batches()
         if not batches:
             return {}
-        l1_sum, l1_count, entropy_sum, positions = 0.0, 0, 0.0, 0
-        p_sum = torch.zeros(self.model.num_codes, dtype=torch.float64)
+        health = TokenizerHealth(self.model.num_codes)
         shown: dict[str, list] = {"2D": [], "3D": []}
         for batch in batches:
             batch = self.to_device(batch)
@@ -332,32 +402,27 @@ class TokenizerTrainer(PretrainTrainer):
             with self.autocast():
                 out = self.model(x, aniso_d)
             rec = out.reconstruction.float()
-            l1_sum += float(F.l1_loss(rec, x, reduction="sum"))
-            l1_count += x.numel()
-            per_position = out.probs.float().movedim(1, -1).reshape(-1, self.model.num_codes)
-            p_sum += per_position.sum(0).double().cpu()
-            entropy_sum += float(mean_token_entropy(out.probs)) * per_position.shape[0]
-            positions += per_position.shape[0]
+            health.add(x, rec, out.probs)
             kind = "2D" if x.shape[2] == 1 else "3D"
             for i in range(x.shape[0]):
                 if len(shown[kind]) < self.config.picture_samples:
                     shown[kind].append(
                         (x[i].cpu(), rec[i].cpu(), batch["keys"][i] if "keys" in batch else "")
                     )
-        p_bar = (p_sum / positions).float()
-        metrics = {
-            "val_l1": l1_sum / l1_count,
-            "val_perplexity": float(perplexity(p_bar)),
-            "val_token_entropy": entropy_sum / positions,
-            "val_codes_used": float((p_bar > 0.1 / self.model.num_codes).sum()),
-        }
+        metrics = health.metrics()
+        verdict = tokenizer_verdict(metrics)
+        metrics["val_healthy"] = float(verdict.healthy)
+        metrics["val_stage"] = float(self.stage(step - 1))
+        record_health(self.output_dir, "tokenizer", step, verdict, metrics)
+        if self.config.stop_on_collapse and not verdict.healthy:
+            self.health_stop = f"--stop-on-collapse: {verdict.message('tokenizer', step)}"
         pictures = self.output_dir / "pictures"
         for kind, samples in shown.items():
             if samples:
                 write_reconstruction_grid(
-                    samples, pictures / f"reconstruction_{kind}_step{step:07d}.png", kind, step
+                    samples, pictures / f"reconstruction_{kind}_step{step:07d}.png", kind, step, metrics
                 )
-        write_codebook_usage(p_bar, metrics, pictures / f"codebook_usage_step{step:07d}.png", step)
+        write_codebook_usage(health.p_bar, metrics, pictures / f"codebook_usage_step{step:07d}.png", step)
         return metrics
 
 
@@ -374,7 +439,9 @@ def _display(volume: Tensor, depth_index: int):
     return image[:3].permute(1, 2, 0).numpy()
 
 
-def write_reconstruction_grid(samples: list[tuple[Tensor, Tensor, str]], path, kind: str, step: int) -> None:
+def write_reconstruction_grid(
+    samples: list[tuple[Tensor, Tensor, str]], path, kind: str, step: int, metrics: dict | None = None
+) -> None:
     """One row per sample: input and reconstruction (3D: three slices each, at 1/4, 1/2, 3/4 depth)."""
     import matplotlib
 
@@ -401,7 +468,13 @@ def write_reconstruction_grid(samples: list[tuple[Tensor, Tensor, str]], path, k
             ax.set_xticks([])
             ax.set_yticks([])
         axes[row, 0].set_ylabel(str(key)[-24:], fontsize=6)
-    fig.suptitle(f"{kind} held-out samples, step {step}", fontsize=9)
+    title = f"{kind} held-out samples, step {step}"
+    if metrics:
+        title += (
+            f"\nL1 {metrics['val_l1']:.3f} (crop mean {metrics['val_l1_crop_mean']:.3f}, token blocks "
+            f"{metrics['val_l1_token_blocks']:.3f}), input dependence {metrics['val_input_dependence']:.2f}"
+        )
+    fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100)

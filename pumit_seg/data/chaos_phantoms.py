@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pumit_seg.atomic import atomic_folder, write_grey_png_atomic
+from pumit_seg.cli_checks import float_in_range
 from pumit_seg.data.synthetic import LABELS, PhantomConfig, make_phantom, write_dicom_series
 
 SEQUENCES = ("T1DUAL", "T2SPIR")
@@ -296,7 +297,11 @@ def main(argv: list[str] | None = None) -> None:
         "--shape", type=int, nargs=3, default=list(defaults.shape), metavar=("SLICES", "ROWS", "COLS")
     )
     parser.add_argument(
-        "--spacing", type=float, nargs=3, default=list(defaults.spacing), metavar=("SD", "SH", "SW")
+        "--spacing",
+        type=float_in_range(0.0, None, low_open=True),
+        nargs=3,
+        default=list(defaults.spacing),
+        metavar=("SD", "SH", "SW"),
     )
     parser.add_argument("--sequences", nargs="+", choices=SEQUENCES, default=list(SEQUENCES))
     parser.add_argument("--seed", type=int, default=0)

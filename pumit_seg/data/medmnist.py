@@ -3,7 +3,9 @@
 Users bring the official ``.npz`` files (``organmnist3d.npz``, ``organmnist3d_64.npz``, ...;
 nothing is downloaded here). A file holds ``{train,val,test}_images`` (uint8; 2D
 ``(N, H, W)`` grey or ``(N, H, W, 3)`` RGB, 3D ``(N, D, H, W)``) and ``{train,val,test}_labels``
-(``(N, 1)`` class indices, or ``(N, L)`` 0/1 for the multi-label ChestMNIST).
+(``(N, 1)`` class indices, or ``(N, L)`` 0/1 for the multi-label ChestMNIST). A file may also hold
+``num_classes`` (a 0-d integer array, metadata that `write_synthetic_medmnist` writes): the number of
+classes (or labels) its labels belong to.
 
 * `load_medmnist` reads and checks a file (every problem names the file and the key) and
   keeps the images as uint8 ``(N, C, D, H, W)`` tensors, a 2D image being ``D = 1``.
@@ -171,6 +173,9 @@ def dataset_name_from_path(path: str | os.PathLike) -> str:
 ZIP_MAGIC = b"PK\x03\x04"  # a .npz file is a zip archive of .npy files
 
 
+METADATA_NUM_CLASSES = "num_classes"  # optional .npz entry: the class count of the file's labels
+
+
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such MedMNIST file")
@@ -186,6 +191,8 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
             missing = [key for key in wanted if key not in npz.files]
             present = sorted(npz.files)
             arrays = {} if missing else {key: npz[key] for key in wanted}
+            if not missing and METADATA_NUM_CLASSES in npz.files:
+                arrays[METADATA_NUM_CLASSES] = npz[METADATA_NUM_CLASSES]
     except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as error:
         raise ValueError(
             f"{path}: cannot read it as a .npz file (truncated or not an npz?): {error}"
@@ -248,21 +255,57 @@ def _labels_to_tensor(labels: np.ndarray, count: int, where: str) -> np.ndarray:
     return labels.astype(np.int64)
 
 
+def _metadata_num_classes(arrays: dict, path: Path) -> int | None:
+    if METADATA_NUM_CLASSES not in arrays:
+        return None
+    value = arrays[METADATA_NUM_CLASSES]
+    if value.ndim != 0 or not np.issubdtype(value.dtype, np.integer) or int(value) < 1:
+        raise ValueError(
+            f"{path}: {METADATA_NUM_CLASSES} must be one positive integer, found {value.dtype} {value.tolist()}"
+        )
+    return int(value)
+
+
+def _shown(values) -> str:
+    values = [int(v) for v in values]
+    return ", ".join(map(str, values[:10])) + (", ..." if len(values) > 10 else "")
+
+
 def load_medmnist(
-    path: str | os.PathLike, task: str | None = None, num_classes: int | None = None
+    path: str | os.PathLike,
+    task: str | None = None,
+    num_classes: int | None = None,
+    default_num_classes: int | None = None,
 ) -> MedMNISTData:
     """Read and check a MedMNIST v2 ``.npz`` file (see the module docstring for the layout).
 
-    The task and class count come from the official dataset table when the file name is an
-    official one (``organmnist3d.npz``, ``organmnist3d_64.npz``), else from the labels (several
-    label columns: multi-label; labels 0/1: binary; else multi-class with ``max + 1``
-    classes); `task` / `num_classes` override both. Labels outside the classes, images and labels
-    of different counts, splits of different image shapes are refused with the file and key named.
+    The number of classes (labels, for multi-label) comes from `num_classes` (``--num-classes``), the
+    file's ``num_classes`` entry or the official dataset table when the file name is an official one
+    (``organmnist3d.npz``, ``organmnist3d_64.npz``); sources that disagree are an error. Without any,
+    several label columns mean multi-label (one label per column), labels 0 / 1 binary, and
+    `default_num_classes` (a trained model's outputs) is used if given; otherwise a multi-class file is
+    refused (its labels cannot tell how many classes there are). The task comes from `task`, else the
+    official table, else the class count and the labels. A label outside the classes is an error naming
+    the file, the split and the label; so are images and labels of different counts and splits of
+    different image shapes.
     """
     path = Path(path)
     arrays = _read_npz(path)
     name = dataset_name_from_path(path)
     info = MEDMNIST_INFO.get(name)
+    sources = {}  # where the class count comes from -> count
+    if num_classes is not None:
+        if num_classes < 1:
+            raise ValueError(f"--num-classes must be >= 1, got {num_classes}")
+        sources[f"--num-classes {num_classes}"] = num_classes
+    metadata = _metadata_num_classes(arrays, path)
+    if metadata is not None:
+        sources[f"its {METADATA_NUM_CLASSES} entry ({metadata})"] = metadata
+    if info is not None:
+        sources[f"{name} has {info.num_classes} classes"] = info.num_classes
+    if len(set(sources.values())) > 1:
+        raise ValueError(f"{path}: the class counts disagree: {'; '.join(sources)}")
+    count_source, count = next(iter(sources.items()), (None, None))
     if task is not None and task not in TASKS:
         raise ValueError(f"task {task!r} is not one of {TASKS}")
     task = task or (info.task if info else None)
@@ -296,37 +339,48 @@ def load_medmnist(
     if task is None:
         if columns > 1:
             task = TASK_MULTI_LABEL
+        elif count is not None:
+            task = TASK_BINARY if count == 2 else TASK_MULTI_CLASS
         elif all_labels.min() >= 0 and all_labels.max() <= 1:
             task = TASK_BINARY
         else:
             task = TASK_MULTI_CLASS
     if task == TASK_MULTI_LABEL:
         outputs = columns
-        bad = {split: labels for split, labels in labels_np.items() if not np.isin(labels, (0, 1)).all()}
-        what = "0 or 1"
+        if count is not None and count != columns:
+            raise ValueError(f"{path}: the labels have {columns} columns, but {count_source}")
+        for split, labels in labels_np.items():
+            if not np.isin(labels, (0, 1)).all():
+                raise ValueError(
+                    f"{path}: {split}_labels must be 0 or 1 for task {task!r}; "
+                    f"found label {_shown(np.setdiff1d(np.unique(labels), (0, 1)))}"
+                )
     else:
         if columns != 1:
             raise ValueError(
                 f"{path}: task {task!r} needs one label per image, the labels have {columns} columns"
             )
-        outputs = 2 if task == TASK_BINARY else (info.num_classes if info else int(all_labels.max()) + 1)
-        bad = {
-            split: labels
-            for split, labels in labels_np.items()
-            if labels.min() < 0 or labels.max() >= outputs
-        }
-        what = f"class indices 0..{outputs - 1}"
-    if num_classes is not None:
-        if num_classes < outputs:
-            raise ValueError(f"{path}: num_classes {num_classes} is below the {outputs} the labels need")
-        outputs = num_classes
-    elif info is not None and task == info.task and outputs != info.num_classes:
-        raise ValueError(f"{path}: labels have {outputs} columns, {name} has {info.num_classes} labels")
-    if bad:
-        split, labels = next(iter(bad.items()))
-        raise ValueError(
-            f"{path}: {split}_labels must be {what} for task {task!r}; found values {np.unique(labels)[:10].tolist()}"
-        )
+        if task == TASK_BINARY:
+            if count is not None and count != 2:
+                raise ValueError(f"{path}: task {task!r} has 2 classes, but {count_source}")
+            outputs, count_source = 2, count_source or f"task {task!r}"
+        elif count is not None:
+            outputs = count
+        elif default_num_classes is not None:
+            outputs, count_source = default_num_classes, f"the model's {default_num_classes} classes"
+        else:
+            raise ValueError(
+                f"{path}: the number of classes is unknown (labels found: {_shown(np.unique(all_labels))}): "
+                f"{name!r} is not an official MedMNIST name and the file has no {METADATA_NUM_CLASSES} entry; "
+                "pass --num-classes"
+            )
+        for split, labels in labels_np.items():
+            outside = np.unique(labels[(labels < 0) | (labels >= outputs)])
+            if outside.size:
+                raise ValueError(
+                    f"{path}: {split}_labels holds label {_shown(outside)}, outside the class indices "
+                    f"0..{outputs - 1} ({count_source})"
+                )
     if task != TASK_MULTI_LABEL and outputs < 2:
         raise ValueError(f"{path}: a classifier needs at least 2 classes, the labels give {outputs}")
 
@@ -562,6 +616,7 @@ def write_synthetic_medmnist(
                 images[index][inside] += 60 + 120 * level
         arrays[f"{split}_images"] = np.clip(images, 0, 255).astype(np.uint8)
         arrays[f"{split}_labels"] = labels.astype(np.uint8)
+    arrays[METADATA_NUM_CLASSES] = np.array(2 if task == TASK_BINARY else num_classes)
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as handle:
             np.savez_compressed(handle, **arrays)

@@ -56,6 +56,7 @@ import numpy as np
 import pandas as pd
 
 from pumit_seg.atomic import atomic_path, write_json_atomic
+from pumit_seg.cli_checks import check_output_path
 from pumit_seg.data.store import (
     REPORT_COLUMNS,
     STORE_FORMAT,
@@ -83,10 +84,43 @@ __all__ = [
     "run",
 ]
 
-SITK_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+SITK_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".mgz", ".mgh")
 PIL_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DICOM_EXTENSION = ".dcm"
-DEFAULT_EXCLUDE_DIRS = ("labelsTr", "labelsTs", "labels", "Ground", "masks", "segmentations")
+# folders of label maps, never images (compared case-insensitively): nnU-Net, CHAOS, common layouts
+DEFAULT_EXCLUDE_DIRS = (
+    "labelsTr",
+    "labelsTs",
+    "labels",
+    "label",
+    "Ground",
+    "GroundTruth",
+    "ground_truth",
+    "gt",
+    "masks",
+    "mask",
+    "segmentation",
+    "segmentations",
+    "seg",
+    "segs",
+    "annotations",
+)
+# an image whose voxels take at most this many distinct integer values is a label map, not an image
+LABEL_MAP_MAX_VALUES = 16
+LABEL_MAP_SAMPLE = 200_000  # voxels looked at first: more distinct values there rules a label map out
+# bump when a change of the processing makes arrays prepared before it differ: they are then redone
+PREPARE_VERSION = 2
+# settings of PrepareConfig that shape a stored array, and the flags that set them
+SETTING_FLAGS = {
+    "foreground_percentile": "--foreground-percentile",
+    "clip_percentiles": "--clip-percentiles",
+    "max_in_plane": "--max-in-plane",
+    "min_in_plane": "--min-in-plane",
+    "isotropic_tolerance": "isotropic_tolerance",
+    "chunks": "--codec / --clevel",
+    "prepare_version": "the pumit-seg version's preprocessing",
+}
+DATASET_SETTINGS = ("modality", "depth_axis", "intensity")  # per dataset, from the config file
 AXIS_NAMES = {"x": 2, "y": 1, "z": 0}  # file axis name -> numpy axis (SimpleITK's z, y, x array order)
 INTENSITY_MODES = ("percentile", "divide")
 
@@ -125,16 +159,32 @@ class PrepareConfig:
 
 @dataclass(frozen=True)
 class SourceItem:
-    """One source: an image file, or a DICOM folder (which may hold several series)."""
+    """One source: an image file, or a DICOM folder (which may hold several series).
+
+    Its key, ``<dataset>/<relative>``, is unique in a config: dataset names are unique and hold no "/",
+    an image file's relative path ends in its image extension, a DICOM folder's in "/" (``<dataset>/``
+    for the dataset folder itself), and the images of a DICOM folder add ``series-<SeriesInstanceUID>``
+    (no extension) or the name of a multi-frame file (``.dcm``, never an image extension of a file key)."""
 
     dataset: str
     path: str  # absolute
-    relative: str  # inside the dataset folder, "/"-separated
+    relative: str  # inside the dataset folder, "/"-separated; DICOM folders end in "/" ("" at the top)
     kind: str  # "sitk", "pil" or "dicom"
+    files: tuple[str, ...] = ()  # DICOM folders: the DICOM file names in it
 
     @property
     def key(self) -> str:
         return f"{self.dataset}/{self.relative}"
+
+
+@dataclass(frozen=True)
+class SkippedSource:
+    """A path the discovery saw and did not take as an image: it goes to the report with its reason."""
+
+    dataset: str
+    path: str
+    reason: str  # "label folder" or "not an image file"
+    message: str
 
 
 @dataclass
@@ -240,22 +290,64 @@ def _kind_of(name: str) -> str | None:
     return None
 
 
-def discover_items(spec: DatasetSpec) -> list[SourceItem]:
-    """Every image file and DICOM folder of a dataset, sorted (the order parts are assigned in)."""
+def _is_label_folder(name: str, exclude_dirs: tuple[str, ...]) -> bool:
+    return name.casefold() in {d.casefold() for d in exclude_dirs}
+
+
+def discover_items(spec: DatasetSpec, skipped: list[SkippedSource] | None = None) -> list[SourceItem]:
+    """Every image file and DICOM folder of a dataset, sorted (the order parts are assigned in).
+
+    Label folders (`DatasetSpec.exclude_dirs`, any case) are not entered, and files of no image type are
+    not taken; both are appended to `skipped` (for the report). Hidden files and folders are ignored, and
+    so are files the dataset's include / exclude patterns leave out. A file without an image extension
+    that starts like DICOM (the "DICM" marker) counts as a DICOM file of its folder."""
+    from pumit_seg.data.readers import is_dicom_file
+
     items = []
+    skipped = [] if skipped is None else skipped
     for folder, dirs, files in os.walk(spec.path):
-        dirs[:] = sorted(d for d in dirs if d not in spec.exclude_dirs and not d.startswith("."))
+        entered = []
+        for d in sorted(dirs):
+            if d.startswith("."):
+                continue
+            if _is_label_folder(d, spec.exclude_dirs):
+                skipped.append(
+                    SkippedSource(
+                        spec.name,
+                        os.path.join(folder, d),
+                        "label folder",
+                        f"{os.path.join(folder, d)}: a folder of label maps (named {d!r}), not images: not entered",
+                    )
+                )
+            else:
+                entered.append(d)
+        dirs[:] = entered
         relative_folder = os.path.relpath(folder, spec.path).replace(os.sep, "/")
         relative_folder = "" if relative_folder == "." else relative_folder + "/"
-        if any(f.lower().endswith(DICOM_EXTENSION) and not f.startswith(".") for f in files):
-            relative = relative_folder.rstrip("/") or "."
-            if _selected(spec, relative):
-                items.append(SourceItem(spec.name, folder, relative, "dicom"))
+        dicom_files = []
         for name in sorted(files):
-            kind = _kind_of(name)
+            if name.startswith("."):
+                continue
             relative = relative_folder + name
-            if kind and not name.startswith(".") and _selected(spec, relative):
+            if not _selected(spec, relative):
+                continue
+            kind = _kind_of(name)
+            if kind:
                 items.append(SourceItem(spec.name, os.path.join(folder, name), relative, kind))
+            elif name.lower().endswith(DICOM_EXTENSION) or is_dicom_file(os.path.join(folder, name)):
+                dicom_files.append(name)
+            else:
+                skipped.append(
+                    SkippedSource(
+                        spec.name,
+                        os.path.join(folder, name),
+                        "not an image file",
+                        f"{os.path.join(folder, name)}: not an image file (no known image extension, "
+                        "not DICOM): left out",
+                    )
+                )
+        if dicom_files:
+            items.append(SourceItem(spec.name, folder, relative_folder, "dicom", tuple(dicom_files)))
     return sorted(items, key=lambda item: item.relative)
 
 
@@ -335,28 +427,23 @@ def _read_file(item: SourceItem) -> _Source:
     return _Source(array, spacing, two_d, metadata_axis, image.array.dtype == np.uint8, item.path)
 
 
-def _dicom_series(folder: str) -> list[list[str]]:
-    """The series of a DICOM folder: per SeriesInstanceUID its file names, ordered along the slice normal."""
-    import pydicom
+def _series_token(uid: str) -> str:
+    """The key part of a DICOM series: ``series-<UID>`` (a UID is digits and dots), else a hash of it."""
+    if uid and len(uid) <= 64 and all(c.isdigit() or c == "." for c in uid):
+        return f"series-{uid}"
+    return f"series-h{hashlib.sha1(uid.encode()).hexdigest()[:16]}"
 
-    series: dict[str, list[tuple[float, str]]] = {}
-    for name in sorted(os.listdir(folder)):
-        if not name.lower().endswith(DICOM_EXTENSION) or name.startswith("."):
-            continue
-        path = os.path.join(folder, name)
-        try:
-            header = pydicom.dcmread(path, stop_before_pixels=True)
-            position = np.asarray([float(v) for v in header.ImagePositionPatient])
-            orientation = np.asarray([float(v) for v in header.ImageOrientationPatient])
-        except Exception as error:  # noqa: BLE001 -- pydicom raises many types for broken files
-            raise UnusableImage(
-                path, "unreadable", f"not a readable DICOM slice ({type(error).__name__}: {error})"
-            ) from None
-        normal = np.cross(orientation[:3], orientation[3:])
-        series.setdefault(str(header.get("SeriesInstanceUID", "")), []).append(
-            (float(position @ normal), name)
-        )
-    return [[name for _, name in sorted(entries)] for _, entries in sorted(series.items())]
+
+def _dicom_images(item: SourceItem) -> list[tuple[str, list[str]]]:
+    """(key, files) per image of a DICOM folder: one per series of one-slice files (ordered along the
+    slice normal), one per multi-frame file."""
+    from pumit_seg.data.readers import dicom_folder_series
+
+    images = []
+    for series in dicom_folder_series(item.path, list(item.files)):
+        suffix = series.files[0] if series.multiframe else _series_token(series.uid)
+        images.append((item.key + suffix, series.files))
+    return images
 
 
 def _read_dicom(folder: str, files: list[str]) -> _Source:
@@ -366,6 +453,31 @@ def _read_dicom(folder: str, files: list[str]) -> _Source:
     two_d = image.array.shape[0] == 1
     spacing = (math.inf, *image.spacing[1:]) if two_d else tuple(image.spacing)
     return _Source(image.array[None], spacing, two_d, 0, False, folder)
+
+
+def _check_not_label_map(source: _Source) -> None:
+    """Refuse an image whose voxels take only a few distinct integer values: a label map, not an image."""
+    array = source.array
+    if not (
+        np.issubdtype(array.dtype, np.integer) or np.array_equal(array[..., :1], np.rint(array[..., :1]))
+    ):
+        return
+    flat = array.reshape(-1)
+    if flat.size > LABEL_MAP_SAMPLE:
+        sample = flat[np.random.default_rng(0).integers(0, flat.size, LABEL_MAP_SAMPLE)]
+        if len(np.unique(sample)) > LABEL_MAP_MAX_VALUES:
+            return
+    if np.issubdtype(array.dtype, np.floating) and not np.array_equal(flat, np.rint(flat)):
+        return
+    values = np.unique(flat)
+    if 2 <= len(values) <= LABEL_MAP_MAX_VALUES:
+        shown = ", ".join(f"{v:g}" for v in values[:8].tolist()) + (", ..." if len(values) > 8 else "")
+        raise UnusableImage(
+            source.path,
+            "label map",
+            f"looks like a label map, not an image: only {len(values)} distinct integer values ({shown}); "
+            "keep label maps out of the dataset folder (or in a folder named labels / masks / segmentation)",
+        )
 
 
 # --------------------------------------------------------------------------------- preprocessing
@@ -482,39 +594,84 @@ def _quantise(unit: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------- work
 
 
-def _source_stamp(path: str) -> tuple[int, float]:
-    """(bytes, mtime) of a file, or summed over a DICOM folder's files."""
-    if os.path.isdir(path):
-        stats = [
-            os.stat(os.path.join(path, n)) for n in os.listdir(path) if n.lower().endswith(DICOM_EXTENSION)
-        ]
-        return sum(s.st_size for s in stats), max((s.st_mtime for s in stats), default=0.0)
-    stat = os.stat(path)
-    return stat.st_size, stat.st_mtime
+def _source_stamp(item: SourceItem) -> dict:
+    """Identity of a source as prepared: bytes, modification time and number of files (summed / the
+    latest over a DICOM folder's files, whose names are hashed in too)."""
+    if item.kind == "dicom":
+        stats = [os.stat(os.path.join(item.path, n)) for n in item.files]
+        names = hashlib.sha1("\n".join(item.files).encode()).hexdigest()[:16]
+        return {
+            "source_size": sum(s.st_size for s in stats),
+            "source_mtime": max((s.st_mtime for s in stats), default=0.0),
+            "source_files": f"{len(stats)}:{names}",
+        }
+    stat = os.stat(item.path)
+    return {"source_size": stat.st_size, "source_mtime": stat.st_mtime, "source_files": "1"}
 
 
-def process_item(item: SourceItem, spec: DatasetSpec, root: str, config: PrepareConfig) -> list[dict]:
-    """Read, preprocess and store one source; one journal record per image (or one failure)."""
+def store_settings(config: PrepareConfig) -> dict:
+    """The settings of a run that shape every stored array (store.json's ``settings``)."""
+    return {
+        "prepare_version": PREPARE_VERSION,
+        "foreground_percentile": float(config.foreground_percentile),
+        "clip_percentiles": [float(v) for v in config.clip_percentiles],
+        "max_in_plane": int(config.max_in_plane),
+        "min_in_plane": int(config.min_in_plane),
+        "isotropic_tolerance": float(config.isotropic_tolerance),
+        "chunks": dataclasses.asdict(config.chunks),
+    }
+
+
+def image_settings(settings: dict, spec: DatasetSpec) -> dict:
+    """The settings one stored array was prepared with: the run's and its dataset's (modality, axes)."""
+    return settings | {name: getattr(spec, name) for name in DATASET_SETTINGS}
+
+
+def settings_digest(settings: dict) -> str:
+    return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _describe_differences(old: dict | None, new: dict) -> str:
+    if not old:
+        return "settings not recorded (prepared by an older pumit-seg)"
+    changes = []
+    for name in sorted(set(old) | set(new)):
+        if old.get(name) != new.get(name):
+            flag = SETTING_FLAGS.get(name, f"dataset {name}")
+            changes.append(f"{flag}: {old.get(name)!r} then, {new.get(name)!r} now")
+    return "; ".join(changes)
+
+
+def process_item(
+    item: SourceItem, spec: DatasetSpec, root: str, config: PrepareConfig, settings: dict | None = None
+) -> list[dict]:
+    """Read, preprocess and store one source; one journal record per image (or one failure).
+
+    Every record names its source (path, size, modification time) and the settings it was prepared with."""
     from pumit_seg.data.readers import ImageReadError
 
-    size, mtime = _source_stamp(item.path)
-    stamp = {"source": item.path, "dataset": item.dataset, "source_size": size, "source_mtime": mtime}
+    settings = image_settings(settings or store_settings(config), spec)
+    stamp = {
+        "item": item.key,
+        "source": item.path,
+        "dataset": item.dataset,
+        **_source_stamp(item),
+        "settings": settings_digest(settings),
+        "settings_used": settings,
+    }
     layout = StoreLayout(root)
     try:
         if item.kind == "dicom":
-            series = _dicom_series(item.path)
             loads = [
-                (
-                    item.key if len(series) == 1 else f"{item.key}@{i}",
-                    lambda files=files: _read_dicom(item.path, files),
-                )
-                for i, files in enumerate(series)
+                (key, lambda files=files: _read_dicom(item.path, files)) for key, files in _dicom_images(item)
             ]
         else:
             loads = [(item.key, lambda: _read_file(item))]
         records = []
         for key, load in loads:
-            prepared = preprocess_array(load(), config, spec.depth_axis, spec.intensity)
+            source = load()
+            _check_not_label_map(source)
+            prepared = preprocess_array(source, config, spec.depth_axis, spec.intensity)
             aniso_d = aniso_d_from_spacing(prepared.spacing)
             file = layout.image_file(key)
             write_image_array(os.path.join(root, file), prepared.array, aniso_d, config.chunks)
@@ -561,11 +718,11 @@ def process_item(item: SourceItem, spec: DatasetSpec, root: str, config: Prepare
 
 
 def _read_journals(layout: StoreLayout) -> dict[str, list[dict]]:
-    """source -> its records, from every part journal (any --num-parts); a torn last line is ignored."""
-    done: dict[str, list[dict]] = {}
-    if not os.path.isdir(layout.parts):
-        return done
+    """source key -> its records (the latest run of it), from every part journal (any --num-parts); a
+    torn last line is ignored. Records of an older store without a source key are filed by path."""
     by_source: dict[str, list[dict]] = {}
+    if not os.path.isdir(layout.parts):
+        return by_source
     for name in sorted(os.listdir(layout.parts)):
         if not name.endswith(".jsonl"):
             continue
@@ -577,19 +734,34 @@ def _read_journals(layout: StoreLayout) -> dict[str, list[dict]]:
                     continue  # a line cut by a kill
                 batch = record.get("batch")
                 if isinstance(batch, list) and batch:
-                    by_source[batch[0]["source"]] = batch  # later runs of the same source win
-    done.update(by_source)
-    return done
+                    first = batch[0]
+                    by_source[first.get("item", "path:" + str(first.get("source")))] = batch
+    return by_source
 
 
-def _is_done(records: list[dict] | None, item: SourceItem, root: str, retry_failed: bool) -> bool:
+def _state(
+    records: list[dict] | None, item: SourceItem, root: str, expected: dict, retry_failed: bool
+) -> str:
+    """ "done", "new" (never prepared), "changed" (the source changed since), "settings" (prepared with
+    other settings), "retry" (a failure to try again) or "lost" (an array file is missing)."""
     if not records:
-        return False
-    if (records[0]["source_size"], records[0]["source_mtime"]) != _source_stamp(item.path):
-        return False  # the file changed since
-    if records[0]["type"] == "failure":
-        return not retry_failed
-    return all(os.path.isfile(os.path.join(root, r["file"])) for r in records)
+        return "new"
+    first = records[0]
+    stamp = _source_stamp(item)
+    if any(first.get(k) != v for k, v in stamp.items()):
+        return "changed"
+    if first.get("settings_used") != expected:
+        return "settings"
+    if first["type"] == "failure":
+        return "retry" if retry_failed else "done"
+    return "done" if all(os.path.isfile(os.path.join(root, r["file"])) for r in records) else "lost"
+
+
+def _read_meta(layout: StoreLayout) -> dict | None:
+    if not os.path.isfile(layout.meta):
+        return None
+    with open(layout.meta) as f:
+        return json.load(f)
 
 
 def _check_store_folder(layout: StoreLayout) -> None:
@@ -600,16 +772,36 @@ def _check_store_folder(layout: StoreLayout) -> None:
         )
     if os.path.isfile(layout.meta):
         try:
-            with open(layout.meta) as f:
-                meta = json.load(f)
+            meta = _read_meta(layout)
         except (OSError, json.JSONDecodeError) as error:
             raise ConfigError(f"{layout.meta}: unreadable store description ({error})") from None
         if meta.get("format") != STORE_FORMAT:
             raise ConfigError(f"{layout.meta}: not a {STORE_FORMAT} (format {meta.get('format')!r})")
 
 
-def _all_items(specs: list[DatasetSpec]) -> list[SourceItem]:
-    return [item for spec in specs for item in discover_items(spec)]
+def _all_items(specs: list[DatasetSpec], skipped: list[SkippedSource] | None = None) -> list[SourceItem]:
+    """Every source of the config; a dataset that yields none is a ConfigError (what was seen is named)."""
+    items = []
+    for spec in specs:
+        seen: list[SkippedSource] = []
+        found = discover_items(spec, seen)
+        if not found:
+            what = "; ".join(
+                f"{sum(s.reason == r for s in seen)} {r}(s)" for r in sorted({s.reason for s in seen})
+            )
+            raise ConfigError(
+                f"dataset {spec.name!r}: no image file in {spec.path}"
+                + (f" ({what}, e.g. {seen[0].path})" if seen else " (the folder holds no file it may use)")
+                + "; fix its path / include patterns or remove the dataset from the config"
+            )
+        items += found
+        if skipped is not None:
+            skipped += seen
+    keys = [item.key for item in items]
+    if len(set(keys)) != len(keys):  # cannot happen by construction; refuse rather than overwrite
+        duplicated = sorted({k for k in keys if keys.count(k) > 1})
+        raise ConfigError(f"sources with the same key: {duplicated[:5]}")
+    return items
 
 
 def prepare_store(
@@ -621,13 +813,18 @@ def prepare_store(
     num_parts: int = 1,
     num_workers: int = 0,
     retry_failed: bool = False,
+    reprocess: bool = False,
     merge: bool = True,
     progress: bool = True,
 ) -> dict:
     """Process part `part` of `num_parts` of the sources in `config_path` into the store `output`.
 
-    Sources already done (journaled, unchanged, array present) are skipped. With `merge`, the table
-    and the report are merged as soon as every part has finished. Returns a summary dict.
+    Sources already done (journaled with this run's settings, unchanged, array present) are skipped; a
+    source that changed since (size, modification time, files of a DICOM folder) is prepared again. A
+    store prepared with other settings (store.json, or any of this part's arrays) is refused with a
+    ConfigError naming the differences, before anything is written, unless `reprocess`: then every
+    array of other settings is prepared again. With `merge`, the table and the report are merged as soon
+    as every part has finished. Returns a summary dict.
     """
     from tqdm.auto import tqdm
 
@@ -637,6 +834,38 @@ def prepare_store(
     specs = load_dataset_config(config_path)
     layout = StoreLayout(output)
     _check_store_folder(layout)
+    items = _all_items(specs)
+    settings = store_settings(config)
+    meta = _read_meta(layout)
+    if meta is not None and meta.get("settings") != settings and not reprocess:
+        raise ConfigError(
+            f"{layout.root}: the store was prepared with other settings "
+            f"({_describe_differences(meta.get('settings'), settings)}); prepare into a new folder, or pass "
+            "--reprocess to prepare every image again with this run's settings"
+        )
+    by_name = {s.name: s for s in specs}
+    mine = [item for i, item in enumerate(items) if i % num_parts == part]
+    journal = _read_journals(layout)
+    states = {
+        item.key: _state(
+            journal.get(item.key),
+            item,
+            layout.root,
+            image_settings(settings, by_name[item.dataset]),
+            retry_failed,
+        )
+        for item in mine
+    }
+    other = [item for item in mine if states[item.key] == "settings"]
+    if other and not reprocess:
+        first = other[0]
+        raise ConfigError(
+            f"{layout.root}: {len(other)} source(s) were prepared with other settings (first: {first.key}: "
+            + _describe_differences(
+                journal[first.key][0].get("settings_used"), image_settings(settings, by_name[first.dataset])
+            )
+            + "); prepare into a new folder, or pass --reprocess to prepare them again"
+        )
     os.makedirs(layout.parts, exist_ok=True)
     write_json_atomic(
         layout.meta,
@@ -646,12 +875,10 @@ def prepare_store(
             "dataset_config": os.path.abspath(config_path),
             "datasets": [dataclasses.asdict(s) for s in specs],
             "prepare": dataclasses.asdict(config),
+            "settings": settings,
         },
     )
-    by_name = {s.name: s for s in specs}
-    mine = [item for i, item in enumerate(_all_items(specs)) if i % num_parts == part]
-    journal = _read_journals(layout)
-    todo = [item for item in mine if not _is_done(journal.get(item.path), item, layout.root, retry_failed)]
+    todo = [item for item in mine if states[item.key] != "done"]
     stem = layout.part_stem(part, num_parts)
     if os.path.exists(stem + ".done.json"):
         os.remove(stem + ".done.json")
@@ -674,19 +901,22 @@ def prepare_store(
         if num_workers > 0 and len(todo) > 1:
             with ProcessPoolExecutor(max_workers=num_workers) as pool:
                 futures = [
-                    pool.submit(process_item, item, by_name[item.dataset], layout.root, config)
+                    pool.submit(process_item, item, by_name[item.dataset], layout.root, config, settings)
                     for item in todo
                 ]
                 for future in as_completed(futures):
                     record(future.result())
         else:
             for item in todo:
-                record(process_item(item, by_name[item.dataset], layout.root, config))
+                record(process_item(item, by_name[item.dataset], layout.root, config, settings))
     write_json_atomic(stem + ".done.json", {"part": part, "num_parts": num_parts, "sources": len(mine)})
+    counts = {state: sum(s == state for s in states.values()) for state in ("changed", "settings", "lost")}
     summary = {
         "sources": len(mine),
         "processed": len(todo),
         "skipped": len(mine) - len(todo),
+        "changed_sources": counts["changed"],
+        "reprocessed_settings": counts["settings"],
         "unusable_new": failures,
     }
     done_parts = [
@@ -706,32 +936,73 @@ def _held_out(keys: list[str], count: int) -> set[str]:
     return set(sorted(keys, key=lambda k: hashlib.sha1(k.encode()).hexdigest())[:count])
 
 
-def merge_parts(config_path: str, output: str, *, config: PrepareConfig | None = None) -> dict:
+def merge_parts(
+    config_path: str,
+    output: str,
+    *,
+    config: PrepareConfig | None = None,
+    val_per_dataset: int | None = None,
+) -> dict:
     """Build table.csv and report.csv from the journals for every source of the config.
 
-    Raises when a source has not been processed yet (its part has not run, or files were added)."""
-    config = config or PrepareConfig()
+    Every array must have been prepared with the store's settings (store.json; `config`, when given,
+    must match them): parts prepared with other settings are refused, never merged. Raises when a source
+    has not been processed yet (its part has not run, or files were added or changed). The report lists
+    the unusable images and what the discovery left out (label folders, files of no image type)."""
     specs = load_dataset_config(config_path)
     layout = StoreLayout(output)
+    meta = _read_meta(layout)
+    if meta is None:
+        raise RuntimeError(
+            f"{layout.root}: no store here (no store.json): the sources are not processed yet; run prepare first"
+        )
+    settings = meta.get("settings")
+    if config is not None and store_settings(config) != settings:
+        raise ConfigError(
+            f"{layout.root}: the store was prepared with other settings "
+            f"({_describe_differences(settings, store_settings(config))}); merge with the store's settings"
+        )
+    if val_per_dataset is None:
+        val_per_dataset = (
+            config.val_per_dataset if config else meta.get("prepare", {}).get("val_per_dataset", 1)
+        )
+    skipped: list[SkippedSource] = []
+    items = _all_items(specs, skipped)
+    by_name = {s.name: s for s in specs}
     journal = _read_journals(layout)
-    rows, failures, missing = [], [], []
-    for item in _all_items(specs):
-        records = journal.get(item.path)
-        if not _is_done(records, item, layout.root, retry_failed=False):
+    rows, failures, missing, other = [], [], [], []
+    for item in items:
+        records = journal.get(item.key)
+        expected = image_settings(settings or {}, by_name[item.dataset])
+        state = _state(records, item, layout.root, expected, retry_failed=False)
+        if state == "settings":
+            other.append((item, records))
+        elif state != "done":
             missing.append(item.path)
-            continue
-        for record in records:
-            (rows if record["type"] == "image" else failures).append(record)
+        else:
+            for record in records:
+                (rows if record["type"] == "image" else failures).append(record)
+    if other:
+        item, records = other[0]
+        raise RuntimeError(
+            f"{len(other)} source(s) were prepared with other settings than the store's (first: {item.key}: "
+            f"{_describe_differences(records[0].get('settings_used'), image_settings(settings or {}, by_name[item.dataset]))}); "
+            "parts prepared with different settings are not merged: prepare them again with the store's "
+            "settings and --reprocess"
+        )
     if missing:
         raise RuntimeError(
             f"{len(missing)} source(s) not processed yet (first: {missing[0]}); run the missing parts "
             "(or prepare without --part) before merging"
         )
+    failures += [
+        {"source": s.path, "dataset": s.dataset, "reason": s.reason, "message": s.message} for s in skipped
+    ]
     weights = {s.name: s.weight for s in specs}
     table = pd.DataFrame(rows, columns=[c for c in TABLE_COLUMNS if c not in ("weight", "split")])
     table["split"] = "train"
     for (_, _), group in table.groupby(["dataset", "modality"], sort=False):
-        table.loc[table.key.isin(_held_out(group.key.tolist(), config.val_per_dataset)), "split"] = "val"
+        table.loc[table.key.isin(_held_out(group.key.tolist(), val_per_dataset)), "split"] = "val"
     counts = table.groupby(["dataset", "split"]).key.transform("count")
     table["weight"] = table.dataset.map(weights) / counts
     table = table[list(TABLE_COLUMNS)].sort_values("key").reset_index(drop=True)
@@ -745,9 +1016,11 @@ def merge_parts(config_path: str, output: str, *, config: PrepareConfig | None =
     overview = os.path.join(layout.root, "overview.png")
     if len(table):
         write_overview(layout.root, overview)
+    empty = sorted(set(by_name) - set(table.dataset))
     return {
         "images": len(table),
         "unusable": len(report),
+        "datasets_without_images": empty,
         "table": layout.table,
         "report": layout.report,
         "overview": overview,
@@ -836,6 +1109,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--retry-failed", action="store_true", help="try again the files reported unusable before"
     )
     parser.add_argument(
+        "--reprocess",
+        action="store_true",
+        help="prepare again every image of a store prepared with other settings (without it such a run is "
+        "refused)",
+    )
+    parser.add_argument(
         "--num-workers",
         type=_non_negative_int,
         default=min(8, os.cpu_count() or 1),
@@ -913,8 +1192,13 @@ def run(args: argparse.Namespace) -> int:
         chunks=ChunkConfig(codec=args.codec, clevel=args.clevel),
     )
     try:
+        # the store is created or continued; a path that cannot be written is refused before any work
+        check_output_path(
+            args.output, is_dir=True, overwrite=True, inputs=[args.config], option="-o/--output"
+        )
         if args.merge:
-            summary = merge_parts(args.config, args.output, config=config)
+            # the arrays' settings are the store's (store.json); the settings flags are not needed here
+            summary = merge_parts(args.config, args.output, val_per_dataset=args.val_per_dataset)
         else:
             summary = prepare_store(
                 args.config,
@@ -924,6 +1208,7 @@ def run(args: argparse.Namespace) -> int:
                 num_parts=args.num_parts,
                 num_workers=args.num_workers,
                 retry_failed=args.retry_failed,
+                reprocess=args.reprocess,
                 merge=not args.no_merge,
                 progress=not args.quiet,
             )
@@ -932,5 +1217,13 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(summary, indent=2))
     if summary.get("unusable"):
-        print(f"{summary['unusable']} unusable file(s), reasons in {summary['report']}", file=sys.stderr)
+        print(
+            f"{summary['unusable']} source(s) not in the table (unusable images, label folders, files of no "
+            f"image type), reasons in {summary['report']}",
+            file=sys.stderr,
+        )
+    for name in summary.get("datasets_without_images", []):
+        print(
+            f"dataset {name!r}: no usable image, none in the table (see {summary['report']})", file=sys.stderr
+        )
     return 0

@@ -8,7 +8,15 @@ the problem. What a plain ``SimpleITK.ReadImage`` lets through and is refused he
   stream checked) and the NIfTI data size is compared with what the header announces;
 * non-finite voxels (NaN, inf) unless the caller passes ``allow_nonfinite=True``;
 * spacing that is zero, negative or non-finite, and an origin / direction that is non-finite or singular;
-* more than 3 spatial dimensions (a 4D time series is not an image these tools understand).
+* more than 3 spatial dimensions (a 4D time series is not an image these tools understand);
+* DICOM series whose slices do not lie on one regular grid: the slice geometry comes from every slice's
+  ImagePositionPatient projected on the slice normal (ImageOrientationPatient), so a missing slice or uneven
+  spacing is an error naming the series and the gap, never an average step; multi-frame DICOM (one file
+  holding a volume, e.g. Enhanced CT / MR) is read with its per-frame positions, and layouts that cannot be
+  placed correctly (Siemens mosaic, multi-frame files without frame positions, colour frames) are refused.
+
+FreeSurfer ``.mgh`` / ``.mgz`` files, which SimpleITK does not read, are read with nibabel under the same
+checks (completeness of the data, non-finite voxels, geometry).
 
 `ImageReadError.reason` is one short fixed keyword (see `REASONS`) so callers and tests can branch on it;
 ``str(error)`` is ``"PATH: problem in words"``.
@@ -31,6 +39,10 @@ __all__ = [
     "read_image_header",
     "read_dicom_series",
     "dicom_series_geometry",
+    "dicom_folder_series",
+    "DicomSeriesFiles",
+    "is_dicom_file",
+    "slice_step_along_normal",
     "read_png",
     "check_raw_dataset",
 ]
@@ -45,15 +57,22 @@ REASONS = (
     "no spacing",  # spacing zero, negative or non-finite
     "bad geometry",  # origin / direction non-finite or direction singular, DICOM positions inconsistent
     "too large",  # the header announces more voxels than `max_bytes` allows (refused before allocating)
+    "missing slice",  # a DICOM series with a gap of one or more slice steps between two slices
+    "uneven spacing",  # a DICOM series whose slice steps differ (beyond rounding) without being a gap
+    "unsupported",  # a DICOM layout these readers cannot place correctly (mosaic, frames without positions)
 )
 GZIP_MAGIC = b"\x1f\x8b"
 READ_CHUNK_BYTES = 1 << 20
 NIFTI_HEADER_BYTES = 544  # large enough for a NIfTI-1 (348) or NIfTI-2 (540) header
 ITK_MESSAGE_CHARS = 300
-DIRECTION_MIN_ABS_DET = 1e-6
-MAX_IMAGE_BYTES = (
-    16 * 2**30
-)  # a larger decoded image is a damaged header or not a medical image  # a direction matrix this close to singular has no meaningful geometry
+DIRECTION_MIN_ABS_DET = 1e-6  # a direction matrix this close to singular has no meaningful geometry
+MAX_IMAGE_BYTES = 16 * 2**30  # a larger decoded image is a damaged header or not a medical image
+# slice steps of a DICOM series may differ by rounding of the written positions, never by more than this
+SLICE_STEP_RELATIVE_TOLERANCE = 0.01
+SLICE_STEP_ABSOLUTE_TOLERANCE_MM = 1e-3
+MGH_SUFFIXES = (".mgh", ".mgz")
+MGH_HEADER_BYTES = 284  # FreeSurfer MGH: a 284-byte big-endian header, then the voxels (x fastest)
+MGH_DTYPES = {0: ">u1", 1: ">i4", 3: ">f4", 4: ">i2"}
 
 
 class ImageReadError(ValueError):
@@ -200,6 +219,83 @@ def _nifti_layout(path: str, compressed: bool) -> tuple[int, int, np.dtype] | No
     return None
 
 
+def _mgh_layout(path: str, compressed: bool) -> tuple[int, int, np.dtype]:
+    """(data offset, data bytes, stored dtype) announced by a FreeSurfer MGH header (``.mgh``, ``.mgz``)."""
+    import gzip
+    import struct
+
+    opener = gzip.open if compressed else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(MGH_HEADER_BYTES)
+    except (OSError, EOFError) as error:
+        raise ImageReadError(
+            path, "truncated", f"file is truncated: cannot read its MGH header ({error})"
+        ) from None
+    if len(head) < MGH_HEADER_BYTES:
+        raise ImageReadError(
+            path, "truncated", f"file is truncated: {len(head)} bytes, an MGH header has 284"
+        )
+    version, width, height, depth, frames, kind = struct.unpack(">6i", head[:24])
+    if version != 1 or min(width, height, depth, frames) < 1 or kind not in MGH_DTYPES:
+        raise ImageReadError(
+            path,
+            "unreadable",
+            f"not a FreeSurfer MGH file (version {version}, size {width}x{height}x{depth}x{frames}, type {kind})",
+        )
+    dtype = np.dtype(MGH_DTYPES[kind])
+    return MGH_HEADER_BYTES, width * height * depth * frames * dtype.itemsize, dtype
+
+
+def _read_mgh(path: str, allow_nonfinite: bool, max_bytes: int) -> MedicalImage:
+    """A FreeSurfer ``.mgh`` / ``.mgz`` volume through nibabel (SimpleITK has no MGH reader), with ITK's
+    (LPS) geometry and the checks of `read_image`."""
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    offset, num_bytes, dtype = _mgh_layout(path, _is_gzip(path))
+    if num_bytes > max_bytes:
+        raise ImageReadError(
+            path,
+            "too large",
+            f"header announces {num_bytes / 2**30:.1f} GiB of voxels (more than {max_bytes / 2**30:.1f})",
+        )
+    check_file_complete(path)
+    try:
+        image = nib.load(path)
+        data = np.asarray(image.dataobj)
+    except Exception as error:  # noqa: BLE001 -- nibabel raises many types for damaged files
+        raise ImageReadError(
+            path, "unreadable", f"not a readable MGH file ({type(error).__name__}: {error})"
+        ) from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim > 3:
+        raise ImageReadError(path, "4D", f"image has {data.ndim} dimensions {data.shape}; 2D or 3D expected")
+    zooms = np.asarray(image.header.get_zooms()[:3], dtype=float)
+    ras_to_lps = np.diag([-1.0, -1.0, 1.0])
+    affine = np.asarray(image.affine, dtype=float)
+    direction = ras_to_lps @ affine[:3, :3] / zooms  # columns: the x, y, z index axes
+    origin_xyz = ras_to_lps @ affine[:3, 3]
+    _check_geometry(path, zooms, origin_xyz, direction, 3)
+    array = np.ascontiguousarray(data.transpose(2, 1, 0), dtype=data.dtype.newbyteorder("="))  # (z, y, x)
+    if not allow_nonfinite:
+        check_finite(path, array)
+    sitk_image = sitk.GetImageFromArray(array)
+    sitk_image.SetSpacing([float(z) for z in zooms])
+    sitk_image.SetOrigin([float(o) for o in origin_xyz])
+    sitk_image.SetDirection([float(v) for v in direction.ravel()])
+    return MedicalImage(
+        array=array,
+        spacing=tuple(float(z) for z in reversed(zooms)),
+        origin=tuple(float(o) for o in reversed(origin_xyz)),
+        direction=direction,
+        num_channels=1,
+        path=path,
+        sitk_image=sitk_image,
+    )
+
+
 def check_file_complete(path: str | os.PathLike) -> tuple[int, int]:
     """Refuse truncated or damaged files that ITK would silently complete with zeros (gzip, NIfTI).
 
@@ -209,7 +305,11 @@ def check_file_complete(path: str | os.PathLike) -> tuple[int, int]:
     if not os.path.isfile(path):
         raise _missing(path)
     compressed = _is_gzip(path)
-    layout = _nifti_layout(path, compressed) if path.lower().endswith((".nii", ".nii.gz")) else None
+    layout = None
+    if path.lower().endswith((".nii", ".nii.gz")):
+        layout = _nifti_layout(path, compressed)
+    elif path.lower().endswith(MGH_SUFFIXES):
+        layout = _mgh_layout(path, compressed)
     counter = None
     if layout is not None and np.issubdtype(layout[2], np.floating):
         counter = _NonFiniteCounter(*layout)
@@ -320,6 +420,10 @@ def read_image(
     import SimpleITK as sitk
 
     path = os.fspath(path)
+    if path.lower().endswith(MGH_SUFFIXES):
+        if not os.path.isfile(path):
+            raise _missing(path)
+        return _read_mgh(path, allow_nonfinite, max_bytes)
     header, (nan, inf) = _checked_header(path)
     num_bytes = int(np.prod(header.GetSize(), dtype=np.int64)) * header.GetNumberOfComponents()
     num_bytes *= np.dtype(
@@ -382,54 +486,316 @@ def _dicom_floats(dataset, path: str, tag: str, count: int) -> np.ndarray:
     return array
 
 
-def dicom_series_geometry(first, last, num_files: int, first_path: str, last_path: str) -> dict:
-    """Geometry of a series stacked in file order, from the first and last file's headers (pydicom datasets).
+def slice_step_along_normal(offsets, names: list[str], series: str) -> float:
+    """The regular slice step (mm) of slices at `offsets` along the slice normal, in stack order.
 
-    Returns ``spacing`` (slice step, PixelSpacing row, column), ``origin_xyz`` (first ImagePositionPatient),
-    ``direction`` (ITK 3x3: columns = along a row, along a column, slice normal signed along the file
-    order), ``slice_vector`` (the full step between consecutive files, (last - first) / (n - 1), which the
-    CHAOS evaluation code uses even when it is tilted against the normal), ``pixel_spacing`` and
-    ``orientation`` (the 6 direction cosines). Slice step = |last - first| / (n - 1), never SliceThickness.
-    """
-    pixel_spacing = _dicom_floats(first, first_path, "PixelSpacing", 2)
-    orientation = _dicom_floats(first, first_path, "ImageOrientationPatient", 6)
-    position_first = _dicom_floats(first, first_path, "ImagePositionPatient", 3)
-    position_last = _dicom_floats(last, last_path, "ImagePositionPatient", 3)
+    Every consecutive pair must step the same distance in the same direction (within
+    `SLICE_STEP_RELATIVE_TOLERANCE` of the step, or `SLICE_STEP_ABSOLUTE_TOLERANCE_MM`): otherwise
+    ImageReadError naming `series` and the pair of slices (`names`) at the gap, with reason "bad geometry"
+    (two slices at one position, or positions going back and forth), "missing slice" (gaps that are whole
+    multiples of the step) or "uneven spacing". Returns |last - first| / (n - 1), 1.0 for a single slice."""
+    offsets = np.asarray(offsets, dtype=float)
+    if offsets.size < 2:
+        return 1.0
+    steps = np.diff(offsets)
+    lengths = np.abs(steps)
+    same = np.flatnonzero(lengths <= SLICE_STEP_ABSOLUTE_TOLERANCE_MM)
+    if same.size:
+        i = int(same[0])
+        raise ImageReadError(
+            series,
+            "bad geometry",
+            f"{names[i]} and {names[i + 1]} lie at the same position ({offsets[i]:.4g} mm along the slice "
+            "normal): two slices in one place (a repeated acquisition or several series in one folder)",
+        )
+    if not (np.all(steps > 0) or np.all(steps < 0)):
+        i = int(np.flatnonzero(np.sign(steps) != np.sign(steps[0]))[0])
+        raise ImageReadError(
+            series,
+            "bad geometry",
+            f"slice positions go back and forth in this order: {names[i]} -> {names[i + 1]} steps "
+            f"{steps[i]:+.4g} mm along the slice normal, {names[0]} -> {names[1]} {steps[0]:+.4g} mm",
+        )
+    step = float(np.median(lengths[lengths < 1.5 * lengths.min()]))  # the regular step: gaps are longer
+    tolerance = max(SLICE_STEP_RELATIVE_TOLERANCE * step, SLICE_STEP_ABSOLUTE_TOLERANCE_MM)
+    off = np.flatnonzero(np.abs(lengths - step) > tolerance)
+    if off.size:
+        i = int(off[0])
+        multiples = lengths[off] / step
+        whole = np.all(multiples >= 1.5) and np.all(
+            np.abs(multiples - np.round(multiples)) * step <= tolerance
+        )
+        if whole:
+            missing = int(np.sum(np.round(multiples) - 1))
+            raise ImageReadError(
+                series,
+                "missing slice",
+                f"{missing} slice(s) missing: a gap of {lengths[i]:.4g} mm between {names[i]} and "
+                f"{names[i + 1]} where the series steps {step:.4g} mm ({off.size} gap(s) in {offsets.size} slices)",
+            )
+        raise ImageReadError(
+            series,
+            "uneven spacing",
+            f"uneven slice spacing: {names[i]} -> {names[i + 1]} steps {lengths[i]:.4g} mm, the series "
+            f"{step:.4g} mm (steps from {lengths.min():.4g} to {lengths.max():.4g} mm); no single spacing fits",
+        )
+    return float(abs(offsets[-1] - offsets[0]) / (offsets.size - 1))
+
+
+def _plane_geometry(positions: np.ndarray, orientation: np.ndarray, pixel_spacing: np.ndarray, names, series):
+    """Geometry dict (see `dicom_series_geometry`) of slices at `positions` (n, 3) in stack order."""
     column_direction, row_direction = orientation[:3], orientation[3:]  # along a row, along a column
     normal = np.cross(column_direction, row_direction)
-    if num_files > 1:
-        slice_vector = (position_last - position_first) / (num_files - 1)
-        step = float(np.linalg.norm(slice_vector))
-        if step == 0:
-            raise ImageReadError(last_path, "bad geometry", f"lies at the same position as {first_path}")
-        slice_direction = normal if np.dot(slice_vector, normal) >= 0 else -normal
+    offsets = positions @ normal
+    step = slice_step_along_normal(offsets, list(names), series)
+    if len(positions) > 1:
+        slice_vector = (positions[-1] - positions[0]) / (len(positions) - 1)
+        slice_direction = normal if offsets[-1] >= offsets[0] else -normal
     else:  # a single slice: the step is never used for distances
-        step, slice_direction, slice_vector = 1.0, normal, normal
+        slice_direction, slice_vector = normal, normal
     spacing = (step, float(pixel_spacing[0]), float(pixel_spacing[1]))
     direction = np.stack([column_direction, row_direction, slice_direction], axis=1)
-    _check_geometry(first_path, spacing, position_first, direction, 3)
+    _check_geometry(series, spacing, positions[0], direction, 3)
     return {
         "spacing": spacing,
-        "origin_xyz": position_first,
+        "origin_xyz": positions[0],
         "direction": direction,
         "slice_vector": np.asarray(slice_vector, dtype=float),
         "pixel_spacing": pixel_spacing,
         "orientation": orientation,
+        "offsets": offsets,
     }
+
+
+def dicom_series_geometry(headers: list, paths: list[str]) -> dict:
+    """Geometry of a series of one-slice files stacked in the given order, from every file's header.
+
+    `headers` are pydicom datasets (pixels not needed), `paths` their files. Each slice's
+    ImagePositionPatient is projected on the slice normal (the cross product of ImageOrientationPatient's
+    two directions); the steps between consecutive slices must be equal (`slice_step_along_normal`):
+    a missing slice or uneven spacing raises ImageReadError naming the series folder and the gap, never
+    an average. Orientation and PixelSpacing must agree across the files.
+
+    Returns ``spacing`` (slice step along the normal, PixelSpacing row, column), ``origin_xyz`` (first
+    ImagePositionPatient), ``direction`` (ITK 3x3: columns = along a row, along a column, slice normal
+    signed along the stack order), ``slice_vector`` (the full step between consecutive files,
+    (last - first) / (n - 1), which the CHAOS evaluation code uses even when it is tilted against the
+    normal), ``pixel_spacing``, ``orientation`` (the 6 direction cosines) and ``offsets`` (mm along the
+    normal per slice)."""
+    series = os.path.dirname(paths[0]) or paths[0]
+    pixel_spacing = _dicom_floats(headers[0], paths[0], "PixelSpacing", 2)
+    orientation = _dicom_floats(headers[0], paths[0], "ImageOrientationPatient", 6)
+    positions = []
+    for header, path in zip(headers, paths, strict=True):
+        positions.append(_dicom_floats(header, path, "ImagePositionPatient", 3))
+        if header is headers[0]:
+            continue
+        other = _dicom_floats(header, path, "ImageOrientationPatient", 6)
+        if not np.allclose(other, orientation, atol=1e-4):
+            raise ImageReadError(
+                path,
+                "bad geometry",
+                f"ImageOrientationPatient {other.tolist()} differs from {os.path.basename(paths[0])}'s "
+                f"{orientation.tolist()} in the same series",
+            )
+        other_spacing = _dicom_floats(header, path, "PixelSpacing", 2)
+        if not np.allclose(other_spacing, pixel_spacing, rtol=1e-4):
+            raise ImageReadError(
+                path,
+                "bad geometry",
+                f"PixelSpacing {other_spacing.tolist()} differs from {os.path.basename(paths[0])}'s "
+                f"{pixel_spacing.tolist()} in the same series",
+            )
+    names = [os.path.basename(p) for p in paths]
+    return _plane_geometry(np.stack(positions), orientation, pixel_spacing, names, series)
+
+
+def _num_frames(dataset) -> int:
+    try:
+        return int(dataset.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        return 1
+
+
+def _unsupported_layout(dataset, path: str) -> None:
+    """Refuse DICOM layouts whose pixels cannot be placed as slices of a volume here."""
+    image_type = [str(v).upper() for v in (dataset.get("ImageType") or [])]
+    mosaic_count = dataset.get((0x0019, 0x100A))  # Siemens NumberOfImagesInMosaic
+    if "MOSAIC" in image_type or mosaic_count is not None:
+        raise ImageReadError(
+            path,
+            "unsupported",
+            "a Siemens mosaic (several slices tiled in one frame) cannot be read as a volume here; "
+            "convert the series with a mosaic-aware tool (e.g. dcm2niix) and use the NIfTI",
+        )
+    samples = int(dataset.get("SamplesPerPixel", 1) or 1)
+    if samples != 1:
+        raise ImageReadError(
+            path,
+            "unsupported",
+            f"{samples} samples per pixel ({dataset.get('PhotometricInterpretation', '?')}): colour DICOM "
+            "is not read as a grey volume",
+        )
+
+
+def _functional_item(dataset, frame: int, sequence: str):
+    """The first item of a functional group `sequence` for `frame`: per-frame, else shared, else None."""
+    for groups, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        items = dataset.get(groups)
+        if items is not None and len(items) > index:
+            found = items[index].get(sequence)
+            if found is not None and len(found):
+                return found[0]
+    return None
+
+
+def _multiframe_geometry(dataset, path: str) -> tuple[np.ndarray, dict, np.ndarray, np.ndarray]:
+    """(frame order, geometry, slopes, intercepts) of a multi-frame file from its functional groups."""
+    frames = _num_frames(dataset)
+    positions, slopes, intercepts = [], [], []
+    orientation = pixel_spacing = None
+    for frame in range(frames):
+        plane = _functional_item(dataset, frame, "PlanePositionSequence")
+        if plane is None:
+            raise ImageReadError(
+                path,
+                "unsupported",
+                f"multi-frame DICOM ({frames} frames) without per-frame positions (PlanePositionSequence in "
+                "PerFrameFunctionalGroupsSequence): the frames cannot be placed as slices",
+            )
+        positions.append(_dicom_floats(plane, path, "ImagePositionPatient", 3))
+        plane_orientation = _functional_item(dataset, frame, "PlaneOrientationSequence")
+        frame_orientation = _dicom_floats(plane_orientation or dataset, path, "ImageOrientationPatient", 6)
+        measures = _functional_item(dataset, frame, "PixelMeasuresSequence")
+        frame_spacing = _dicom_floats(measures or dataset, path, "PixelSpacing", 2)
+        if orientation is None:
+            orientation, pixel_spacing = frame_orientation, frame_spacing
+        elif not np.allclose(frame_orientation, orientation, atol=1e-4) or not np.allclose(
+            frame_spacing, pixel_spacing, rtol=1e-4
+        ):
+            raise ImageReadError(
+                path,
+                "unsupported",
+                f"frame {frame + 1} has another orientation or pixel spacing than frame 1: several stacks in "
+                "one multi-frame file",
+            )
+        transform = _functional_item(dataset, frame, "PixelValueTransformationSequence") or dataset
+        slopes.append(float(transform.get("RescaleSlope", 1.0)))
+        intercepts.append(float(transform.get("RescaleIntercept", 0.0)))
+    positions = np.stack(positions)
+    normal = np.cross(orientation[:3], orientation[3:])
+    order = np.argsort(positions @ normal, kind="stable")  # frames need not be stored in position order
+    if np.all(np.diff(positions @ normal) < 0):
+        order = np.arange(frames)  # stored top-down: keep the file's order
+    names = [f"frame {k + 1}" for k in order]
+    geometry = _plane_geometry(positions[order], orientation, pixel_spacing, names, path)
+    return order, geometry, np.asarray(slopes)[order], np.asarray(intercepts)[order]
+
+
+def _read_dicom_file(path: str, stop_before_pixels: bool = False):
+    import pydicom
+
+    if not os.path.isfile(path):
+        raise _missing(path)
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except Exception as error:  # noqa: BLE001 -- pydicom raises many types for damaged files
+        raise ImageReadError(
+            path, "unreadable", f"not a readable DICOM file ({type(error).__name__}: {error})"
+        ) from None
+
+
+def _dicom_pixels(dataset, path: str) -> np.ndarray:
+    try:
+        return np.asarray(dataset.pixel_array, dtype=np.float32)
+    except Exception as error:  # noqa: BLE001 -- pydicom's pixel handlers raise many types
+        raise ImageReadError(
+            path, "unreadable", f"not a readable DICOM file ({type(error).__name__}: {error})"
+        ) from None
+
+
+def _read_multiframe(path: str, dataset) -> MedicalImage:
+    """A multi-frame DICOM file (Enhanced CT / MR / PET ...) as the volume it holds, frames by position."""
+    _unsupported_layout(dataset, path)
+    order, geometry, slopes, intercepts = _multiframe_geometry(dataset, path)
+    pixels = _dicom_pixels(dataset, path)
+    if pixels.ndim != 3 or pixels.shape[0] != len(order):
+        raise ImageReadError(
+            path,
+            "unsupported",
+            f"pixel data of shape {pixels.shape} for {len(order)} frames of one grey plane",
+        )
+    array = pixels[order] * slopes[:, None, None].astype(np.float32) + intercepts[:, None, None].astype(
+        np.float32
+    )
+    check_finite(path, array)
+    return MedicalImage(
+        array=array,
+        spacing=geometry["spacing"],
+        origin=tuple(float(v) for v in reversed(geometry["origin_xyz"])),
+        direction=geometry["direction"],
+        num_channels=1,
+        path=path,
+    )
+
+
+def is_dicom_file(path: str) -> bool:
+    """Whether `path` starts like a DICOM Part 10 file (the "DICM" marker after a 128-byte preamble)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+@dataclass
+class DicomSeriesFiles:
+    """One image of a DICOM folder: a series of one-slice files, or one multi-frame file."""
+
+    uid: str  # SeriesInstanceUID ("" when absent)
+    files: list[str]  # names in the folder: slices ordered along the normal, or the one multi-frame file
+    multiframe: bool = False
+
+
+def dicom_folder_series(folder: str | os.PathLike, names: list[str]) -> list[DicomSeriesFiles]:
+    """The images of DICOM files `names` in `folder`, from their headers: every multi-frame file on its
+    own, the one-slice files grouped by SeriesInstanceUID and ordered by position along the slice normal
+    (geometry not checked yet: `read_dicom_series` does). A header that cannot be read raises
+    ImageReadError naming the file."""
+    folder = os.fspath(folder)
+    grouped: dict[str, list[tuple[float, str]]] = {}
+    images = []
+    for name in sorted(names):
+        path = os.path.join(folder, name)
+        header = _read_dicom_file(path, stop_before_pixels=True)
+        uid = str(header.get("SeriesInstanceUID", "") or "")
+        if _num_frames(header) > 1:
+            images.append(DicomSeriesFiles(uid, [name], multiframe=True))
+            continue
+        if header.get("ImagePositionPatient") is None or header.get("ImageOrientationPatient") is None:
+            offset = float(header.get("InstanceNumber", 0) or 0)  # read_dicom_series reports the missing tag
+        else:
+            position = _dicom_floats(header, path, "ImagePositionPatient", 3)
+            orientation = _dicom_floats(header, path, "ImageOrientationPatient", 6)
+            offset = float(position @ np.cross(orientation[:3], orientation[3:]))
+        grouped.setdefault(uid, []).append((offset, name))
+    for uid, entries in sorted(grouped.items()):
+        images.append(DicomSeriesFiles(uid, [name for _, name in sorted(entries)]))
+    return sorted(images, key=lambda s: (s.files[0], s.uid))
 
 
 def read_dicom_series(folder: str | os.PathLike, files: list[str] | None = None) -> MedicalImage:
     """One DICOM series as a (slices, rows, columns) float32 MedicalImage, slice k = file k.
 
     `files` are names inside `folder` in the order wanted; by default every ``*.dcm`` in sorted file-name
-    order (the CHAOS rule: never sorted by position). RescaleSlope / Intercept are applied. Geometry: spacing
-    (slice step, PixelSpacing row, column) with the slice step = |last - first ImagePositionPatient| / (n - 1);
-    the direction's slice column is the image-plane normal, signed along the file order. Any unreadable or
-    inconsistent file raises ImageReadError naming that file.
+    order (the CHAOS rule: never sorted by position). RescaleSlope / Intercept are applied. Geometry
+    (`dicom_series_geometry`): every slice's position projected on the slice normal; the steps must be
+    regular (a missing slice or uneven spacing is an error naming the series and the gap); spacing
+    (slice step, PixelSpacing row, column); the direction's slice column is the image-plane normal,
+    signed along the file order. A single multi-frame file is read as the volume it holds (its frames
+    ordered by position). Any unreadable or inconsistent file raises ImageReadError naming that file.
     """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise ImageReadError(folder, "missing", "DICOM folder does not exist")
@@ -437,30 +803,20 @@ def read_dicom_series(folder: str | os.PathLike, files: list[str] | None = None)
         files = sorted(n for n in os.listdir(folder) if n.lower().endswith(".dcm") and not n.startswith("."))
         if not files:
             raise ImageReadError(folder, "missing", "no *.dcm files in the DICOM folder")
-    slices, datasets = [], []
+    slices, datasets, paths = [], [], []
     for name in files:
         path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            raise _missing(path)
-        try:
-            dataset = pydicom.dcmread(path)
-            pixels = np.asarray(dataset.pixel_array, dtype=np.float32)
-        except (
-            InvalidDicomError,
-            AttributeError,
-            KeyError,
-            ValueError,
-            TypeError,
-            OSError,
-            EOFError,
-        ) as error:
+        dataset = _read_dicom_file(path)
+        if _num_frames(dataset) > 1:
+            if len(files) == 1:
+                return _read_multiframe(path, dataset)
             raise ImageReadError(
-                path, "unreadable", f"not a readable DICOM file ({type(error).__name__}: {error})"
-            ) from None
-        except Exception as error:  # noqa: BLE001 -- pydicom's pixel handlers raise many types
-            raise ImageReadError(
-                path, "unreadable", f"not a readable DICOM file ({type(error).__name__}: {error})"
-            ) from None
+                path,
+                "unsupported",
+                f"a multi-frame file ({_num_frames(dataset)} frames) among {len(files)} files of one series",
+            )
+        _unsupported_layout(dataset, path)
+        pixels = _dicom_pixels(dataset, path)
         if pixels.ndim != 2:
             raise ImageReadError(
                 path,
@@ -475,18 +831,16 @@ def read_dicom_series(folder: str | os.PathLike, files: list[str] | None = None)
         intercept = float(dataset.get("RescaleIntercept", 0.0))
         slices.append(pixels * slope + intercept)
         datasets.append(dataset)
+        paths.append(path)
     array = np.stack(slices)
-    for path_name, pixels in zip(files, slices, strict=True):
-        check_finite(os.path.join(folder, path_name), pixels)
-    geometry = dicom_series_geometry(
-        datasets[0], datasets[-1], len(files), os.path.join(folder, files[0]), os.path.join(folder, files[-1])
-    )
-    spacing, position_first, direction = geometry["spacing"], geometry["origin_xyz"], geometry["direction"]
+    for path, pixels in zip(paths, slices, strict=True):
+        check_finite(path, pixels)
+    geometry = dicom_series_geometry(datasets, paths)
     return MedicalImage(
         array=array,
-        spacing=spacing,
-        origin=tuple(float(v) for v in reversed(position_first)),
-        direction=direction,
+        spacing=geometry["spacing"],
+        origin=tuple(float(v) for v in reversed(geometry["origin_xyz"])),
+        direction=geometry["direction"],
         num_channels=1,
         path=folder,
     )

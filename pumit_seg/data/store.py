@@ -5,7 +5,7 @@ Layout of a store folder (written by ``pumit_pretrain prepare``, `pumit_seg.data
     STORE/store.json            format, version, the dataset config it was built from
     STORE/table.csv             one row per usable image (see `TABLE_COLUMNS`)
     STORE/report.csv            one row per unusable source file, with its reason
-    STORE/images/<key>.b2nd     the image, (C, D, H, W), depth first
+    STORE/images/<dataset>/<name>.<hash of the key>.b2nd    the image, (C, D, H, W), depth first
     STORE/parts/                per-part journals and tables (``--part K --num-parts N``), merged
 
 Images hold values in [0, 1] quantised to integers: 8-bit sources (PNG / JPEG, RGB or grey) exactly as
@@ -21,8 +21,10 @@ built for. Compression: ZSTD level 1 by default (see `ChunkConfig`).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -45,7 +47,7 @@ __all__ = [
 ]
 
 STORE_FORMAT = "pumit-pretrain-store"
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: per-array source identity and settings, hashed array file names
 
 # The CSV columns of table.csv, in order. `PretrainStore.table` adds `shape` (D, H, W) and `spacing`
 # (d, h, w mm) tuples built from the per-axis columns.
@@ -75,6 +77,8 @@ TABLE_COLUMNS = (
     "source_shape",  # depth-first source shape "D,H,W" before crop and resize
     "source_size",  # bytes and modification time of the source, to notice a changed file on rerun
     "source_mtime",
+    "source_files",  # 1 for a file; "<count>:<hash of the names>" for a DICOM folder
+    "settings",  # digest of the preprocessing settings the array was made with (store.json: settings)
 )
 REPORT_COLUMNS = ("source", "dataset", "reason", "message")
 
@@ -164,6 +168,8 @@ def read_table_csv(path: str) -> pd.DataFrame:
             "file": str,
             "crop": str,
             "source_shape": str,
+            "source_files": str,
+            "settings": str,
             "channels": np.int8,
             "aniso_d": np.int8,
             "scale": np.int32,
@@ -190,8 +196,15 @@ class StoreLayout:
         self.parts = os.path.join(self.root, "parts")
 
     def image_file(self, key: str) -> str:
-        """Relative path of an image's array."""
-        return f"images/{key}.b2nd"
+        """Relative path of an image's array: ``images/<dataset>/<readable name>.<hash of the key>.b2nd``.
+
+        The hash makes names unique whatever characters keys hold and on case-insensitive file systems;
+        the readable part keeps only letters, digits, '.', '_' and '-' (and at most 80 of them)."""
+        digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+        dataset, _, rest = key.partition("/")
+        readable = re.sub(r"[^A-Za-z0-9._-]+", "_", rest.rstrip("/").replace("/", "__")).strip("._")[-80:]
+        folder = re.sub(r"[^A-Za-z0-9._-]+", "_", dataset).strip("._")[:80] or "_"
+        return f"images/{folder}/{readable or 'image'}.{digest}.b2nd"
 
     def part_stem(self, part: int, num_parts: int) -> str:
         return os.path.join(self.parts, f"part-{part}-of-{num_parts}")

@@ -121,8 +121,8 @@ class Quantizer(nn.Module):
         if mode != "hard":
             self.proj = nn.Linear(in_channels, num_codes)
         self.embedding = nn.Embedding(num_codes, code_dim)
-        if mode == "hard":  # VQGAN's codebook initialisation
-            nn.init.uniform_(self.embedding.weight, -1.0 / num_codes, 1.0 / num_codes)
+        # uniform +-1/K in every mode, as the authors' tokenizer (and VQGAN); trained without weight decay
+        nn.init.uniform_(self.embedding.weight, -1.0 / num_codes, 1.0 / num_codes)
 
     def logits(self, features: Tensor) -> Tensor:
         """(B, C, d, h, w) encoder features -> (B, K, d, h, w) logits."""
@@ -243,6 +243,10 @@ class VisualTokenizer(nn.Module):
     @property
     def num_codes(self) -> int:
         return self.quantize.num_codes
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW must not decay besides biases and norms: the codebook, as the authors'."""
+        return {"quantize.embedding.weight"}
 
     # ---- the three stages -----------------------------------------------------------
 
