@@ -764,6 +764,63 @@ def build_plan_missing_label(tmp: Path) -> dict:
     return {**values, "missing": label}
 
 
+# run health and resumed options
+
+
+def build_nan_checkpoint(tmp: Path) -> dict:
+    """The tokenizer run of `build_export_run` whose checkpoint weights hold NaN (a diverged run)."""
+    import torch
+
+    values = build_export_run(tmp)
+    checkpoint = torch.load(values["checkpoint"], weights_only=True)
+    name = next(k for k, v in checkpoint["model"].items() if v.is_floating_point())
+    checkpoint["model"][name].view(-1)[0] = float("nan")
+    torch.save(checkpoint, values["checkpoint"])
+    return {**values, "exported": tmp / "exported.safetensors"}
+
+
+def _stopped_run(tmp: Path, kind: str, config) -> dict:
+    """A run folder stopped at step 3: a checkpoint recording the run's options (`config`) and its config.json.
+    The weights are left out: the options are compared before anything else is read."""
+    import dataclasses
+
+    import torch
+
+    run = Path(config.output_dir)
+    run.mkdir()
+    options = dataclasses.asdict(config)
+    torch.save({"format": 1, "kind": kind, "step": 3, "config": options}, run / "checkpoint_last.pt")
+    (run / "config.json").write_text(json.dumps({"kind": kind, **options}))
+    return {"run": run}
+
+
+def build_tokenizer_run(tmp: Path) -> dict:
+    """A `pumit_pretrain tokenizer --preset tiny --store {store} -o {run}` run stopped at step 3."""
+    from pumit_seg.trainers.pretrain_base import config_from_args
+    from pumit_seg.trainers.tokenizer_trainer import TokenizerConfig
+
+    options = {"preset": "tiny", "store": str(tmp / "store"), "output_dir": str(tmp / "run")}
+    config = config_from_args(TokenizerConfig, options)
+    return {"store": tmp / "store"} | _stopped_run(tmp, "tokenizer", config)
+
+
+def build_mim_run(tmp: Path) -> dict:
+    """A `pumit_pretrain mim --preset tiny --store {store} --tokenizer {tokenizer} -o {run}` run stopped at step 3."""
+    from pumit_seg.trainers.mim_trainer import MIMConfig
+    from pumit_seg.trainers.pretrain_base import config_from_args
+
+    values = build_mim_inputs(tmp)
+    options = {"preset": "tiny", "store": str(values["store"]), "output_dir": str(tmp / "mim_run"),
+               "tokenizer": str(values["tokenizer"])}  # fmt: skip
+    return values | _stopped_run(tmp, "mim", config_from_args(MIMConfig, options))
+
+
+TOKENIZER_TINY = ["pumit_pretrain", "tokenizer", "--preset", "tiny", "--store", "{store}", "-o", "{out}"]
+TOKENIZER_RUN = ["pumit_pretrain", "tokenizer", "--preset", "tiny", "--store", "{store}", "-o", "{run}"]
+MIM_RUN = ["pumit_pretrain", "mim", "--preset", "tiny", "--store", "{store}", "--tokenizer", "{tokenizer}",
+           "-o", "{run}"]  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------ CASES
 
 CASES = [
@@ -1735,6 +1792,56 @@ CASES = [
         "case case_a: missing {missing}",
         watch=("pre", "raw"),
         env={"nnUNet_raw": "{raw}", "nnUNet_preprocessed": "{pre}", "nnUNet_results": "{results}"},
+    ),
+    # run health and resumed options
+    Case(
+        "tokenizer-prior-weight-nan",
+        [*TOKENIZER_TINY, "--prior-weight", "nan"],
+        build_tokenizer_inputs,
+        "argument --prior-weight: must be a finite number, got 'nan'",
+        watch=("out",),
+    ),
+    Case(
+        "tokenizer-entropy-weight-inf",
+        [*TOKENIZER_TINY, "--entropy-weight", "inf"],
+        build_tokenizer_inputs,
+        "argument --entropy-weight: must be a finite number, got 'inf'",
+        watch=("out",),
+    ),
+    Case(
+        "tokenizer-gan-weight-nan",
+        [*TOKENIZER_TINY, "--gan-weight", "nan"],
+        build_tokenizer_inputs,
+        "argument --gan-weight: must be a finite number, got 'nan'",
+        watch=("out",),
+    ),
+    Case(
+        "export-nan-checkpoint",
+        ["pumit_pretrain", "export", "{checkpoint}", "-o", "{exported}"],
+        build_nan_checkpoint,
+        "{checkpoint}: the weights of step 3 are not finite .*--allow-non-finite",
+        watch=("run", "exported"),
+    ),
+    Case(
+        "tokenizer-resume-with-other-lr",
+        [*TOKENIZER_RUN, "--lr", "0.01"],
+        build_tokenizer_run,
+        "{run} holds a run \\(at step 3\\) started with other options: --lr 0.002 -> 0.01\\..*--allow-option-change",
+        watch=("run",),
+    ),
+    Case(
+        "tokenizer-resume-with-other-quantizer",
+        [*TOKENIZER_RUN, "--quantizer", "hard"],
+        build_tokenizer_run,
+        "{run} holds a run \\(at step 3\\) started with other options: --quantizer 'soft' -> 'hard'",
+        watch=("run",),
+    ),
+    Case(
+        "mim-resume-with-other-mask-ratio",
+        [*MIM_RUN, "--mask-ratio", "0.3"],
+        build_mim_run,
+        "{run} holds a run \\(at step 3\\) started with other options: --mask-ratio 0.55 -> 0.3",
+        watch=("run", "tokenizer"),
     ),
 ]
 

@@ -110,3 +110,17 @@ def test_cross_validation_best_configuration_ensemble_and_model_folder(tmp_path)
             assert prediction.GetSize() == reference.GetSize(), folder
             np.testing.assert_allclose(prediction.GetSpacing(), reference.GetSpacing(), rtol=1e-5)
             assert set(np.unique(sitk.GetArrayFromImage(prediction)).tolist()) <= labels, folder
+
+
+def test_nnunet_checkpoints_are_told_from_encoder_files(tmp_path):
+    """What `-pretrained_weights` hands to nnU-Net's loader (nnU-Net checkpoints) and what to the encoder loader."""
+    from pumit_seg.trainers.pumit_trainer import is_nnunet_checkpoint
+    from safetensors.torch import save_file
+
+    weights = {"blocks.0.weight": torch.zeros(2, 2)}
+    torch.save({"network_weights": weights, "trainer_name": "PUMITTrainer"}, tmp_path / "checkpoint_final.pth")
+    torch.save({"state_dict": weights}, tmp_path / "lightning.ckpt")
+    save_file(weights, tmp_path / "encoder.safetensors")
+    assert is_nnunet_checkpoint(str(tmp_path / "checkpoint_final.pth"))
+    assert not is_nnunet_checkpoint(str(tmp_path / "lightning.ckpt"))
+    assert not is_nnunet_checkpoint(str(tmp_path / "encoder.safetensors"))

@@ -211,7 +211,9 @@ class MIMHealth:
 # --------------------------------------------------------------------------------------
 
 
-def tokenizer_verdict(metrics: dict[str, float], thresholds: HealthThresholds = DEFAULT_THRESHOLDS) -> Verdict:
+def tokenizer_verdict(
+    metrics: dict[str, float], thresholds: HealthThresholds = DEFAULT_THRESHOLDS
+) -> Verdict:
     """collapsed: outputs ignore the input or codes are dead; stalled: no better than a crop's mean."""
     collapsed, stalled = [], []
     dependence = metrics.get("val_input_dependence", math.nan)
@@ -279,7 +281,9 @@ def record_health(output_dir, kind: str, step: int, verdict: Verdict, metrics: d
         history = json.loads(path.read_text())["validations"] if path.is_file() else []
     except (OSError, ValueError, KeyError):
         history = []
-    history = [entry for entry in history if entry.get("step", -1) < step]  # a resumed run rewrites later ones
+    history = [
+        entry for entry in history if entry.get("step", -1) < step
+    ]  # a resumed run rewrites later ones
     history.append(
         {
             "step": step,
