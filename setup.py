@@ -45,6 +45,7 @@ setup(
         "safetensors>=0.4",
         "numpy",
         "pydicom>=2.4",
+        "nibabel",  # FreeSurfer .mgh / .mgz and the NIfTI completeness checks of pumit_seg.data.readers
         "pillow",
         "matplotlib",
         "tqdm",

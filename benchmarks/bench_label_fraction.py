@@ -72,7 +72,7 @@ def fold_number(fraction: float, repeat: int) -> int:
 
 
 def tabulate(rows: list[dict]) -> str:
-    """Markdown table: one row per fraction, mean (and min..max over repeats) per method and metric."""
+    """Markdown table: one row per fraction, mean ± standard deviation (min..max) over repeats per method and metric."""
     fractions = sorted({row["fraction"] for row in rows})
     methods = [m for m in METHODS if any(row["method"] == m for row in rows)]
     header = ["fraction", "cases"] + [f"{metric} {method}" for metric in TABLE_METRICS for method in methods]
@@ -94,7 +94,28 @@ def _cell(values: list[float], digits: int) -> str:
     mean = float(np.mean(values))
     if len(values) == 1:
         return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ({min(values):.{digits}f}..{max(values):.{digits}f})"
+    spread = float(np.std(values, ddof=1)) if np.all(np.isfinite(values)) else float("nan")
+    return f"{mean:.{digits}f} ± {spread:.{digits}f} ({min(values):.{digits}f}..{max(values):.{digits}f})"
+
+
+def paired_differences(rows: list[dict], metric: str = "Dice") -> dict[float, dict]:
+    """Per fraction: pretrained - scratch of `metric` for each repeat (same seed, same split), mean and std."""
+    result = {}
+    for fraction in sorted({row["fraction"] for row in rows}):
+        by = {(row["method"], row["repeat"]): row[metric] for row in rows if row["fraction"] == fraction}
+        repeats = sorted({r for (_, r) in by})
+        deltas = [
+            by[("pretrained", r)] - by[("scratch", r)]
+            for r in repeats
+            if ("pretrained", r) in by and ("scratch", r) in by
+        ]
+        if deltas:
+            result[fraction] = {
+                "differences": [round(d, 4) for d in deltas],
+                "mean": float(np.mean(deltas)),
+                "std": float(np.std(deltas, ddof=1)) if len(deltas) > 1 else float("nan"),
+            }
+    return result
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
@@ -289,10 +310,26 @@ def write_tables(rows: list[dict], prefix: Path, description: dict) -> None:
     from pumit_seg.atomic import atomic_path, write_json_atomic
 
     table = tabulate(rows)
-    write_json_atomic(prefix.with_suffix(".json"), {**description, "runs": rows})
+    differences = paired_differences(rows)
+    write_json_atomic(
+        prefix.with_suffix(".json"),
+        {
+            **description,
+            "runs": rows,
+            "dice_pretrained_minus_scratch": {str(k): v for k, v in differences.items()},
+        },
+    )
     text = f"# What pre-training buys ({description.get('name', '')})\n\n"
     text += "".join(f"* {key}: {value}\n" for key, value in description.items() if key != "name")
-    text += f"\nForeground-mean Dice / ASSD (mm) / HD (mm) of the validation cases (pumit_evaluate, monai):\n\n{table}\n"
+    text += (
+        "\nForeground-mean Dice / ASSD (mm) / HD (mm) of the validation cases (pumit_evaluate, monai), "
+        f"mean ± sample standard deviation (min..max) over the seeds:\n\n{table}\n"
+    )
+    if differences:
+        text += "\nDice pretrained - scratch, paired by seed (same split, same seed):\n\n"
+        text += "| fraction | per seed | mean ± std |\n|---|---|---|\n"
+        for fraction, d in differences.items():
+            text += f"| {fraction:g} | {', '.join(f'{v:+.3f}' for v in d['differences'])} | {d['mean']:+.3f} ± {d['std']:.3f} |\n"
     with atomic_path(prefix.with_suffix(".md")) as tmp:
         Path(tmp).write_text(text)
     plot(rows, prefix.with_suffix(".png"), f"label fractions: {description.get('name', '')}")
@@ -304,6 +341,8 @@ def write_tables(rows: list[dict], prefix: Path, description: dict) -> None:
 # --------------------------------------------------------------------------------------
 
 TINY_DATASET_ID = 977
+# the demo's pre-training budget (pumit_seg.demo, setting "demo")
+TINY_TOKENIZER_STEPS, TINY_RECONSTRUCTION_STEPS, TINY_MIM_STEPS = 2000, 1000, 400
 TINY_PLAN_ARGS = [
     "--model", "tiny", "--patch_size_3d", "8", "64", "64", "--decoder_channels", "16", "32", "32", "32",
     "--full_res_channels", "8", "16", "--batch_size", "2",
@@ -318,6 +357,37 @@ def run_step(command: list[str], env: dict, log: Path) -> None:
         f.write(f"$ {' '.join(command)}\n{result.stdout}\n{result.stderr}\n")
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed; see {log}:\n{result.stderr[-3000:]}")
+
+
+def machine_load() -> str:
+    """`uptime`'s line: other jobs on a shared machine slow CPU trainings down."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "load average " + " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def pretraining_health(work: Path) -> str:
+    """The pre-training runs' last verdicts and numbers against their baselines (their health.json)."""
+    parts = []
+    for name, folder in (("tokenizer", "tokenizer"), ("MIM", "mim")):
+        path = work / folder / "health.json"
+        if not path.is_file():
+            parts.append(f"{name}: no health.json")
+            continue
+        last = json.loads(path.read_text())["validations"][-1]
+        m = last["metrics"]
+        if name == "tokenizer":
+            numbers = (
+                f"L1 {m['val_l1']:.3f} (per-crop mean {m['val_l1_crop_mean']:.3f}, token blocks "
+                f"{m['val_l1_token_blocks']:.3f}), input dependence {m['val_input_dependence']:.2f}"
+            )
+        else:
+            numbers = (
+                f"masked-token accuracy {m['accuracy']:.3f} (majority code {m['accuracy_majority']:.3f})"
+            )
+        parts.append(f"{name} {last['status']} at step {last['step']}: {numbers}")
+    return "; ".join(parts)
 
 
 def tiny(args) -> None:
@@ -339,7 +409,8 @@ def tiny(args) -> None:
         if not (store / "table.csv").exists():
             run_step([str(bin_dir / "pumit_pretrain"), "prepare", str(config), "-o", str(store)], env, log)
         run_step([str(bin_dir / "pumit_pretrain"), "tokenizer", "--store", str(store), "-o", str(work / "tokenizer"),
-                  "--preset", "tiny", "--max-steps", str(args.tokenizer_steps)], env, log)  # fmt: skip
+                  "--preset", "tiny", "--max-steps", str(args.tokenizer_steps),
+                  "--reconstruction-steps", str(args.reconstruction_steps)], env, log)  # fmt: skip
         run_step([str(bin_dir / "pumit_pretrain"), "mim", "--store", str(store), "-o", str(work / "mim"),
                   "--tokenizer", str(work / "tokenizer" / "tokenizer.safetensors"), "--preset", "tiny",
                   "--max-steps", str(args.mim_steps)], env, log)  # fmt: skip
@@ -363,12 +434,15 @@ def tiny(args) -> None:
         "name": "tiny CPU configuration",
         "command": "python benchmarks/bench_label_fraction.py tiny " + " ".join(sys.argv[2:]),
         "pre-training": f"phantom corpus (pumit_seg.data.pretrain_phantoms), tokenizer --preset tiny "
-        f"{args.tokenizer_steps} steps, mim --preset tiny {args.mim_steps} steps (tiny ViT: width 64, 4 blocks)",
+        f"{args.tokenizer_steps} steps (the first {args.reconstruction_steps} on reconstruction alone), "
+        f"mim --preset tiny {args.mim_steps} steps (tiny ViT: width 64, 4 blocks)",
+        "pre-training health (last held-out validation)": pretraining_health(work),
         "segmentation": f"{args.num_cases} phantom CT cases 16x64x64 at 3x0.75x0.75 mm "
         f"(pumit_seg.data.synthetic), 3d_fullres, patch 8x64x64, aniso_d 2",
         "budget": f"{args.epochs} epochs x {args.iterations} iterations, lr {args.lr}, warm-up "
         f"{args.warmup_fraction:g}, no mirroring, seed {args.seed}, {args.repeats} repeat(s)",
         "device": f"{args.device} ({os.cpu_count()} cores, shared with other jobs)",
+        "load at start (uptime)": machine_load(),
         "planned runs": len(args.fractions) * len(args.methods) * args.repeats,
     }
     from pumit_seg.atomic import write_json_atomic
@@ -377,6 +451,7 @@ def tiny(args) -> None:
     start = time.perf_counter()
     rows = run_benchmark(args)
     description["wall time (benchmark part)"] = f"{time.perf_counter() - start:.0f} s"
+    description["load at end (uptime)"] = machine_load()
     write_tables(rows, Path(args.table), description)
 
 
@@ -442,8 +517,12 @@ def main(argv: list[str] | None = None) -> None:
     add_benchmark_arguments(run_parser, tiny_defaults=False)
     tiny_parser = commands.add_parser("tiny", help="the tiny CPU configuration, pre-training included")
     tiny_parser.add_argument("--num-cases", type=int, default=12, help="phantom segmentation cases")
-    tiny_parser.add_argument("--tokenizer-steps", type=int, default=200)
-    tiny_parser.add_argument("--mim-steps", type=int, default=300)
+    tiny_parser.add_argument("--tokenizer-steps", type=int, default=TINY_TOKENIZER_STEPS)
+    tiny_parser.add_argument(
+        "--reconstruction-steps", type=int, default=TINY_RECONSTRUCTION_STEPS,
+        help="tokenizer steps on reconstruction alone before the soft-token regularisers switch on",
+    )  # fmt: skip
+    tiny_parser.add_argument("--mim-steps", type=int, default=TINY_MIM_STEPS)
     tiny_parser.add_argument("--table", default=str(RESULTS_DIR / "label_fraction_tiny"))
     add_benchmark_arguments(tiny_parser, tiny_defaults=True)
     table_parser = commands.add_parser("table", help="tables from a benchmark folder (finished or not)")

@@ -27,7 +27,6 @@ shared with other jobs: wall times then move with their load, which is why the t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -97,7 +96,9 @@ def train(root: Path, label: str, iterations: int) -> float:
         return 0.0
     trainer_name, plans = TRAINERS[label]
     start = time.perf_counter()
-    trainer = get_trainer_from_args(str(TRAIN_ID), "3d_fullres", 0, trainer_name, plans, device=torch.device("cpu"))
+    trainer = get_trainer_from_args(
+        str(TRAIN_ID), "3d_fullres", 0, trainer_name, plans, device=torch.device("cpu")
+    )
     trainer.num_epochs = 1
     trainer.num_iterations_per_epoch = iterations
     trainer.num_val_iterations_per_epoch = 1
@@ -115,7 +116,9 @@ def predictors(root: Path, args) -> dict:
             tile_step_size=args.step_size, use_gaussian=True, use_mirroring=args.mirroring,
             perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False,
         )  # fmt: skip
-        predictor.initialize_from_trained_model_folder(str(model_folder(root, label)), (0,), "checkpoint_final.pth")
+        predictor.initialize_from_trained_model_folder(
+            str(model_folder(root, label)), (0,), "checkpoint_final.pth"
+        )
         result[label] = predictor
     return result
 
@@ -172,7 +175,9 @@ def time_predictions(predictors: dict, volumes: list[Path], repeats: int) -> lis
                 row[label]["load_average_1min"] = round(os.getloadavg()[0], 2)
         for label in labels:
             row[label]["median_seconds"] = sorted(row[label]["seconds"])[len(row[label]["seconds"]) // 2]
-        row["ratio_pumit_over_nnunet"] = round(row["pumit"]["median_seconds"] / row["nnunet"]["median_seconds"], 3)
+        row["ratio_pumit_over_nnunet"] = round(
+            row["pumit"]["median_seconds"] / row["nnunet"]["median_seconds"], 3
+        )
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -193,8 +198,6 @@ def forward_parts(predictors: dict, repeats: int) -> dict:
     import torch
     from nnunetv2.configuration import default_num_processes
 
-    from pumit_seg.models.vit import tokens_to_grid
-
     threads = torch.get_num_threads()
     torch.set_num_threads(min(default_num_processes, threads))
     result = {"threads": torch.get_num_threads()}
@@ -202,31 +205,39 @@ def forward_parts(predictors: dict, repeats: int) -> dict:
         for label, predictor in predictors.items():
             network = predictor.network.eval()
             patch = predictor.configuration_manager.patch_size
-            torch.manual_seed(0)
-            x = torch.randn(1, network.input_channels if hasattr(network, "input_channels") else 1, *patch)
-            with torch.inference_mode():
-                network(x)  # warm-up
-                parts = {"whole": _median_time(lambda: network(x), repeats)}
-                if label == "pumit":
-                    aniso_d = network.aniso_d
-                    encoded = network.encoder(x, aniso_d, return_blocks=tuple(network.pyramid_blocks))
-                    features = [tokens_to_grid(t[:, 1:], encoded.grid) for t in encoded.block_outputs]
-                    skips = network.full_res_branch(x, aniso_d) + network.pyramid(features, aniso_d)
-                    parts["encoder"] = _median_time(
-                        lambda: network.encoder(x, aniso_d, return_blocks=tuple(network.pyramid_blocks)), repeats
-                    )
-                    parts["full_res_branch"] = _median_time(lambda: network.full_res_branch(x, aniso_d), repeats)
-                    parts["pyramid"] = _median_time(lambda: network.pyramid(features, aniso_d), repeats)
-                    parts["decoder"] = _median_time(lambda: network.decoder(skips, aniso_d), repeats)
-                else:
-                    skips = network.encoder(x)
-                    parts["encoder"] = _median_time(lambda: network.encoder(x), repeats)
-                    parts["decoder"] = _median_time(lambda: network.decoder(skips), repeats)
-            result[label] = {"patch": list(patch), **{k: round(v, 4) for k, v in parts.items()}}
+            result[label] = {"patch": list(patch), **_network_parts(label, network, patch, repeats)}
             result[label]["parameters"] = sum(p.numel() for p in network.parameters())
     finally:
         torch.set_num_threads(threads)
     return result
+
+
+def _network_parts(label: str, network, patch, repeats: int) -> dict:
+    import torch
+
+    from pumit_seg.models.vit import tokens_to_grid
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, *patch)
+    with torch.inference_mode():
+        network(x)  # warm-up
+        parts = {"whole": _median_time(lambda: network(x), repeats)}
+        if label == "pumit":
+            aniso_d, blocks = network.aniso_d, tuple(network.pyramid_blocks)
+            encoded = network.encoder(x, aniso_d, return_blocks=blocks)
+            features = [tokens_to_grid(t[:, 1:], encoded.grid) for t in encoded.block_outputs]
+            skips = network.full_res_branch(x, aniso_d) + network.pyramid(features, aniso_d)
+            parts["encoder"] = _median_time(
+                lambda: network.encoder(x, aniso_d, return_blocks=blocks), repeats
+            )
+            parts["full_res_branch"] = _median_time(lambda: network.full_res_branch(x, aniso_d), repeats)
+            parts["pyramid"] = _median_time(lambda: network.pyramid(features, aniso_d), repeats)
+            parts["decoder"] = _median_time(lambda: network.decoder(skips, aniso_d), repeats)
+        else:
+            skips = network.encoder(x)
+            parts["encoder"] = _median_time(lambda: network.encoder(x), repeats)
+            parts["decoder"] = _median_time(lambda: network.decoder(skips), repeats)
+    return {k: round(v, 4) for k, v in parts.items()}
 
 
 def forward_flops(predictors: dict) -> dict:
@@ -243,6 +254,87 @@ def forward_flops(predictors: dict) -> dict:
             network(torch.zeros(1, 1, *patch))
         result[label] = float(counter.get_total_flops())
     return result
+
+
+def measure_inference_cuts(predictor, volume: Path, repeats: int) -> dict:
+    """Each inference cut undone (a copy of the PUMIT network) next to the network as it is: one tile's forward
+    pass (`repeats` times) and the sliding window over `volume` (twice), taking turns, and the largest
+    difference of the logits."""
+    import copy
+
+    import torch
+    from nnunetv2.configuration import default_num_processes
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from pumit_seg.planners.step_cost import INFERENCE_CUTS, without_inference_cut
+
+    image = torch.from_numpy(
+        SimpleITKIO().read_images([str(volume)])[0]
+    ).float()  # raw intensities: cost only
+    patch = predictor.configuration_manager.patch_size
+    now = predictor.network.eval()
+    result = {}
+    threads = torch.get_num_threads()
+    for cut, description in INFERENCE_CUTS.items():
+        variants = {"after": now, "before": without_inference_cut(copy.deepcopy(now), cut)}
+        torch.manual_seed(0)
+        x = torch.randn(1, image.shape[0], *patch)
+        tile = {name: [] for name in variants}
+        window = {name: [] for name in variants}
+        outputs = {}
+        torch.set_num_threads(min(default_num_processes, threads))
+        try:
+            with torch.inference_mode():
+                for name, network in variants.items():
+                    outputs[name] = network(x)  # warm-up
+                for _ in range(repeats):
+                    for name, network in variants.items():
+                        start = time.perf_counter()
+                        network(x)
+                        tile[name].append(time.perf_counter() - start)
+        finally:
+            torch.set_num_threads(threads)
+        for _ in range(2):
+            for name, network in variants.items():
+                predictor.network = network
+                start = time.perf_counter()
+                predictor.predict_logits_from_preprocessed_data(image)
+                window[name].append(time.perf_counter() - start)
+        predictor.network = now
+        result[cut] = {
+            "description": description,
+            "tile_seconds": {k: [round(t, 4) for t in v] for k, v in tile.items()},
+            "sliding_window_seconds": {k: [round(t, 3) for t in v] for k, v in window.items()},
+            "volume": volume.name,
+            "max_abs_logit_difference": float((outputs["after"] - outputs["before"]).abs().max()),
+            "max_abs_logit": float(outputs["after"].abs().max()),
+        }
+        print(json.dumps({cut: result[cut]}), flush=True)
+    return result
+
+
+def cut_lines(cuts: dict) -> list[str]:
+    lines = [
+        "Inference cost cuts: each undone (before) next to the network as it is (after), taking turns; minimum "
+        "and median seconds (the minimum is the least disturbed by other jobs).",
+        "",
+        "| cut | one tile min before / after | median before / after | sliding window (one volume) min before / "
+        "after | largest logit difference | what it is |",
+        "|---|---|---|---|---|---|",
+    ]
+    for cut, entry in cuts.items():
+        tile, window = entry["tile_seconds"], entry["sliding_window_seconds"]
+
+        def median(values):
+            return sorted(values)[len(values) // 2]
+
+        lines.append(
+            f"| {cut} | {min(tile['before']):.3f} / {min(tile['after']):.3f} s "
+            f"({min(tile['after']) / min(tile['before']) - 1:+.0%}) | {median(tile['before']):.3f} / "
+            f"{median(tile['after']):.3f} s | {min(window['before']):.2f} / {min(window['after']):.2f} s "
+            f"({min(window['after']) / min(window['before']) - 1:+.0%}) | {entry['max_abs_logit_difference']:.1e} "
+            f"(logits up to {entry['max_abs_logit']:.1f}) | {entry['description']} |"
+        )
+    return lines
 
 
 def markdown(result: dict) -> str:
@@ -286,13 +378,15 @@ def markdown(result: dict) -> str:
     ]
     for label in ("pumit", "nnunet"):
         entry = parts[label]
-        part_text = ", ".join(f"{k} {v:.3f}" for k, v in entry.items() if k not in ("patch", "whole", "parameters"))
+        part_text = ", ".join(
+            f"{k} {v:.3f}" for k, v in entry.items() if k not in ("patch", "whole", "parameters")
+        )
         lines.append(
             f"| {label} | {entry['parameters'] / 1e6:.1f} M | {flops[label] / 1e9:.1f} | {entry['whole']:.3f} | "
             f"{part_text} |"
         )
     if result.get("cuts"):
-        lines += ["", *result["cuts_text"]]
+        lines += ["", *cut_lines(result["cuts"])]
     if result.get("notes"):
         lines += ["", *[f"* {note}" for note in result["notes"]]]
     return "\n".join(lines)
@@ -300,13 +394,23 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work-dir", default=None, help="datasets and models (kept; default: a temporary folder)")
-    parser.add_argument("--model", default="base", choices=["tiny", "base"], help="PUMIT ViT size (default base)")
+    parser.add_argument(
+        "--work-dir", default=None, help="datasets and models (kept; default: a temporary folder)"
+    )
+    parser.add_argument(
+        "--model", default="base", choices=["tiny", "base"], help="PUMIT ViT size (default base)"
+    )
     parser.add_argument("--iterations", type=int, default=5, help="training iterations per model (default 5)")
     parser.add_argument("--volumes", type=int, default=3, help="prediction volumes (default 3)")
-    parser.add_argument("--volume-shape", type=int, nargs=3, default=[24, 128, 128], help="about D H W voxels")
-    parser.add_argument("--repeats", type=int, default=1, help="predictions of each volume per model (default 1)")
-    parser.add_argument("--part-repeats", type=int, default=5, help="timed forward passes per part (default 5)")
+    parser.add_argument(
+        "--volume-shape", type=int, nargs=3, default=[24, 128, 128], help="about D H W voxels"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="predictions of each volume per model (default 1)"
+    )
+    parser.add_argument(
+        "--part-repeats", type=int, default=5, help="timed forward passes per part (default 5)"
+    )
     parser.add_argument("--step-size", type=float, default=0.5, help="sliding-window step (nnU-Net's 0.5)")
     parser.add_argument("--mirroring", action="store_true", help="test-time mirroring for both models")
     parser.add_argument("--output", default=str(RESULTS / "predict_cpu"), help="results path without suffix")
@@ -321,8 +425,9 @@ def main(argv: list[str] | None = None) -> None:
     load_before = [round(v, 2) for v in os.getloadavg()]
     setup = prepare(work, env, args)
     training_seconds = {label: round(train(work, label, args.iterations), 1) for label in TRAINERS}
-    import torch
     from importlib.metadata import version
+
+    import torch
 
     found = predictors(work, args)
     volumes = sorted((work / "nnUNet_raw" / PREDICT_NAME / "imagesTs").glob("*_0000.nii.gz"))
@@ -341,10 +446,12 @@ def main(argv: list[str] | None = None) -> None:
         "forward_parts": parts,
         "forward_flops": forward_flops(found),
     }  # fmt: skip
-    with contextlib.suppress(ImportError):
-        from predict_cuts import measure_cuts  # benchmarks/predict_cuts.py
-
-        result["cuts"], result["cuts_text"] = measure_cuts(found["pumit"], args.part_repeats)
+    result["cuts"] = measure_inference_cuts(found["pumit"], volumes[0], args.part_repeats)
+    result["notes"] = [
+        f"{label}: the trained model already in --work-dir was used (trained by an earlier run, same settings)"
+        for label, seconds in training_seconds.items()
+        if seconds == 0
+    ]
     result["machine"]["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
     from pumit_seg.atomic import atomic_path, write_json_atomic
 

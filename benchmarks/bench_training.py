@@ -159,7 +159,11 @@ def nnunet_optimizer(network):
 def nnunet_factory(config: dict):
     """nnU-Net's default network for the configuration (``nnunet_features``: narrower widths, smoke runs only)."""
     return lambda: nnunet_default_network(
-        config["patch"], config["spacing"], config["channels"], config["classes"], **config.get("nnunet_features", {})
+        config["patch"],
+        config["spacing"],
+        config["channels"],
+        config["classes"],
+        **config.get("nnunet_features", {}),
     )
 
 

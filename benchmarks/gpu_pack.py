@@ -50,6 +50,7 @@ import time
 import traceback
 from pathlib import Path
 
+PACK_START = time.monotonic()  # the budget counts from here, imports included
 BENCHMARKS = Path(__file__).resolve().parent
 RESULTS = BENCHMARKS / "results"
 DEFAULT_BUDGET_S = 480.0  # 8 minutes of wall time, start-up included
@@ -246,10 +247,35 @@ def planner_estimate(config: dict) -> dict:
     return {"estimate_bytes": estimate, "estimate_bytes_without_overhead": estimate - model.overhead_bytes}
 
 
+_FLOPS_CACHE: dict = {}
+
+
+def model_flops(label: str, factory, config: dict, input_shape) -> float:
+    """Model FLOPs of one training step (forward + backward): from ``benchmarks/results/training_cpu.json``
+    where it holds this configuration (bench_training.py counted them on fake tensors), else counted now
+    (fake tensors on the CPU: exact, no device time, ~10-60 s for the paper's configuration)."""
+    from pumit_seg.planners.step_cost import step_flops
+
+    key = (label, json.dumps(config, sort_keys=True))
+    if key not in _FLOPS_CACHE:
+        keys = ("model", "aniso_d", "patch", "batch", "channels", "classes", "spacing", "arch")
+        with contextlib.suppress(Exception):
+            for row in json.loads((RESULTS / "training_cpu.json").read_text())["rows"]:
+                if (
+                    all(row["config"].get(k) == config.get(k) for k in keys)
+                    and "nnunet_features" not in config
+                ):
+                    flops = row[label]["flops"]
+                    _FLOPS_CACHE[key] = flops["forward"] + flops["backward"]
+        if key not in _FLOPS_CACHE:
+            flops = step_flops(factory, input_shape)
+            _FLOPS_CACHE[key] = flops["forward"] + flops["backward"]
+    return _FLOPS_CACHE[key]
+
+
 def row_training(spec: dict, device, compiled: bool, compile_backend: str, notes: list[str], partial: dict):
     import torch
     from bench_training import wall_times
-    from pumit_seg.planners.step_cost import step_flops
 
     config = spec["train"]
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
@@ -265,8 +291,9 @@ def row_training(spec: dict, device, compiled: bool, compile_backend: str, notes
                 factory, make_optimizer, input_shape, device, autocast_dtype
             )
     for label, (factory, _) in networks.items():
-        flops = step_flops(factory, input_shape)  # fake tensors: exact, costs no device time
-        partial.setdefault(label, {})["model_flops_per_step"] = flops["forward"] + flops["backward"]
+        partial.setdefault(label, {})["model_flops_per_step"] = model_flops(
+            label, factory, config, input_shape
+        )
     if compiled:
         partial["compile_backend"] = compile_backend
         torch._dynamo.reset()
@@ -286,7 +313,9 @@ def row_training(spec: dict, device, compiled: bool, compile_backend: str, notes
     peak = bf16_peak_tflops(device_name(device)) if device.type == "cuda" else None
     for label, wall in walls.items():
         entry = partial[label]
-        entry["ms_per_step"] = {k: round(1000 * v, 3) for k, v in wall.items() if k != "max_memory_allocated_bytes"}
+        entry["ms_per_step"] = {
+            k: round(1000 * v, 3) for k, v in wall.items() if k != "max_memory_allocated_bytes"
+        }
         entry["mfu_bf16"] = (
             round(entry["model_flops_per_step"] / wall["step"] / (peak * 1e12), 4) if peak else None
         )
@@ -353,7 +382,11 @@ def row_predict(spec: dict, device, notes: list[str], partial: dict):
     builders = {
         "pumit": lambda: PUMITSegNet(config["channels"], config["classes"], False, **arch_kwargs),
         "nnunet": lambda: nnunet_default_network(
-            config["patch"], config["spacing"], config["channels"], config["classes"], deep_supervision=False,
+            config["patch"],
+            config["spacing"],
+            config["channels"],
+            config["classes"],
+            deep_supervision=False,
             **config.get("nnunet_features", {}),
         ),
     }
@@ -362,7 +395,9 @@ def row_predict(spec: dict, device, notes: list[str], partial: dict):
         torch.manual_seed(0)
         networks[label] = build().to(device).eval()
     torch.manual_seed(1)
-    volume = torch.randn(config["channels"], *predict["volume"])  # on the CPU, as nnU-Net's preprocessing gives it
+    volume = torch.randn(
+        config["channels"], *predict["volume"]
+    )  # on the CPU, as nnU-Net's preprocessing gives it
     steps = compute_steps_for_sliding_window(predict["volume"], config["patch"], predict["tile_step_size"])
     partial.update(
         volume=predict["volume"], patch=config["patch"], tile_step_size=predict["tile_step_size"],
@@ -371,7 +406,7 @@ def row_predict(spec: dict, device, notes: list[str], partial: dict):
         seconds_per_volume={},
     )  # fmt: skip
     # warm-up: one tile each (cuDNN picks its kernels; nnU-Net's predictor turns cudnn.benchmark on)
-    for label, network in networks.items():
+    for network in networks.values():
         predictor = nnunet_predictor(network, config["patch"], config["classes"], None, 0.5, device)
         predictor.predict_sliding_window_return_logits(torch.zeros(config["channels"], *config["patch"]))
     for mirroring in (False, True):
@@ -429,7 +464,9 @@ def row_tokenizer(spec: dict, device, notes: list[str], partial: dict):
     from pumit_seg.trainers.tokenizer_trainer import TokenizerConfig
 
     tokenizer = spec["tokenizer"]
-    partial.update(preset=tokenizer["preset"], requested_batch=tokenizer["batch"], lpips="off (no weights here)")
+    partial.update(
+        preset=tokenizer["preset"], requested_batch=tokenizer["batch"], lpips="off (no weights here)"
+    )
 
     def run(batch):
         values = {
@@ -446,10 +483,13 @@ def row_tokenizer(spec: dict, device, notes: list[str], partial: dict):
         trainer = BenchTokenizerTrainer(config)
         try:
             in_plane, deepest = config.crop_in_plane, config.crop_depth_units * 16
-            runs = {}
+            runs = partial.setdefault("runs", {})  # kept as they come: a timed-out row keeps what it measured
             for kind, depth, aniso_d in (("2D", 1, 5), ("3D", deepest, 0)):
                 runs[kind] = time_steps(
-                    trainer, RandomCropLoader(batch, depth, in_plane, aniso_d), tokenizer["warmup"], tokenizer["steps"]
+                    trainer,
+                    RandomCropLoader(batch, depth, in_plane, aniso_d),
+                    tokenizer["warmup"],
+                    tokenizer["steps"],
                 )
             partial["precision"] = trainer.precision
             partial["parameters"] = sum(p.numel() for p in trainer.model.parameters())
@@ -458,7 +498,11 @@ def row_tokenizer(spec: dict, device, notes: list[str], partial: dict):
             trainer.close()
             free_memory()
 
-    runs, batch = with_halving_batch(run, tokenizer["batch"], notes)
+    def run_fresh(batch):
+        partial["runs"] = {}
+        return run(batch)
+
+    runs, batch = with_halving_batch(run_fresh, tokenizer["batch"], notes)
     partial.update(batch=batch, runs=runs)
     return partial
 
@@ -469,7 +513,7 @@ def row_tokenizer(spec: dict, device, notes: list[str], partial: dict):
 def run_pack(args) -> dict:
     import torch
 
-    started = time.monotonic()
+    started = PACK_START
     reduced = args.reduced
     spec = REDUCED if reduced else FULL
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -478,7 +522,11 @@ def run_pack(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     name = device_name(device)
-    stem = "gpu_" + "".join(c if c.isalnum() or c in "-." else "_" for c in name) + ("_reduced" if reduced else "")
+    stem = (
+        "gpu_"
+        + "".join(c if c.isalnum() or c in "-." else "_" for c in name)
+        + ("_reduced" if reduced else "")
+    )
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result = {
@@ -491,7 +539,9 @@ def run_pack(args) -> dict:
         "rows": {},
     }  # fmt: skip
     runners = {
-        "train_eager": lambda notes, partial: row_training(spec, device, False, spec["compile_backend"], notes, partial),
+        "train_eager": lambda notes, partial: row_training(
+            spec, device, False, spec["compile_backend"], notes, partial
+        ),
         "predict": lambda notes, partial: row_predict(spec, device, notes, partial),
         "mim": lambda notes, partial: row_mim(spec, device, notes, partial),
         "tokenizer": lambda notes, partial: row_tokenizer(spec, device, notes, partial),
@@ -553,8 +603,8 @@ def _gib(value) -> str:
 def markdown(result: dict) -> str:
     env = result["environment"]
     lines = [
-        f"# GPU measurement pack: {env['device_name']}" + (" (reduced CPU smoke form: figures mean nothing)"
-                                                           if result["reduced"] else ""),
+        f"# GPU measurement pack: {env['device_name']}"
+        + (" (reduced CPU smoke form: figures mean nothing)" if result["reduced"] else ""),
         "",
         f"Command: `{result['command']}`; {result['elapsed_s']} s of a {result['budget_s']:.0f} s budget.",
         "",
@@ -597,7 +647,9 @@ def _row_lines(name: str, entry: dict, result: dict) -> list[str]:
         p, n = entry["pumit"], entry["nnunet"]
         for key in ("forward", "backward", "optimizer", "step"):
             a, b = p["ms_per_step"][key], n["ms_per_step"][key]
-            lines.append(f"| ms {key} | {a:.1f} | {b:.1f} | {a / b:.2f} |" if b else f"| ms {key} | {a} | {b} | |")
+            lines.append(
+                f"| ms {key} | {a:.1f} | {b:.1f} | {a / b:.2f} |" if b else f"| ms {key} | {a} | {b} | |"
+            )
         lines.append(
             f"| model TFLOP per step | {p['model_flops_per_step'] / 1e12:.3g} | {n['model_flops_per_step'] / 1e12:.3g} | |"
         )
@@ -647,7 +699,7 @@ def _row_lines(name: str, entry: dict, result: dict) -> list[str]:
         ]
     elif name == "tokenizer" and "runs" in entry:
         lines += [
-            f"Preset {entry['preset']}, batch {entry['batch']} (requested {entry['requested_batch']}), precision "
+            f"Preset {entry['preset']}, batch {entry.get('batch', 'n/a')} (requested {entry['requested_batch']}), precision "
             f"{entry.get('precision')}, LPIPS {entry['lpips']}.",
             "",
             "| crops | aniso_d | batch | steps/s | samples/s |",
@@ -663,9 +715,13 @@ def _row_lines(name: str, entry: dict, result: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reduced", action="store_true", help="tiny shapes, one timed step each (smoke form)")
+    parser.add_argument(
+        "--reduced", action="store_true", help="tiny shapes, one timed step each (smoke form)"
+    )
     parser.add_argument("--allow-cpu", action="store_true", help="with --reduced: run on the CPU")
-    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="wall-time budget (default 480)")
+    parser.add_argument(
+        "--budget-s", type=float, default=DEFAULT_BUDGET_S, help="wall-time budget (default 480)"
+    )
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="run only these rows")
     parser.add_argument("--out-dir", default=str(RESULTS), help="where gpu_<device>.{json,md} go")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -15,8 +15,11 @@ per DICOM file, in that order, with the DICOM's rows and columns.
 ``export`` takes nnU-Net predictions of converted cases (``nnUNetv2_predict`` on ``imagesTs``) and writes
 ``Task1``..``Task5`` as the available modalities allow (CT -> Task2; MR -> Tasks 3 and 5; both -> all five),
 MR grey values 63 / 126 / 189 / 252 (liver only, 63, in Tasks 1 and 3), CT liver 255, and a zip with the
-Task folders at its root. ``score`` compares a results tree with the ground-truth PNG stacks under the
-official CHAOS conventions (``metrics`` module, convention ``chaos``) and scores.
+Task folders at its root. A predicted label that no CHAOS organ of the modality has is an error naming the
+file (``--allow_unknown_labels`` exports it as background and lists it in ``export_summary.json``); an
+existing output folder or zip is replaced only with ``--overwrite``. ``score`` compares a results tree with
+the ground-truth PNG stacks under the official CHAOS conventions (``metrics`` module, convention ``chaos``)
+and scores.
 """
 
 from __future__ import annotations

@@ -335,15 +335,16 @@ def main(argv=None) -> None:
     )
     args = parser.parse_args(argv)
     with exit_on_bad_input(parser):
+        # before any case is read: the outputs must be writable, new (or --overwrite) and none of the inputs
         output = args.o if args.o is not None else os.path.join(args.pred_folder, "summary.json")
-        if not output.endswith(".json"):
-            raise ValueError(f"-o {output}: the output file must end with .json")
-        inputs = (args.ref_folder, args.pred_folder, args.djfile)
-        option = "-o" if args.o is not None else "the default output"
-        check_output_path(output, overwrite=args.overwrite, inputs=inputs, option=option)
-        check_output_path(
-            output[: -len(".json")] + ".csv", overwrite=args.overwrite, inputs=inputs, option="the table"
-        )
+        if output:  # -o '' writes nothing
+            if not output.endswith(".json"):
+                raise ValueError(f"-o {output}: the output file must end with .json")
+            inputs = (args.ref_folder, args.pred_folder, args.djfile)
+            option = "-o" if args.o is not None else "the default output"
+            check_output_path(output, overwrite=args.overwrite, inputs=inputs, option=option)
+            table = output[: -len(".json")] + ".csv"
+            check_output_path(table, overwrite=args.overwrite, inputs=inputs, option="the table")
         summary = evaluate_folder(
             args.ref_folder,
             args.pred_folder,

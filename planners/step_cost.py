@@ -15,6 +15,8 @@ shapes and dtypes are real, storage is not, so the paper's ViT-B at 48x192x192 x
   fragmentation are not in it.
 * Cost cuts (`COST_CUTS`): what was done to make a step cheaper, each with a way to build the network
   without it (`network_without_cut`), so that ``benchmarks/bench_training.py`` shows it before and after.
+  `INFERENCE_CUTS` are the same for prediction (no autograd), undone by `without_inference_cut` and measured
+  by ``benchmarks/bench_predict.py``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ __all__ = [
     "nnunet_default_network",
     "COST_CUTS",
     "network_without_cut",
+    "INFERENCE_CUTS",
+    "without_inference_cut",
 ]
 
 
@@ -308,3 +312,30 @@ def network_without_cut(
         return network
 
     return factory, ({"fused": False} if cut == "fused_adamw" else {})
+
+
+# What makes PUMITSegNet's prediction (a forward pass without autograd) cheaper; each is undone on a built
+# network by `without_inference_cut` and measured by benchmarks/bench_predict.py.
+INFERENCE_CUTS = {
+    "concat_without_grad": "decoder stages convolve the concatenation of the upsampled map and the skip once "
+    "when no gradient is recorded, instead of one convolution per part (kernel-slice copies) and their sum",
+    "fold_level2_lateral": "the decoder's level-2 lateral 1x1x1 conv (768 -> 128 channels) folded into the "
+    "pyramid's last level-2 transposed conv (768 -> 768): one transposed conv to 128 channels with the product "
+    "kernel, kept while the weights stay the same",
+}
+
+
+def without_inference_cut(network: nn.Module, cut: str) -> nn.Module:
+    """`network` (a `PUMITSegNet`, changed in place and returned) with the inference cost cut `cut` undone; the
+    function it computes stays the same (up to float rounding)."""
+    from pumit_seg.models.seg_net import ConvNormAct
+
+    if cut not in INFERENCE_CUTS:
+        raise ValueError(f"unknown inference cost cut {cut!r}; known: {sorted(INFERENCE_CUTS)}")
+    if cut == "concat_without_grad":
+        for module in network.modules():
+            if isinstance(module, ConvNormAct):
+                module.concat_without_grad = False
+    elif cut == "fold_level2_lateral":
+        network.fold_level2_lateral = False
+    return network

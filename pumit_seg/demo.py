@@ -64,12 +64,15 @@ CORPUS_MODULE = "pumit_seg.data.pretrain_phantoms"
 MIM_ENCODER_NAME = "encoder.safetensors"  # what `pumit_pretrain mim` exports into its run folder
 PRETRAIN_LOG_ROWS = 25  # rows of log.csv per pre-training run (the loss curves' points)
 PRETRAIN_VALIDATIONS = 2  # validations (pictures, codebook health) and checkpoints per run
+# the tokenizer's first stage (reconstruction alone, then the soft-token regularisers): half its steps,
+# measured to keep its reconstructions tied to their inputs (docs/pretraining_recipe.md)
+TOKENIZER_RECONSTRUCTION_SHARE = 0.5
 PARTS = ("pre-training", "segmentation", "CHAOS", "report")
 
 # Expected wall time of each part in minutes: the one place the banner, the report and docs/demo.md take
 # them from. "cpu": on an idle 2-core CPU machine (no GPU) the whole run was measured (demo 575 s,
 # smallest 154 s) and split by part from the step times; a machine shared with other jobs
-# took up to 4 times as long (38 minutes for the whole demo). "gpu": an estimate, not measured (no GPU
+# took up to 6 times as long (the demo 38 minutes, smallest 872 s at a load average of 12 on 2 cores). "gpu": an estimate, not measured (no GPU
 # was available): the tiny networks leave process start-up, data loading and nnU-Net's validation.
 # On a CPU the three nnU-Net trainings dominate (about 4 s per epoch of 25 iterations each).
 EXPECTED_MINUTES = {
@@ -78,11 +81,11 @@ EXPECTED_MINUTES = {
         "gpu": {"pre-training": 0.5, "segmentation": 2.0, "CHAOS": 1.5, "report": 0.5},
     },
     "smallest": {
-        "cpu": {"pre-training": 0.5, "segmentation": 1.0, "CHAOS": 1.0, "report": 0.2},
-        "gpu": {"pre-training": 0.3, "segmentation": 0.8, "CHAOS": 0.8, "report": 0.2},
+        "cpu": {"pre-training": 0.3, "segmentation": 1.5, "CHAOS": 0.7, "report": 0.1},
+        "gpu": {"pre-training": 0.3, "segmentation": 1.0, "CHAOS": 0.6, "report": 0.1},
     },
 }
-SLOW_MACHINE_FACTOR = 4  # the most a busy shared 2-core machine was seen to take, against an idle one
+SLOW_MACHINE_FACTOR = 6  # the most a busy shared 2-core machine was seen to take, against an idle one
 
 
 def expected_minutes(setting: str, device: str) -> float:
@@ -142,8 +145,8 @@ SETTINGS = {
     "demo": DemoSetting(
         description="what `make demo` runs",
         corpus_args=(),
-        tokenizer_steps=300,
-        mim_steps=200,
+        tokenizer_steps=2000,  # 1000 on reconstruction alone, then the regularisers: a few minutes
+        mim_steps=400,
         pretrain_batch_size=4,
         seg_shape=(24, 80, 80),
         seg_spacing=(3.0, 0.75, 0.75),
@@ -189,6 +192,9 @@ class Step:
     requires: list[str] = field(default_factory=list)  # keys of steps whose output this one reads
     unavailable: str | None = None  # why the command does not exist in this installation yet
     continue_flag_if: Path | None = None  # nnUNetv2_train: pass --c when this folder holds a checkpoint
+    # a run folder the command resumes by itself (pre-training): emptied when the step is invalidated, so a
+    # changed command (e.g. after an update of the demo) starts afresh instead of meeting an older run
+    fresh_folder_if_invalidated: Path | None = None
 
     def display(self) -> str:
         """The command as a user types it: variables first, console scripts by name."""
@@ -359,9 +365,11 @@ def build_steps(
                 "pre-training",
                 "pre-train the universal visual tokenizer (tiny preset)",
                 [console_script("pumit_pretrain"), "tokenizer", "--store", store, "-o", tokenizer_run,
-                 "--preset", "tiny", *pretrain_flags(setting.tokenizer_steps, setting.pretrain_batch_size)],
+                 "--preset", "tiny", *pretrain_flags(setting.tokenizer_steps, setting.pretrain_batch_size),
+                 "--reconstruction-steps", str(int(setting.tokenizer_steps * TOKENIZER_RECONSTRUCTION_SHARE))],
                 requires=["pretrain_prepare"],
                 unavailable=unavailable("tokenizer"),
+                fresh_folder_if_invalidated=Path(tokenizer_run),
             )
         )  # fmt: skip
         mim_run = str(pretrain / "mim")
@@ -376,6 +384,7 @@ def build_steps(
                  "--preset", "tiny", *pretrain_flags(setting.mim_steps, setting.pretrain_batch_size)],
                 requires=["pretrain_tokenizer"],
                 unavailable=unavailable("mim"),
+                fresh_folder_if_invalidated=Path(mim_run),
             )
         )  # fmt: skip
         encoder = str(pretrain / "encoder.safetensors")
@@ -390,6 +399,7 @@ def build_steps(
                     str(Path(mim_run) / "checkpoint_last.pt"),
                     "-o",
                     encoder,
+                    "--overwrite",  # the file of an earlier run: this step runs again when the MIM run did
                 ],
                 requires=["pretrain_mim"],
                 unavailable=unavailable("export"),
@@ -625,9 +635,12 @@ def run_steps(steps: list[Step], root: Path, base_env: dict, quiet: bool = False
         planned = step.display()  # what the marker records (without a --c added for an interrupted run)
         record = {"key": step.key, "part": step.part, "title": step.title, "command": planned}
         marker = read_marker(root, step.key)
+        started = read_marker(root, f"{step.key}.started")  # the command of the last attempt, finished or not
         blocked = [key for key in step.requires if key not in done]
-        invalidated = (marker is not None and marker.get("command") != planned) or any(
-            key in ran for key in step.requires
+        invalidated = (
+            (marker is not None and marker.get("command") != planned)
+            or (marker is None and started is not None and started.get("command") != planned)
+            or any(key in ran for key in step.requires)
         )
         if step.key == "report" or invalidated:
             marker = None  # the report always reflects the latest state; an invalidated step reruns
@@ -648,6 +661,9 @@ def run_steps(steps: list[Step], root: Path, base_env: dict, quiet: bool = False
             print(f"\n== {step.title}\n   skipped: needs {', '.join(blocked)}", flush=True)
         else:
             marker_path(root, step.key).unlink(missing_ok=True)  # until this run of the step succeeds
+            if invalidated and step.fresh_folder_if_invalidated is not None:
+                shutil.rmtree(step.fresh_folder_if_invalidated, ignore_errors=True)
+            write_json_atomic(marker_path(root, f"{step.key}.started"), {"command": planned})
             command = list(step.command)
             interrupted = not invalidated and step.continue_flag_if is not None
             if interrupted and has_checkpoint(step.continue_flag_if):

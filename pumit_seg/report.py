@@ -25,6 +25,7 @@ import csv
 import fcntl
 import html
 import json
+import math
 import os
 import re
 import select
@@ -486,6 +487,48 @@ def _pretraining_scope(root: Path, paths: dict, assets: Path) -> str:
     return "".join(parts)
 
 
+def _health_table(name: str, run: Path) -> str:
+    """Did pre-training learn? The last validation's numbers next to their baselines, and the verdict."""
+    health = _read_json(run / "health.json")
+    if not health or not health.get("validations"):
+        return ""
+    last = health["validations"][-1]
+    m = last.get("metrics", {})
+    if name == "tokenizer":
+        rows = [
+            ("held-out L1 (lower is better)", m.get("val_l1"),
+             f"per-crop mean {_number(m.get('val_l1_crop_mean'))}; token-block average "
+             f"{_number(m.get('val_l1_token_blocks'))}"),
+            ("input dependence (0: same output for every input)", m.get("val_input_dependence"), "inputs: 1"),
+            ("mean token entropy (nats)", m.get("val_token_entropy"),
+             f"log K = {_number(m.get('val_log_num_codes'))}"),
+            ("codes in use", m.get("val_codes_used"), f"K = {_number(math.exp(m.get('val_log_num_codes') or 0), 0)}"),
+        ]  # fmt: skip
+    else:
+        rows = [
+            ("masked-token accuracy", m.get("accuracy"),
+             f"majority code {_number(m.get('accuracy_majority'))}"),
+            ("codes predicted", m.get("predicted_codes_used"), f"in the targets {_number(m.get('target_codes_used'), 0)}"),
+        ]  # fmt: skip
+    body = "".join(
+        f'<tr><td class="l">{_e(label)}</td><td>{_number(value)}</td><td class="l">{_e(baseline)}</td></tr>'
+        for label, value, baseline in rows
+    )
+    status = last.get("status", "?")
+    verdict = (
+        f'<p class="done">{_e(name)}: healthy at step {last.get("step")}</p>'
+        if status == "healthy"
+        else f'<p class="failed">WARNING: {_e(name)} {_e(status)} at step {last.get("step")}: '
+        f"{_e('; '.join(last.get('reasons', [])))}</p>"
+    )
+    return (
+        f"<p>{_e(name)}: is it learning? Last validation on held-out images against simple baselines "
+        "(docs/pretraining_recipe.md):</p>"
+        f'<table><tr><th class="l">signal</th><th>value</th><th class="l">baseline</th></tr>{body}</table>'
+        + verdict
+    )
+
+
 def _pretraining_section(root: Path, paths: dict, assets: Path) -> str:
     parts = [_pretraining_scope(root, paths, assets)]
     tokenizer_run = Path(paths.get("tokenizer_run", root / "pretrain" / "tokenizer"))
@@ -505,6 +548,7 @@ def _pretraining_section(root: Path, paths: dict, assets: Path) -> str:
         or _missing(f"no tokenizer pictures under {tokenizer_run}: the tokenizer step did not run")
     )
     for name, run in (("tokenizer", tokenizer_run), ("MIM", mim_run)):
+        parts.append(_health_table(name, run))
         parts.append(_last_validation_table(name, run / "val.csv"))
     parts.append("<h3>Pre-training loss curves</h3>")
     curves = assets / "pretraining_loss_curves.png"

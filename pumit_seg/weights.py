@@ -4,7 +4,8 @@ Every model we save carries ``self.config`` (JSON-serialisable constructor kwarg
 safetensors metadata entry ``"pumit_seg"`` holds
 ``{"format_version": 1, "class": "<module>.<Class>", "config": {...}, **extra}``, so
 `load_model` rebuilds the model without any pickled code. Only classes under
-``pumit_seg.`` are ever instantiated from a header.
+``pumit_seg.`` are ever instantiated from a header. `save_model` refuses weights holding
+NaN / inf (a diverged run) unless ``allow_non_finite=True``.
 
 Foreign checkpoints (``.pth`` / ``.ckpt`` / ``.pt``) are read with
 ``torch.load(weights_only=True)``. A PyTorch Lightning checkpoint such as the authors'

@@ -713,6 +713,19 @@ def build_chaos_uneven_spacing(tmp: Path) -> dict:
     return {**values, "series": series}
 
 
+def build_chaos_two_slices_one_position(tmp: Path) -> dict:
+    """CT series 2 with its third slice written at the position of its second."""
+    import pydicom
+
+    values = build_chaos_train(tmp)
+    series, names, _, _ = _chaos_ct_series(values)
+    second = pydicom.dcmread(series / names[1])
+    third = pydicom.dcmread(series / names[2])
+    third.ImagePositionPatient = second.ImagePositionPatient
+    third.save_as(series / names[2])
+    return {**values, "series": series, "second": names[1], "third": names[2]}
+
+
 def build_plan_raw(tmp: Path, channels: int = 1) -> dict:
     """nnUNet_raw/Dataset502_Tiny: two tiny training cases with `channels` image channels, 2 labels."""
     folder = tmp / "raw" / "Dataset502_Tiny"
@@ -819,6 +832,20 @@ TOKENIZER_TINY = ["pumit_pretrain", "tokenizer", "--preset", "tiny", "--store", 
 TOKENIZER_RUN = ["pumit_pretrain", "tokenizer", "--preset", "tiny", "--store", "{store}", "-o", "{run}"]
 MIM_RUN = ["pumit_pretrain", "mim", "--preset", "tiny", "--store", "{store}", "--tokenizer", "{tokenizer}",
            "-o", "{run}"]  # fmt: skip
+
+
+def build_plan_label_shape_mismatch(tmp: Path) -> dict:
+    values = build_plan_raw(tmp)
+    label = Path(values["raw"]) / "Dataset502_Tiny" / "labelsTr" / "case_b.nii.gz"
+    write_image(label, blob_labels(3, shape=(6, 10, 11)))
+    return values
+
+
+def build_plan_extra_channel_file(tmp: Path) -> dict:
+    values = build_plan_raw(tmp)
+    extra = Path(str(values["image"]).replace("_0000.nii.gz", "_0001.nii.gz"))
+    write_image(extra, blob_labels(4).astype(np.int16))
+    return values
 
 
 # ------------------------------------------------------------------------------------------------ CASES
@@ -1704,19 +1731,39 @@ CASES = [
     # stores, real-world images, planning
     Case(
         "prepare-rerun-other-max-in-plane",
-        ["pumit_pretrain", "prepare", "{config}", "-o", "{out}", "--num-workers", "0", "--max-in-plane", "32"],
+        [
+            "pumit_pretrain",
+            "prepare",
+            "{config}",
+            "-o",
+            "{out}",
+            "--num-workers",
+            "0",
+            "--max-in-plane",
+            "32",
+        ],
         build_pretrain_store,
         "{out}.*prepared with other settings.*--max-in-plane: 512 then, 32 now.*--reprocess",
         watch=("out",),
-    ),  # fmt: skip
+    ),
     Case(
         "prepare-rerun-other-clip-percentiles",
-        ["pumit_pretrain", "prepare", "{config}", "-o", "{out}", "--num-workers", "0",
-         "--clip-percentiles", "1", "99"],
+        [
+            "pumit_pretrain",
+            "prepare",
+            "{config}",
+            "-o",
+            "{out}",
+            "--num-workers",
+            "0",
+            "--clip-percentiles",
+            "1",
+            "99",
+        ],
         build_pretrain_store,
         "prepared with other settings.*--clip-percentiles: \\[0.5, 99.5\\] then, \\[1.0, 99.0\\] now",
         watch=("out",),
-    ),  # fmt: skip
+    ),
     Case(
         "prepare-merge-parts-of-other-settings",
         ["pumit_pretrain", "prepare", "{config}", "-o", "{out}", "--merge"],
@@ -1762,13 +1809,22 @@ CASES = [
     ),
     Case(
         "plan-truncated-image-verify-integrity",
-        ["pumit_plan_and_preprocess", "-d", "502", "-npfp", "1", "--model", "tiny", "--no_pp",
-         "--verify_dataset_integrity"],
+        [
+            "pumit_plan_and_preprocess",
+            "-d",
+            "502",
+            "-npfp",
+            "1",
+            "--model",
+            "tiny",
+            "--no_pp",
+            "--verify_dataset_integrity",
+        ],
         build_plan_truncated_image,
         "{image}: compressed file is cut short",
         watch=("pre", "raw"),
         env={"nnUNet_raw": "{raw}", "nnUNet_preprocessed": "{pre}", "nnUNet_results": "{results}"},
-    ),  # fmt: skip
+    ),
     Case(
         "plan-nan-image",
         ["pumit_plan_and_preprocess", "-d", "502", "-npfp", "1", "--model", "tiny", "--no_pp"],
@@ -1790,6 +1846,29 @@ CASES = [
         ["pumit_plan_and_preprocess", "-d", "502", "-npfp", "1", "--model", "tiny", "--no_pp"],
         build_plan_missing_label,
         "case case_a: missing {missing}",
+        watch=("pre", "raw"),
+        env={"nnUNet_raw": "{raw}", "nnUNet_preprocessed": "{pre}", "nnUNet_results": "{results}"},
+    ),
+    Case(
+        "chaos-convert-two-slices-one-position",
+        ["pumit_chaos", "convert", "{chaos}", "{raw}"],
+        build_chaos_two_slices_one_position,
+        "{series}: {second} and {third} lie at the same position",
+        watch=("raw", "chaos"),
+    ),
+    Case(
+        "plan-label-shape-mismatch",
+        ["pumit_plan_and_preprocess", "-d", "502", "-npfp", "1", "--model", "tiny", "--no_pp"],
+        build_plan_label_shape_mismatch,
+        "case case_b: its images and label differ in shape .*case_b.nii.gz \\(6, 10, 11\\)",
+        watch=("pre", "raw"),
+        env={"nnUNet_raw": "{raw}", "nnUNet_preprocessed": "{pre}", "nnUNet_results": "{results}"},
+    ),
+    Case(
+        "plan-extra-channel-file",
+        ["pumit_plan_and_preprocess", "-d", "502", "-npfp", "1", "--model", "tiny", "--no_pp"],
+        build_plan_extra_channel_file,
+        "case case_b: channel file\\(s\\) \\['case_b_0001.nii.gz'\\] beyond the 1 channel",
         watch=("pre", "raw"),
         env={"nnUNet_raw": "{raw}", "nnUNet_preprocessed": "{pre}", "nnUNet_results": "{results}"},
     ),

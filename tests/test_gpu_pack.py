@@ -26,7 +26,11 @@ def test_reduced_pack_writes_every_row_on_the_cpu(tmp_path):
     assert json_file.with_suffix(".md").is_file()
     result = json.loads(json_file.read_text())
     assert result["reduced"] is True
-    for key in ("device_name", "torch", "driver" if result["environment"]["device"] == "cuda" else "cpu_count"):
+    for key in (
+        "device_name",
+        "torch",
+        "driver" if result["environment"]["device"] == "cuda" else "cpu_count",
+    ):
         assert key in result["environment"]
     assert set(result["rows"]) == set(ROWS)
     for name, row in result["rows"].items():

@@ -245,3 +245,128 @@ def test_killed_run_continues(corpus, store_dir, tmp_path):
     summary = prepare_store(corpus, str(copy), progress=False)
     assert summary["processed"] == 2 and summary["merged"]
     pd.testing.assert_frame_equal(table, pd.read_csv(copy / "table.csv"))
+
+
+def _noise_png(path, seed, size=(24, 28)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(1, 255, size=size, dtype=np.uint8)).save(path)
+
+
+def _write_config(path, datasets):
+    path.write_text(json.dumps({"datasets": datasets}))
+    return str(path)
+
+
+def test_store_knows_sources_and_settings(tmp_path):
+    """Other settings, a changed source, a changed dataset entry: every array is redone or refused."""
+    for k in range(3):
+        _noise_png(tmp_path / "data" / f"x{k}.png", k, size=(40, 44))
+    config = _write_config(tmp_path / "c.json", [{"name": "d", "path": "data", "modality": "XR"}])
+    store = tmp_path / "store"
+    prepare_store(config, str(store), progress=False)
+    first = pd.read_csv(store / "table.csv")
+    assert first.settings.nunique() == 1 and (first.source_files.astype(str) == "1").all()
+
+    def arrays():
+        return {p: p.read_bytes() for p in sorted(store.rglob("*.b2nd"))}
+
+    before, table_before = arrays(), (store / "table.csv").read_text()
+    with pytest.raises(ConfigError, match=r"--max-in-plane: 512 then, 32 now.*--reprocess"):
+        prepare_store(config, str(store), config=PrepareConfig(max_in_plane=32), progress=False)
+    assert arrays() == before and (store / "table.csv").read_text() == table_before  # refused untouched
+
+    summary = prepare_store(
+        config, str(store), config=PrepareConfig(max_in_plane=32), reprocess=True, progress=False
+    )
+    assert summary["processed"] == 3 and summary["reprocessed_settings"] == 3
+    second = PretrainStore(store).table
+    assert all(min(shape[1:]) == 32 for shape in second["shape"]) and second.settings.nunique() == 1
+    assert set(second.settings) != set(first.settings)
+    assert json.loads((store / "store.json").read_text())["settings"]["max_in_plane"] == 32
+
+    _noise_png(tmp_path / "data" / "x1.png", 99, size=(40, 50))  # the source changed: prepared again
+    summary = prepare_store(config, str(store), config=PrepareConfig(max_in_plane=32), progress=False)
+    assert summary["processed"] == 1 and summary["changed_sources"] == 1
+    assert PretrainStore(store).table.loc["d/x1.png", "shape"] == (1, 32, 40)
+
+    _write_config(
+        tmp_path / "c.json", [{"name": "d", "path": "data", "modality": "XR", "intensity": "percentile"}]
+    )
+    with pytest.raises(
+        ConfigError, match="3 source.*other settings.*dataset intensity: None then, 'percentile' now"
+    ):
+        prepare_store(config, str(store), config=PrepareConfig(max_in_plane=32), progress=False)
+    summary = prepare_store(
+        config, str(store), config=PrepareConfig(max_in_plane=32), reprocess=True, progress=False
+    )
+    assert summary["processed"] == 3 and set(PretrainStore(store).table.intensity) == {"percentile"}
+
+
+def test_keys_unique_whatever_the_names(tmp_path):
+    """Two datasets with files of the same name, one folder in two datasets, odd characters: all kept."""
+    names = ["a.png", "A.png", "with space #1.png", "ünï cödé.png", "x" * 120 + ".png"]
+    for k, name in enumerate(names):
+        _noise_png(tmp_path / "one" / name, k)
+    _noise_png(tmp_path / "two" / "a.png", 10)
+    _noise_png(tmp_path / "two" / "sub:dir" / "a.png", 11)
+    config = _write_config(
+        tmp_path / "c.json",
+        [
+            {"name": "one", "path": "one", "modality": "XR"},
+            {"name": "one again", "path": "one", "modality": "XR"},  # the same folder, another dataset
+            {"name": "two ü", "path": "two", "modality": "XR"},
+        ],
+    )
+    summary = prepare_store(config, str(tmp_path / "store"), progress=False)
+    table = PretrainStore(tmp_path / "store").table
+    assert summary["images"] == 2 * len(names) + 2 and table.key.is_unique
+    assert table.file.str.lower().is_unique  # distinct on case-insensitive file systems too
+    assert table.groupby("dataset", observed=True).size().to_dict() == {"one": 5, "one again": 5, "two ü": 2}
+    again = prepare_store(config, str(tmp_path / "store"), progress=False)  # stable: nothing to redo
+    assert again["processed"] == 0
+    pd.testing.assert_frame_equal(table, PretrainStore(tmp_path / "store").table)
+
+
+def test_label_folders_maps_and_other_files_are_reported(tmp_path):
+    """Label folders (any case) are not entered, label-map images and files of no image type are
+    reported: everything seen is in the table or the report. FreeSurfer .mgz files are read."""
+    data = tmp_path / "data"
+    _noise_png(data / "img.png", 0)
+    for folder in ("Segmentation", "GROUND", "labelsTr"):
+        _noise_png(data / "case" / folder / "mask.png", 1)
+    mask = np.zeros((8, 24, 24), np.uint8)
+    mask[2:6, 5:15, 5:20], mask[3:5, 8:12, 8:12] = 1, 2
+    sitk.WriteImage(sitk.GetImageFromArray(mask), str(data / "case" / "liver_mask.nii.gz"))
+    (data / "README.txt").write_text("not an image")
+    volume = np.random.default_rng(0).normal(100, 20, size=(20, 24, 6)).astype(np.float32)  # (x, y, z)
+    nib.save(nib.MGHImage(volume, np.diag([1.0, 1.0, 3.0, 1.0])), data / "brain.mgz")
+    config = _write_config(tmp_path / "c.json", [{"name": "d", "path": "data", "modality": "MR"}])
+    summary = prepare_store(config, str(tmp_path / "store"), progress=False)
+    table = PretrainStore(tmp_path / "store").table
+    assert sorted(table.key) == ["d/brain.mgz", "d/img.png"]
+    assert table.loc["d/brain.mgz", "spacing"] == pytest.approx((3.0, 1.0, 1.0))  # z (3 mm) first
+    report = pd.read_csv(tmp_path / "store" / "report.csv")
+    reasons = {os.path.relpath(s, data): r for s, r in zip(report.source, report.reason, strict=True)}
+    assert reasons == {
+        "case/Segmentation": "label folder",
+        "case/GROUND": "label folder",
+        "case/labelsTr": "label folder",
+        "case/liver_mask.nii.gz": "label map",
+        "README.txt": "not an image file",
+    }
+    assert summary["unusable"] == 5 and summary["datasets_without_images"] == []
+
+
+def test_dataset_without_images(tmp_path):
+    (tmp_path / "empty").mkdir()
+    _noise_png(tmp_path / "data" / "a.png", 0)
+    config = _write_config(
+        tmp_path / "c.json",
+        [{"name": "d", "path": "data", "modality": "XR"}, {"name": "e", "path": "empty", "modality": "CT"}],
+    )
+    with pytest.raises(ConfigError, match="dataset 'e': no image file in .*empty"):
+        prepare_store(config, str(tmp_path / "store"), progress=False)
+    assert not (tmp_path / "store").exists()
+    Image.fromarray(np.zeros((30, 30), np.uint8)).save(tmp_path / "empty" / "black.png")  # only unusable
+    summary = prepare_store(config, str(tmp_path / "store"), progress=False)
+    assert summary["datasets_without_images"] == ["e"] and summary["images"] == 1

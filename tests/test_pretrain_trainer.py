@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pumit_seg.trainers.export import add_arguments as export_arguments
 from pumit_seg.trainers.export import run as export_main
 from pumit_seg.trainers.pretrain_base import (
     CHECKPOINT_NAME,
@@ -189,8 +190,11 @@ def test_fit_on_a_prepared_store_logs_every_term_writes_health_pictures_checkpoi
         torch.testing.assert_close(value, model.state_dict()[key], rtol=0, atol=0)
 
 
-def _namespace(**values) -> argparse.Namespace:
-    return argparse.Namespace(**values)
+def _namespace(checkpoint: str, output: str) -> argparse.Namespace:
+    """`pumit_pretrain export CHECKPOINT -o OUTPUT` as parsed (every other flag at its default)."""
+    parser = argparse.ArgumentParser()
+    export_arguments(parser)
+    return parser.parse_args([checkpoint, "-o", output])
 
 
 def test_export_refuses_truncated_and_foreign_checkpoints_naming_the_file(tmp_path, capsys):

@@ -15,11 +15,13 @@ from pumit_seg.planners.pumit_planner import (
 )
 from pumit_seg.planners.step_cost import (
     COST_CUTS,
+    INFERENCE_CUTS,
     activation_peak_memory,
     network_without_cut,
     pumit_part_flops,
     step_flops,
     step_peak_memory,
+    without_inference_cut,
 )
 from pumit_seg.trainers.optim import build_adamw
 
@@ -156,3 +158,77 @@ def test_memory_cuts_lower_the_measured_peak(cut):
     peak_now = activation_peak_memory(network_without_cut(None, kwargs, 1, 14)[0], shape, torch.bfloat16)
     peak_before = activation_peak_memory(network_without_cut(cut, kwargs, 1, 14)[0], shape, torch.bfloat16)
     assert peak_now < 0.95 * peak_before
+
+
+@pytest.mark.parametrize("cut", sorted(INFERENCE_CUTS))
+def test_each_inference_cut_keeps_what_the_network_predicts(cut):
+    """Undoing an inference cut (how benchmarks/bench_predict.py's "before" rows are built) gives the same
+    prediction under torch.inference_mode (as nnU-Net's predictor runs) and under no_grad; with autograd
+    (training) the cut is not taken: the same computation, bit for bit, as the training cuts were measured on."""
+    kwargs = build_arch_kwargs("tiny", 3, 2, **SMALL)
+    torch.manual_seed(0)
+    now = PUMITSegNet(1, 3, False, **kwargs).eval()
+    torch.manual_seed(0)
+    before = without_inference_cut(PUMITSegNet(1, 3, False, **kwargs).eval(), cut)
+    x = torch.randn(2, 1, 8, 64, 32)
+    for context in (torch.inference_mode, torch.no_grad):
+        with context():
+            torch.testing.assert_close(now(x), before(x), rtol=1e-4, atol=1e-5)
+    outputs = []
+    for network in (now, before):
+        network.train()
+        outputs.append(network(x))
+        outputs[-1].square().mean().backward()
+    torch.testing.assert_close(*outputs, rtol=0, atol=0)
+    for p_now, p_before in zip(now.parameters(), before.parameters(), strict=True):
+        torch.testing.assert_close(p_now.grad, p_before.grad, rtol=0, atol=0)
+
+
+def test_concat_without_grad_is_taken_only_without_autograd(monkeypatch):
+    torch.manual_seed(0)
+    network = PUMITSegNet(1, 3, False, **build_arch_kwargs("tiny", 3, 2, **SMALL))
+    x = torch.randn(1, 1, 8, 64, 32)
+    volume_concatenations = []  # torch.cat calls on feature maps (5-D): the decoder stages' inputs
+    original_cat = torch.cat
+
+    def counting_cat(tensors, *args, **kwargs):
+        volume_concatenations.append(tensors[0].dim() == 5)
+        return original_cat(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "cat", counting_cat)
+    with torch.inference_mode():
+        network(x)
+    assert sum(volume_concatenations) == 5  # one per decoder stage
+    volume_concatenations.clear()
+    network(x)
+    assert sum(volume_concatenations) == 0  # with autograd the parts stay apart (training memory)
+
+
+def test_folded_level2_kernel_follows_the_weights():
+    """The folded kernel is kept between predictions and recomputed when a weight changes (an optimiser step,
+    load_state_dict), so a prediction after training sees the trained weights; under bf16 autocast it is as
+    close to the fp32 prediction as the unfolded path."""
+    kwargs = build_arch_kwargs("tiny", 3, 2, **SMALL)
+    torch.manual_seed(0)
+    now = PUMITSegNet(1, 3, False, **kwargs).eval()
+    before = without_inference_cut(PUMITSegNet(1, 3, False, **kwargs).eval(), "fold_level2_lateral")
+    before.load_state_dict(now.state_dict())
+    x = torch.randn(1, 1, 8, 64, 32)
+    with torch.inference_mode():
+        now(x)
+    kernel = now.pyramid._projected_kernel[1]
+    with torch.inference_mode():
+        now(x)
+    assert now.pyramid._projected_kernel[1] is kernel  # kept
+    with torch.no_grad():
+        now.pyramid.level2_up2.weight.mul_(1.5)
+        now.decoder.laterals[0][0].weight.add_(0.01)
+    before.load_state_dict(now.state_dict())
+    with torch.inference_mode():
+        torch.testing.assert_close(now(x), before(x), rtol=1e-4, atol=1e-5)
+        assert now.pyramid._projected_kernel[1] is not kernel  # recomputed
+        reference = before(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            folded_error = (now(x).float() - reference).abs().max()
+            unfolded_error = (before(x).float() - reference).abs().max()
+        assert folded_error <= 2 * unfolded_error  # the fold adds no rounding beyond bf16's own

@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         check_output_path(
             args.output, overwrite=args.overwrite, inputs=[args.checkpoint], option="-o/--output"
         )
-        path = export_checkpoint(args.checkpoint, args.output, getattr(args, "allow_non_finite", False))
+        path = export_checkpoint(args.checkpoint, args.output, args.allow_non_finite)
     except (ValueError, FileNotFoundError) as error:
         print(f"pumit_pretrain export: error: {error}", file=sys.stderr, flush=True)
         return 2

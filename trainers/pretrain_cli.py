@@ -9,6 +9,13 @@
 Each subcommand lives in its own module, which defines ``add_arguments(parser)`` and
 ``run(args)``; only the module of the subcommand being run is imported, so ``pumit_pretrain
 prepare`` starts without loading the training code.
+
+Exit status of ``tokenizer`` / ``mim``: 0 the run finished and its export holds finite weights,
+2 bad options or inputs (nothing trained; a rerun on a run folder with other options is one, see
+``--allow-option-change``), 3 the run stopped itself (``--max-bad-steps`` steps in a row with a
+NaN / inf loss or gradient, or a health check such as ``--stop-on-collapse``), 1 a loader worker
+died (lower ``--num-workers``). ``export`` refuses a checkpoint holding NaN / inf (exit 2) unless
+``--allow-non-finite``.
 """
 
 from __future__ import annotations

@@ -15,14 +15,23 @@ The dataset config (JSON) lists the datasets, images only, never labels::
 Per dataset: `name` (the key prefix), `path` (a folder, relative to the config file), `modality`
 (a label; CT and MR are clipped to percentiles, see `intensity`), `weight` (sampling weight of the
 whole dataset, default 1), optional `include` / `exclude` (glob patterns relative to `path`;
-default: every image file), `exclude_dirs` (folder names never entered; default: label folders such
-as labelsTr, Ground, masks), `depth_axis` ("x", "y" or "z": the file's axis that is the scan
+default: every image file), `exclude_dirs` (folder names never entered, compared in any case;
+default: label folders such as labelsTr, labels, Ground, masks, Segmentation, gt), `depth_axis` ("x", "y" or "z": the file's axis that is the scan
 direction, when the dataset's description says so) and `intensity` ("percentile" or "divide";
 default: "divide" for 8-bit images, "percentile" for the rest).
 
-Image files: ``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``, ``.png``, ``.jpg``,
-``.jpeg``, ``.bmp``, ``.tif``, ``.tiff``; a folder holding ``*.dcm`` files is a DICOM folder, one
-image per series in it (slices ordered by position along the slice normal).
+Image files: ``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``, ``.mgz``, ``.mgh``,
+``.png``, ``.jpg``, ``.jpeg``, ``.bmp``, ``.tif``, ``.tiff``; a folder holding DICOM files (``*.dcm``,
+or files starting with the DICOM marker) is a DICOM folder, one image per series in it (slices ordered
+by position along the slice normal; a missing slice or uneven spacing is reported, never averaged) and
+one per multi-frame file. Label folders are not entered, files of no image type not taken, and images
+whose voxels take only a few integer values (label maps) not stored: all of them are listed in the
+report. A dataset that yields no image file is an error; one whose images are all unusable is named in
+the summary.
+
+Keys are ``<dataset>/<path inside the dataset folder>`` (a DICOM folder's images add
+``series-<SeriesInstanceUID>`` or the multi-frame file's name), unique for any config; arrays are stored
+under names made of a readable part and a hash of the key (`StoreLayout.image_file`).
 
 Per image (SPEC 6): read (`pumit_seg.data.readers`: truncated, non-finite, 4D, no spacing refused);
 depth axis from the config, else the metadata (DICOM: the slice stack; NIfTI: ``slice_dim``), else
@@ -31,9 +40,13 @@ the axis whose spacing differs most from the other two; moved first; crop to the
 by area interpolation; intensities clipped to [p0.5, p99.5] and scaled to [0, 1], or divided by the
 type's maximum. 2D images get depth spacing inf, hence aniso_d 5.
 
-Work is journaled per part (``parts/part-K-of-N.jsonl``), so a rerun skips every source already
-done (unless the file changed) and a killed run continues; when every part has finished, the table
-(``table.csv``), the report of unusable files (``report.csv``) and a picture of the store
+Work is journaled per part (``parts/part-K-of-N.jsonl``), each record naming its source (path, size,
+modification time, files of a DICOM folder) and the settings it was prepared with, so a rerun skips every
+source already done, prepares again a source that changed, and a killed run continues. A rerun with
+other settings (store.json's, or a dataset's modality / depth_axis / intensity) is refused with the
+differences named, unless ``--reprocess``, which prepares those arrays again; parts prepared with
+different settings are never merged. When every part has finished, the table
+(``table.csv``), the report of what is not in the table (``report.csv``) and a picture of the store
 (``overview.png``: one slice per dataset, images per aniso_d) are merged, the held-out images
 chosen (one per dataset and modality, by a hash of the key, for datasets of at least two images) and
 the sampling weights set (the dataset's weight shared by its images).

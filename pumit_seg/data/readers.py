@@ -533,11 +533,12 @@ def slice_step_along_normal(offsets, names: list[str], series: str) -> float:
                 f"{missing} slice(s) missing: a gap of {lengths[i]:.4g} mm between {names[i]} and "
                 f"{names[i + 1]} where the series steps {step:.4g} mm ({off.size} gap(s) in {offsets.size} slices)",
             )
+        low, high = int(np.argmin(lengths)), int(np.argmax(lengths))
         raise ImageReadError(
             series,
             "uneven spacing",
-            f"uneven slice spacing: {names[i]} -> {names[i + 1]} steps {lengths[i]:.4g} mm, the series "
-            f"{step:.4g} mm (steps from {lengths.min():.4g} to {lengths.max():.4g} mm); no single spacing fits",
+            f"uneven slice spacing: steps from {lengths[low]:.4g} mm ({names[low]} -> {names[low + 1]}) to "
+            f"{lengths[high]:.4g} mm ({names[high]} -> {names[high + 1]}); no single spacing fits",
         )
     return float(abs(offsets[-1] - offsets[0]) / (offsets.size - 1))
 

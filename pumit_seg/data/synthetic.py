@@ -301,6 +301,62 @@ def write_dicom_series(folder: str, volume: np.ndarray, positions, names: list[s
         write_dicom_slice(os.path.join(folder, name), pixels, position, series_uid, number, **slice_options)
 
 
+def write_dicom_multiframe(
+    path: str,
+    volume: np.ndarray,
+    positions,
+    pixel_spacing=(0.9, 0.8),
+    orientation=DICOM_ORIENTATION,
+    slice_thickness: float | None = MISLEADING_SLICE_THICKNESS,
+    with_positions: bool = True,
+    mosaic: bool = False,
+) -> None:
+    """`volume` (frames, rows, columns) as one Enhanced MR multi-frame file, frame k at `positions[k]`.
+
+    Geometry in the functional groups as scanners write it: PixelMeasuresSequence and
+    PlaneOrientationSequence shared, PlanePositionSequence per frame (left out with `with_positions`
+    False); `mosaic` marks it a Siemens mosaic (ImageType MOSAIC), for readers that must refuse it."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import EnhancedMRImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = EnhancedMRImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset = Dataset()
+    dataset.file_meta = meta
+    dataset.SOPClassUID, dataset.SOPInstanceUID = EnhancedMRImageStorage, meta.MediaStorageSOPInstanceUID
+    dataset.Modality, dataset.SeriesInstanceUID = "MR", generate_uid()
+    dataset.ImageType = ["ORIGINAL", "PRIMARY", "M", "MOSAIC" if mosaic else "NONE"]
+    dataset.NumberOfFrames = int(volume.shape[0])
+    dataset.Rows, dataset.Columns = volume.shape[1:]
+    measures = Dataset()
+    measures.PixelSpacing = [float(v) for v in pixel_spacing]
+    if slice_thickness is not None:
+        measures.SliceThickness = float(slice_thickness)
+    plane = Dataset()
+    plane.ImageOrientationPatient = [float(v) for v in orientation]
+    shared = Dataset()
+    shared.PixelMeasuresSequence = Sequence([measures])
+    shared.PlaneOrientationSequence = Sequence([plane])
+    dataset.SharedFunctionalGroupsSequence = Sequence([shared])
+    frames = []
+    for position in positions:
+        frame = Dataset()
+        if with_positions:
+            where = Dataset()
+            where.ImagePositionPatient = [float(v) for v in position]
+            frame.PlanePositionSequence = Sequence([where])
+        frames.append(frame)
+    dataset.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 16, 15, 0
+    dataset.PixelData = np.ascontiguousarray(volume, dtype=np.uint16).tobytes()
+    with atomic_path(path) as tmp:
+        dataset.save_as(tmp, enforce_file_format=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description="Write an nnU-Net raw dataset of synthetic abdomen-like phantoms."

@@ -34,7 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pumit_seg.models.sac import MAX_ANISO_D, SACConv3d, SACUpsample, depth_downsample_stride
+from pumit_seg.models.sac import (
+    MAX_ANISO_D,
+    SACConv3d,
+    SACUpsample,
+    depth_downsample_stride,
+    depth_upsample_stride,
+    sum_pool_depth,
+)
 from pumit_seg.models.vit import (
     PYRAMID_BLOCKS,
     UniversalViT,
@@ -165,8 +172,16 @@ class ConvNormAct(nn.Module):
         self.norm = nn.InstanceNorm3d(out_channels, eps=NORM_EPS, affine=True)
         self.act = nn.LeakyReLU(NEGATIVE_SLOPE, inplace=ACT_INPLACE)
 
+    # Without autograd (prediction: nnU-Net's predictor runs under torch.inference_mode) several inputs are
+    # concatenated and convolved once: there is no backward pass to keep the concatenation for, and one
+    # convolution skips the per-part kernel-slice copies and the sum of the parts (the same function up to
+    # float rounding; benchmarks/results/predict_cpu.md). With autograd the parts stay apart (training memory).
+    concat_without_grad = True
+
     def forward(self, x: torch.Tensor | list[torch.Tensor], aniso_d: int, level: int) -> torch.Tensor:
         """`x`: one map, or several to be read as their channel concatenation (see `SACConv3d.forward`)."""
+        if self.concat_without_grad and isinstance(x, list | tuple) and not torch.is_grad_enabled():
+            x = torch.cat(list(x), dim=1)
         return self.act(self.norm(self.conv(x, aniso_d, level)))
 
 
@@ -221,20 +236,55 @@ class FeaturePyramid(nn.Module):
         self.level2_up2 = SACUpsample(
             level2_channels, level2_channels, stride=2, bias=False, **_fixed(fixed_aniso_d, TOKEN_LEVEL - 1)
         )
+        self._projected_kernel = None  # (weights' identity and versions, kernel) of `level2_up2_projected`
         self.level3_up = SACUpsample(
             embed_dim, level3_channels, stride=2, bias=False, **_fixed(fixed_aniso_d, TOKEN_LEVEL)
         )
 
-    def forward(self, features: list[torch.Tensor], aniso_d: int) -> list[torch.Tensor]:
-        """`features`: 4 maps (B, C, d, h, w) at level 4 -> maps at levels 2, 3, 4, 5."""
+    def forward(
+        self, features: list[torch.Tensor], aniso_d: int, level2_projection: nn.Conv3d | None = None
+    ) -> list[torch.Tensor]:
+        """`features`: 4 maps (B, C, d, h, w) at level 4 -> maps at levels 2, 3, 4, 5. `level2_projection`: a
+        bias-free 1x1x1 conv that the caller applies to level 2 next (the decoder's lateral); given, it is
+        folded into level 2's last transposed conv (`level2_up2_projected`) and level 2 comes out projected."""
         features = [norm(x) for norm, x in zip(self.block_norms, features, strict=True)]
         x2 = self.level2_up1(features[0], aniso_d, TOKEN_LEVEL)
-        x2 = self.level2_up2(self.level2_act(self.level2_norm(x2)), aniso_d, TOKEN_LEVEL - 1)
+        x2 = self.level2_act(self.level2_norm(x2))
+        if level2_projection is None:
+            x2 = self.level2_up2(x2, aniso_d, TOKEN_LEVEL - 1)
+        else:
+            x2 = self.level2_up2_projected(x2, aniso_d, level2_projection)
         x3 = self.level3_up(features[1], aniso_d, TOKEN_LEVEL)
         x4 = features[2]
         pool_depth = depth_downsample_stride(2, aniso_d, TOKEN_LEVEL)
         x5 = F.max_pool3d(features[3], kernel_size=(pool_depth, 2, 2))
         return [x2, x3, x4, x5]
+
+    def level2_up2_projected(self, x: torch.Tensor, aniso_d: int, projection: nn.Conv3d) -> torch.Tensor:
+        """``projection(level2_up2(x))`` as one transposed conv: both are linear and bias-free, so the product of
+        their kernels (per tap) is the same map, computed on 128 instead of 768 output channels (6x fewer FLOPs
+        at 1/4 scale). The product is formed in fp32 and kept while both weights stay the same (prediction runs
+        many tiles with one set of weights); its rounding differs from the two-step path's, not its function."""
+        up = self.level2_up2
+        if up.bias is not None or projection.bias is not None:
+            raise ValueError("level2_up2_projected needs bias-free layers")
+        depth_stride = depth_upsample_stride(up.sac_stride, aniso_d, TOKEN_LEVEL - 1)
+        stride = (depth_stride, up.sac_stride, up.sac_stride)
+        weights = (up.weight, projection.weight)
+        # no cache inside a compiled graph, nor for weights made under inference_mode (no version counter)
+        cache = not (torch.compiler.is_compiling() or any(w.is_inference() for w in weights))
+        key = (aniso_d, *[(w.device, w.data_ptr(), w._version) for w in weights]) if cache else None
+        if not cache or self._projected_kernel is None or self._projected_kernel[0] != key:
+            with torch.autocast(up.weight.device.type, enabled=False):
+                kernel = torch.einsum(
+                    "icdhw,oc->iodhw",
+                    sum_pool_depth(up.weight.float(), depth_stride),
+                    projection.weight.flatten(1).float(),
+                )
+            if not cache:
+                return F.conv_transpose3d(x, kernel.to(x.dtype), None, stride=stride)
+            self._projected_kernel = (key, kernel)
+        return F.conv_transpose3d(x, self._projected_kernel[1].to(x.dtype), None, stride=stride)
 
 
 class Lateral(nn.Sequential):
@@ -246,6 +296,10 @@ class Lateral(nn.Sequential):
             nn.InstanceNorm3d(out_channels, eps=NORM_EPS, affine=True),
             nn.LeakyReLU(NEGATIVE_SLOPE, inplace=ACT_INPLACE),
         )
+
+    def after_projection(self, x: torch.Tensor) -> torch.Tensor:
+        """Norm and activation of a map the 1x1x1 conv was already applied to (see `level2_up2_projected`)."""
+        return self[2](self[1](x))
 
 
 class UNetDecoder(nn.Module):
@@ -284,9 +338,15 @@ class UNetDecoder(nn.Module):
             nn.Conv3d(channels[n], num_classes, kernel_size=1) for n in range(NUM_LEVELS - 1)
         )
 
-    def forward(self, skips: list[torch.Tensor], aniso_d: int) -> torch.Tensor | list[torch.Tensor]:
+    def forward(
+        self, skips: list[torch.Tensor], aniso_d: int, level2_projected: bool = False
+    ) -> torch.Tensor | list[torch.Tensor]:
         """`skips[n]`: feature map at level n, n = 0..5 (levels 2..5 before the laterals)."""
-        skips = skips[:2] + [lateral(x) for lateral, x in zip(self.laterals, skips[2:], strict=True)]
+        levels = [
+            lateral.after_projection(x) if index == 0 and level2_projected else lateral(x)
+            for index, (lateral, x) in enumerate(zip(self.laterals, skips[2:], strict=True))
+        ]  # with `level2_projected` the level-2 lateral's conv was folded into the pyramid
+        skips = skips[:2] + levels
         x = skips[NUM_LEVELS - 1]
         logits = []
         for level in reversed(range(NUM_LEVELS - 1)):
@@ -347,6 +407,10 @@ class PUMITSegNet(nn.Module):
     # and nnU-Net's predictor opens a plain (fp16) autocast; this keeps prediction in the training precision.
     # A class attribute, not an arch kwarg: it changes no parameter and no plan.
     prefer_bf16_autocast = True
+    # Prediction only (no autograd): fold the decoder's level-2 lateral 1x1x1 conv into the pyramid's last level-2
+    # transposed conv (`FeaturePyramid.level2_up2_projected`; benchmarks/results/predict_cpu.md). Training keeps
+    # the two layers apart: same function, and their separate gradients are what the optimiser sees.
+    fold_level2_lateral = True
 
     def __init__(
         self,
@@ -519,8 +583,12 @@ class PUMITSegNet(nn.Module):
             block_tokens[-1] = encoded.tokens
         features = [tokens_to_grid(tokens[:, 1:], encoded.grid) for tokens in block_tokens]  # drop CLS
 
-        skips = self.full_res_branch(x, aniso_d) + self.pyramid(features, aniso_d)
-        logits = self.decoder(skips, aniso_d)
+        # without autograd (prediction) the level-2 lateral conv is folded into the pyramid's last level-2 conv
+        fold = self.fold_level2_lateral and not torch.is_grad_enabled()
+        projection = self.decoder.laterals[0][0] if fold else None
+        pyramid = self.pyramid(features, aniso_d, level2_projection=projection)
+        skips = self.full_res_branch(x, aniso_d) + pyramid
+        logits = self.decoder(skips, aniso_d, level2_projected=fold)
 
         if self.spatial_dims == 2:
             if isinstance(logits, list):
