@@ -358,7 +358,7 @@ def test_regularisers_switch_on_after_the_reconstruction_steps_and_a_run_resumes
         interrupted.fit()
     state = load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)["trainer_state"]
     assert (state["stage"], state["reconstruction_steps"]) == (1, 3)
-    with pytest.raises(ValueError, match="--reconstruction-steps 3, this run asks for 4"):
+    with pytest.raises(ValueError, match=r"--reconstruction-steps 3\b"):
         PhantomTokenizerTrainer(tiny_config(tmp_path / "run", **{**flags, "reconstruction_steps": 4})).fit()
     resumed = PhantomTokenizerTrainer(tiny_config(tmp_path / "run", **flags))
     resumed.fit()

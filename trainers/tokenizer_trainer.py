@@ -281,7 +281,7 @@ class TokenizerTrainer(PretrainTrainer):
         self.disc_loss_ema = float(state.get("disc_loss_ema", self.config.disc_ema_init))
         self.last_disc_loss = float(state.get("last_disc_loss", self.config.disc_ema_init))
         saved = int(state.get("reconstruction_steps", 0))
-        if saved != self.config.reconstruction_steps:
+        if saved != self.config.reconstruction_steps and not getattr(self.config, "allow_option_change", False):
             raise ValueError(
                 f"{self.checkpoint_path} was trained with --reconstruction-steps {saved}, this run asks for "
                 f"{self.config.reconstruction_steps}: resume with the same value or use another --output-dir"
