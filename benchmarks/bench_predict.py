@@ -256,9 +256,9 @@ def forward_flops(predictors: dict) -> dict:
     return result
 
 
-def measure_inference_cuts(predictor, volume: Path, repeats: int) -> dict:
+def measure_inference_cuts(predictor, volume: Path, repeats: int, window_repeats: int = 3) -> dict:
     """Each inference cut undone (a copy of the PUMIT network) next to the network as it is: one tile's forward
-    pass (`repeats` times) and the sliding window over `volume` (twice), taking turns, and the largest
+    pass (`repeats` times) and the sliding window over `volume` (`window_repeats` times), taking turns, and the largest
     difference of the logits."""
     import copy
 
@@ -274,8 +274,12 @@ def measure_inference_cuts(predictor, volume: Path, repeats: int) -> dict:
     now = predictor.network.eval()
     result = {}
     threads = torch.get_num_threads()
-    for cut, description in INFERENCE_CUTS.items():
-        variants = {"after": now, "before": without_inference_cut(copy.deepcopy(now), cut)}
+    every_cut = {**INFERENCE_CUTS, "all": "every inference cut above undone at once"}
+    for cut, description in every_cut.items():
+        before = copy.deepcopy(now)
+        for undone in INFERENCE_CUTS if cut == "all" else [cut]:
+            before = without_inference_cut(before, undone)
+        variants = {"after": now, "before": before}
         torch.manual_seed(0)
         x = torch.randn(1, image.shape[0], *patch)
         tile = {name: [] for name in variants}
@@ -293,7 +297,7 @@ def measure_inference_cuts(predictor, volume: Path, repeats: int) -> dict:
                         tile[name].append(time.perf_counter() - start)
         finally:
             torch.set_num_threads(threads)
-        for _ in range(2):
+        for _ in range(window_repeats):
             for name, network in variants.items():
                 predictor.network = network
                 start = time.perf_counter()

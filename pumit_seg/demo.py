@@ -491,7 +491,7 @@ def build_steps(
                         f"Dice, ASSD, HD, HD95 per organ ({arm})",
                         [console_script("pumit_evaluate"), str(dataset / "labelsTs"), str(predictions),
                          "-djfile", str(dataset / "dataset.json"), "-o", str(predictions / "summary.json"),
-                         "--convention", "monai"],
+                         "--convention", "monai", "--overwrite"],  # a re-run replaces its own summary
                         requires=[f"seg_predict_{arm}"],
                     )
                 )  # fmt: skip
@@ -586,7 +586,7 @@ def build_steps(
                     "CHAOS",
                     "export the predictions as a CHAOS submission (Task folders + zip)",
                     [console_script("pumit_chaos"), "export", str(chaos / "submission"),
-                     "--pred", str(dataset), str(predictions), "--zip", str(chaos / "submission.zip")],
+                     "--pred", str(dataset), str(predictions), "--zip", str(chaos / "submission.zip"), "--overwrite"],
                     requires=["chaos_predict"],
                 )
             )  # fmt: skip
@@ -598,7 +598,7 @@ def build_steps(
                         "CHAOS",
                         "score the submission with the official CHAOS metrics",
                         [console_script("pumit_chaos"), "score", str(chaos / "submission"), reference_set,
-                         "-o", str(chaos / "scores.json"),
+                         "-o", str(chaos / "scores.json"), "--overwrite",
                          "--allow_missing"],  # the demo trains on one sequence: the other has no results
                         requires=["chaos_export"],
                     )

@@ -1905,7 +1905,7 @@ CASES = [
         "tokenizer-resume-with-other-lr",
         [*TOKENIZER_RUN, "--lr", "0.01"],
         build_tokenizer_run,
-        "{run} holds a run \\(at step 3\\) started with other options: --lr 0.002 -> 0.01\\..*--allow-option-change",
+        "{run} holds a run \\(at step 3\\) started with other options: --lr [0-9.e-]+ -> 0.01\\..*--allow-option-change",
         watch=("run",),
     ),
     Case(

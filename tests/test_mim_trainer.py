@@ -99,6 +99,13 @@ def test_tiny_mim_learns(mim_run):
     val = read_rows(mim_run / "val.csv")
     assert [int(r["step"]) for r in val] == [30, 60]
     assert float(val[-1]["accuracy"]) > 3 / codebook
+    # health: accuracy next to the majority-code baseline, codes in targets / predictions, the verdict
+    assert 0 < float(val[-1]["accuracy_majority"]) <= 1
+    assert 1 <= float(val[-1]["predicted_codes_used"]) <= codebook
+    health = json.loads((mim_run / "health.json").read_text())
+    assert [v["step"] for v in health["validations"]] == [30, 60]
+    assert health["validations"][-1]["status"] in ("healthy", "stalled", "collapsed")
+    assert float(val[-1]["healthy"]) == float(health["validations"][-1]["status"] == "healthy")
     assert float(val[-1]["loss"]) < 0.85 * math.log(codebook)
     assert (mim_run / "pictures" / "step_0000060.png").stat().st_size > 1000
     assert (mim_run / "loss_curves.png").exists()

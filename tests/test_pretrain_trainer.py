@@ -20,7 +20,7 @@ from pumit_seg.trainers.pretrain_base import (
     config_from_args,
     load_checkpoint,
 )
-from pumit_seg.trainers.tokenizer_trainer import TokenizerConfig, TokenizerTrainer
+from pumit_seg.trainers.tokenizer_trainer import TINY_PRESET, TokenizerConfig, TokenizerTrainer
 from pumit_seg.trainers.tokenizer_trainer import run as run_tokenizer
 from safetensors import safe_open
 
@@ -109,7 +109,8 @@ def test_flags_default_to_the_paper_presets_override_and_given_flags_win():
             ]
         ),
     )
-    assert tiny.num_codes == 48 and tiny.code_dim == 16 and tiny.down_channels == (8, 16, 24)
+    assert (tiny.num_codes, tiny.code_dim, tiny.down_channels) == (48, TINY_PRESET["code_dim"], (8, 16, 24))
+    assert 0 < tiny.reconstruction_steps < tiny.max_steps  # both stages, in one run
     assert tiny.batch_size == 4 and tiny.crop_in_plane == 32
 
 
@@ -149,10 +150,11 @@ def test_fit_on_a_prepared_store_logs_every_term_writes_health_pictures_checkpoi
         rows[0]
     )
     assert all(float(r["gan_on"]) == 0.0 for r in rows)  # EMA starts at 0.1 > 0.025: GAN term gated off
-    for row in rows:  # linear warm-up over 10 steps to 2e-3 (tiny preset), both optimisers
-        expected_lr = 2e-3 * int(row["step"]) / 10
-        assert float(row["lr_generator"]) == pytest.approx(expected_lr)
-        assert float(row["lr_discriminator"]) == pytest.approx(expected_lr)
+    warmup = TINY_PRESET["warmup_steps"]
+    for row in rows:  # linear warm-up to the tiny preset's rates, both optimisers
+        step = int(row["step"])
+        assert float(row["lr_generator"]) == pytest.approx(TINY_PRESET["lr"] * step / warmup)
+        assert float(row["lr_discriminator"]) == pytest.approx(TINY_PRESET["disc_lr"] * step / warmup)
     val = _read_log(out / "val.csv")
     assert [int(r["step"]) for r in val] == [3, 6]
     num_codes = trainer.model.num_codes

@@ -26,7 +26,7 @@ from pumit_seg.trainers.pretrain_base import (
     load_checkpoint,
     run_pretraining,
 )
-from pumit_seg.trainers.tokenizer_trainer import TokenizerConfig
+from pumit_seg.trainers.tokenizer_trainer import TINY_PRESET, TokenizerConfig
 
 from pumit_seg.weights import non_finite_tensors, save_model
 
@@ -167,7 +167,7 @@ def test_resuming_with_other_options_is_refused_before_any_work(tmp_path):
     message = str(error.value)
     assert (
         "at step 4" in message
-        and "--lr 0.002 -> 0.01" in message
+        and f"--lr {TINY_PRESET['lr']!r} -> 0.01" in message
         and "--quantizer 'soft' -> 'hard'" in message
     )
     assert "--max-steps" not in message.split("Options that may change")[0]  # a safe change is not listed
@@ -198,13 +198,15 @@ def test_allowed_changes_are_applied_recorded_and_the_schedule_rebuilt(tmp_path,
     assert config["changes"] == [
         {"step": 4, "option": "max_steps", "old": 4, "new": 6},
         {"step": 6, "option": "max_steps", "old": 6, "new": 8},
-        {"step": 6, "option": "lr", "old": 0.002, "new": 0.01},
+        {"step": 6, "option": "lr", "old": TINY_PRESET["lr"], "new": 0.01},
     ]
     assert load_checkpoint(out / CHECKPOINT_NAME)["changes"] == config["changes"]
     rows = {int(r["step"]): float(r["lr_generator"]) for r in _rows(out / "log.csv")}
     assert sorted(rows) == list(range(1, 9))
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    schedules = {4: (0.002, 4), 6: (0.002, 6), 8: (0.01, 8)}  # run ending at step -> (peak lr, total steps)
+    tiny_lr = TINY_PRESET["lr"]
+    # the run ending at step -> (its peak lr, its total steps)
+    schedules = {4: (tiny_lr, 4), 6: (tiny_lr, 6), 8: (0.01, 8)}
     for step, lr in rows.items():
         peak, total = next(schedules[end] for end in sorted(schedules) if step <= end)
         expected = WarmupCosineLRScheduler(optimizer, peak, 1e-6, 2, total).lr_at(step - 1)

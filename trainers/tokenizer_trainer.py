@@ -76,8 +76,8 @@ TINY_PRESET = {
     "batch_size": 4,
     "max_steps": 2000,
     "reconstruction_steps": 1000,
-    "warmup_steps": 10,
-    "lr": 2e-3,
+    "warmup_steps": 100,
+    "lr": 1e-3,  # 2e-3 held for long let the 2D path stop depending on its input, even without regularisers
     "disc_lr": 2e-3,
     "num_workers": 0,
     "log_every": 10,
@@ -281,7 +281,9 @@ class TokenizerTrainer(PretrainTrainer):
         self.disc_loss_ema = float(state.get("disc_loss_ema", self.config.disc_ema_init))
         self.last_disc_loss = float(state.get("last_disc_loss", self.config.disc_ema_init))
         saved = int(state.get("reconstruction_steps", 0))
-        if saved != self.config.reconstruction_steps and not getattr(self.config, "allow_option_change", False):
+        if saved != self.config.reconstruction_steps and not getattr(
+            self.config, "allow_option_change", False
+        ):
             raise ValueError(
                 f"{self.checkpoint_path} was trained with --reconstruction-steps {saved}, this run asks for "
                 f"{self.config.reconstruction_steps}: resume with the same value or use another --output-dir"
