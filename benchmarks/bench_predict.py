@@ -341,6 +341,34 @@ def cut_lines(cuts: dict) -> list[str]:
     return lines
 
 
+def analysis_lines(result: dict) -> list[str]:
+    """Where PUMIT's extra prediction time goes and why the rest is not cut (from the measured figures)."""
+    parts, flops = result["forward_parts"], result["forward_flops"]
+    p, n = parts["pumit"], parts["nnunet"]
+    ratios = [row["ratio_pumit_over_nnunet"] for row in result["volumes"]]
+    from pumit_seg.planners.pumit_planner import token_grid
+
+    from pumit_seg.models.sac import aniso_d_from_spacing
+
+    grid = token_grid(p["patch"], aniso_d_from_spacing(SPACING))
+    tokens = grid[0] * grid[1] * grid[2] + 1  # + CLS
+    return [
+        "Where the time goes: per tile PUMIT does "
+        f"{flops['pumit'] / flops['nnunet']:.2f}x nnU-Net's FLOPs in {p['whole'] / n['whole']:.2f}x its time "
+        f"(whole volumes: {min(ratios):.2f}-{max(ratios):.2f}x). Its ViT-B encoder takes {p['encoder']:.3f} s of "
+        f"{p['whole']:.3f} s: at batch 1 (nnU-Net's predictor runs one tile at a time) a {'x'.join(map(str, p['patch']))} "
+        f"tile is only {tokens} tokens, so every block streams its weights (about 86 M of the "
+        f"{p['parameters'] / 1e6:.0f} M parameters) for a few matrix rows, a memory-bound product on the CPU; the "
+        f"pyramid and decoder ({p['pyramid'] + p['decoder']:.3f} s, widths 768 / 128-512 as the reference) are the "
+        "rest. Cut: the two inference cuts above (no change of function, outputs equal to float rounding, tested in "
+        "tests/test_step_cost.py). Not cut, because each would change the function or the predictor: fewer or "
+        "narrower layers, a smaller ViT, batching tiles (nnU-Net's predictor, not the network, picks one tile per "
+        "forward pass). PyTorch's CPU convolution also sends batch-1 3D convolutions on small maps (N·C·D·H at most "
+        "20480: the 1/8 and 1/16 levels here) and single-threaded 1x1x1 convolutions to its slower im2col path "
+        "instead of oneDNN (torch.profiler: slow_conv3d_forward); nothing in the network chooses that. On a GPU these figures do not carry over: benchmarks/gpu_pack.sh measures prediction there.",
+    ]
+
+
 def markdown(result: dict) -> str:
     setup, machine = result["setup"], result["machine"]
     lines = [
@@ -391,6 +419,7 @@ def markdown(result: dict) -> str:
         )
     if result.get("cuts"):
         lines += ["", *cut_lines(result["cuts"])]
+    lines += ["", *analysis_lines(result)]
     if result.get("notes"):
         lines += ["", *[f"* {note}" for note in result["notes"]]]
     return "\n".join(lines)
@@ -418,7 +447,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--step-size", type=float, default=0.5, help="sliding-window step (nnU-Net's 0.5)")
     parser.add_argument("--mirroring", action="store_true", help="test-time mirroring for both models")
     parser.add_argument("--output", default=str(RESULTS / "predict_cpu"), help="results path without suffix")
+    parser.add_argument(
+        "--render", action="store_true", help="only rewrite the .md from the .json at --output"
+    )
     args = parser.parse_args(argv)
+    if args.render:
+        from pumit_seg.atomic import atomic_path
+
+        result = json.loads(Path(args.output).with_suffix(".json").read_text())
+        with atomic_path(Path(args.output).with_suffix(".md")) as tmp:
+            Path(tmp).write_text(markdown(result) + "\n")
+        return
 
     from pumit_seg.nnunet_ext_dir import nnunet_environment
 

@@ -47,13 +47,12 @@ import torch
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
 from pumit_seg.models.pumit_checkpoint import norm_eps_from_weights
-from pumit_seg.models.sac import aniso_d_from_spacing, depth_downsample_stride
+from pumit_seg.models.sac import ANISO_D_2D, aniso_d_from_spacing, depth_downsample_stride
 from pumit_seg.models.seg_net import PUMITSegNet, build_arch_kwargs, depth_factor, required_patch_divisor
 
 PUMIT_PLANS_NAME = "PUMITPlans"
 PRETRAINED_WEIGHTS_PLANS_KEY = "pumit_pretrained_weights"
 NETWORK_CLASS_NAME = "pumit_seg.models.seg_net.PUMITSegNet"
-TWO_D_ANISO_D = 5
 NUM_LEVELS = 6  # in-plane levels 1 .. 1/32 of the network
 TOKEN_LEVEL = 4  # patch size 16
 # A depth / in-plane spacing ratio within this distance (in log2) below a power of two rounds up to it.
@@ -439,7 +438,7 @@ class PUMITPlanner(ExperimentPlanner):
             raise ValueError(f"{self.dataset_name}: spacing must be positive, got {spacing}")
         spatial_dims = len(spacing)
         if spatial_dims == 2:
-            aniso_d, aniso_d_choice = TWO_D_ANISO_D, f"aniso_d {TWO_D_ANISO_D}: 2D configuration (one slice)"
+            aniso_d, aniso_d_choice = ANISO_D_2D, f"aniso_d {ANISO_D_2D}: 2D configuration (one slice)"
         else:
             aniso_d, aniso_d_choice = choose_aniso_d(spacing, self.aniso_log2_tolerance)
             coarsest = int(np.argmax(spacing))

@@ -19,17 +19,23 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import pickle
+import types
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from pumit_seg.atomic import atomic_path
 
 __all__ = [
+    "TRUST_PICKLE_FLAG",
+    "CheckpointReadError",
+    "PickledCheckpointError",
+    "read_checkpoint",
     "FORMAT_VERSION",
     "HEADER_KEY",
     "save_model",
@@ -46,6 +52,8 @@ FORMAT_VERSION = 1
 TRUSTED_CLASS_PREFIX = "pumit_seg."
 # Top-level entries that wrap the real state dict (Lightning, EVA, DDP-style checkpoints).
 STATE_DICT_WRAPPERS = ("state_dict", "model", "module")
+# The one flag name, in every command, by which a user consents to unpickling a checkpoint.
+TRUST_PICKLE_FLAG = "--trust-pickle"
 
 
 def non_finite_tensors(tensors: Mapping[str, Tensor]) -> dict[str, int]:
@@ -174,26 +182,114 @@ def load_state_dict_file(
 ) -> dict[str, Tensor]:
     """Read a state dict from ``.safetensors`` or a torch checkpoint, unwrapping common wrappers.
 
-    Torch checkpoints are loaded with ``weights_only=True`` unless ``allow_pickle=True``,
-    which unpickles arbitrary objects and so can run arbitrary code: use it only for
-    files you trust (see the module docstring). `allow_pickle_hint` is how the user of the
-    calling tool lifts the restriction (a flag or environment variable), named in the error.
+    Read with `read_checkpoint`: ``weights_only=True`` unless ``allow_pickle=True``, which
+    unpickles arbitrary objects and so can run arbitrary code: use it only for files you trust
+    (see the module docstring). `allow_pickle_hint` is how the user of the calling tool lifts the
+    restriction (a flag or environment variable), named in the error.
+    """
+    checkpoint = read_checkpoint(path, trust_pickle=allow_pickle, trust_hint=allow_pickle_hint)
+    return unwrap_state_dict(checkpoint, source=str(path))
+
+
+# --------------------------------------------------------------------------------------
+# Reading checkpoints (the one reader for every foreign file)
+# --------------------------------------------------------------------------------------
+
+
+class CheckpointReadError(ValueError):
+    """The file cannot be read as a checkpoint (truncated, another format); a missing file is FileNotFoundError."""
+
+
+class PickledCheckpointError(CheckpointReadError):
+    """``torch.load(weights_only=True)`` refused pickled Python objects in the file."""
+
+    def __init__(self, path: str | Path, objects: list[str], hint: str = f"add {TRUST_PICKLE_FLAG}"):
+        self.path = str(path)
+        self.objects = list(objects)
+        named = ", ".join(self.objects[:8]) + (
+            f" and {len(self.objects) - 8} more" if len(self.objects) > 8 else ""
+        )
+        super().__init__(
+            f"{path}: cannot read the checkpoint without unpickling: it holds Python objects besides its tensors ({named or 'unknown'}), "
+            "typically a Lightning checkpoint's hyper-parameters or training state. torch.load(weights_only=True) "
+            "refuses to unpickle them, and so do we by default: unpickling runs code chosen by whoever made the "
+            "file, so a downloaded checkpoint could execute anything on this machine with your rights. If you "
+            f"trust where the file comes from (e.g. the authors' GitHub release, checksum compared), {hint} "
+            "and run again: the file is then unpickled, classes missing here become inert placeholders, and only the "
+            "tensors of its state dict are used."
+        )
+
+
+class _MissingClass:
+    """Stands in for a class the checkpoint names but this environment lacks; does nothing."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _PlaceholderUnpickler(pickle.Unpickler):
+    """Unpickler for trusted files: classes that cannot be imported become `_MissingClass` subclasses."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            return type(name, (_MissingClass,), {"__module__": f"missing.{module}"})
+
+
+# torch.load(pickle_module=...) needs a module with `Unpickler` and `load`.
+_placeholder_pickle = types.ModuleType("pumit_placeholder_pickle")
+_placeholder_pickle.Unpickler = _PlaceholderUnpickler
+_placeholder_pickle.load = pickle.load
+
+
+def read_checkpoint(
+    path: str | Path, *, trust_pickle: bool = False, trust_hint: str = f"add {TRUST_PICKLE_FLAG}"
+):
+    """Read a torch checkpoint (or a safetensors file) with ``weights_only=True``.
+
+    Pickled objects -> `PickledCheckpointError` naming them and `trust_hint` (how the calling
+    tool's user consents: a flag or an environment variable), unless
+    `trust_pickle` (then the file is unpickled: only for files from a source you trust).
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such weight file")
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as error:
-            raise ValueError(f"{path}: not a readable safetensors file ({error})") from error
+            raise CheckpointReadError(f"{path}: not a readable safetensors file ({error})") from error
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-    except Exception as error:  # torch.load raises many types (UnpicklingError, RuntimeError, EOFError...)
-        hint = (
-            ""
-            if allow_pickle
-            else f"; if it holds pickled objects and comes from a source you trust, {allow_pickle_hint}"
-        )
-        raise ValueError(f"{path}: cannot read the checkpoint{hint}.\n{error}") from error
-    return unwrap_state_dict(obj, source=str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # weights_only refuses both pickled objects and files that are no torch checkpoint at all
+        try:
+            objects, detail = torch.serialization.get_unsafe_globals_in_checkpoint(path), ""
+        except Exception as inner:  # not a torch zip checkpoint (a legacy-format one can still be trusted)
+            objects, detail = [], str(inner).splitlines()[0] if str(inner) else type(inner).__name__
+        if not trust_pickle:
+            if not objects:
+                raise CheckpointReadError(
+                    f"{path}: not a readable torch checkpoint (truncated, corrupt or another format)"
+                    + (f": {detail}" if detail else "")
+                ) from error
+            raise PickledCheckpointError(path, objects, trust_hint) from error
+    except Exception as error:  # torch.load raises RuntimeError / EOFError / OSError on broken files
+        raise CheckpointReadError(
+            f"{path}: not a readable torch checkpoint (truncated, corrupt or another format): "
+            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
+        ) from error
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_placeholder_pickle)
+    except Exception as error:
+        raise CheckpointReadError(f"{path}: unpickling failed ({type(error).__name__}: {error})") from error

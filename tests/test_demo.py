@@ -62,6 +62,7 @@ def paths_of(output: Path) -> dict:
         return json.load(f)["paths"]
 
 
+@pytest.mark.e2e  # runs the demo (minutes): left out by -m 'not e2e'
 def test_every_step_ran_or_is_honestly_unavailable(demo_run):
     output, stdout, _ = demo_run
     steps = steps_by_key(output)
@@ -101,6 +102,7 @@ def test_every_step_ran_or_is_honestly_unavailable(demo_run):
         assert all(s["status"] == "done" for s in steps.values()), steps
 
 
+@pytest.mark.e2e  # runs the demo (minutes): left out by -m 'not e2e'
 def test_segmentation_predictions_and_metrics(demo_run):
     output, _, _ = demo_run
     paths, steps = paths_of(output), steps_by_key(output)
@@ -137,6 +139,7 @@ def test_segmentation_predictions_and_metrics(demo_run):
         # MIM / tokenizer tests). A liver Dice of 0.17 and 0.3 were both seen after 20 iterations.
 
 
+@pytest.mark.e2e  # runs the demo (minutes): left out by -m 'not e2e'
 def test_chaos_submission_and_score(demo_run):
     output, _, _ = demo_run
     paths = paths_of(output)
@@ -162,6 +165,7 @@ def test_chaos_submission_and_score(demo_run):
         assert 0.0 <= result["mean"]["DICE"] <= 1.0
 
 
+@pytest.mark.e2e  # runs the demo (minutes): left out by -m 'not e2e'
 def test_report_references_only_existing_images(demo_run):
     output, _, _ = demo_run
     page = output / "report.html"
@@ -192,6 +196,7 @@ def test_report_references_only_existing_images(demo_run):
         assert "not available" in text or "did not run" in text
 
 
+@pytest.mark.e2e  # runs the demo (minutes): left out by -m 'not e2e'
 def test_printed_paths_exist(demo_run):
     """The demo prints folders to repeat a step by hand: only ones that exist."""
     _, stdout, _ = demo_run
@@ -201,6 +206,7 @@ def test_printed_paths_exist(demo_run):
         assert Path(path).is_dir(), path
 
 
+@pytest.mark.e2e  # runs the demo (minutes): left out by -m 'not e2e'
 def test_report_loads_in_headless_chromium(demo_run, tmp_path):
     if find_chromium() is None:
         if os.environ.get("CI"):
@@ -217,6 +223,7 @@ def test_report_loads_in_headless_chromium(demo_run, tmp_path):
         assert shot.width >= 1000 and shot.height > 1500  # the whole page, not one screen
 
 
+@pytest.mark.e2e  # runs the demo (minutes): left out by -m 'not e2e'
 def test_rerun_skips_finished_steps(demo_run):
     output, _, _ = demo_run
     work = sum(s.get("wall_s") or 0.0 for s in steps_by_key(output).values() if s["status"] == "done")

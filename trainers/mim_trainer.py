@@ -82,7 +82,7 @@ class MIMConfig(PretrainConfig):
         "tiny": {
             "model": "tiny", "max_steps": 200, "batch_size": 4, "lr": 1e-3, "warmup_steps": 20,
             "crop_in_plane": 64, "crop_depth_units": 2, "num_workers": 0, "log_every": 10,
-            "val_every": 100, "ckpt_every": 50, "val_batch_size": 4, "val_max_batches": 2,
+            "val_every": 100, "ckpt_every": 50, "val_batch_size": 4, "val_max_batches": 8,
         },
     }  # fmt: skip
 

@@ -27,7 +27,8 @@ Accepted files: our safetensors files (``pumit_pretrain`` encoder exports, whole
 models: the encoder is found by its prefix) and EVA-02 checkpoints (timm layout), through
 `pumit_seg.models.vit.load_pretrained_encoder`, which adapts the patch kernel to the plan's ``aniso_d``
 and input channels and resamples the position grid. Pickled checkpoints (e.g. the authors'
-``pumit.ckpt``) need ``PUMIT_PRETRAINED_ALLOW_PICKLE=1`` (only for files you trust). The report of
+``pumit.ckpt``) need ``PUMIT_PRETRAINED_TRUST_PICKLE=1``, the same words as every command's
+``--trust-pickle`` (only for files you trust). The report of
 loaded / adapted / skipped / missing keys goes to the training log. A missing file is an error, and so
 are weights with NaN / inf values (``PUMIT_PRETRAINED_ALLOW_NON_FINITE=1`` loads them anyway) and weights
 that fill less than 90 % of the encoder (``PUMIT_PRETRAINED_ALLOW_PARTIAL=1``). The plan fixes
@@ -72,7 +73,9 @@ from pumit_seg.models.vit import WeightReport, load_pretrained_encoder
 
 DEFAULT_DEVICE = torch.device("cuda")  # nnU-Net's trainer default
 PRETRAINED_WEIGHTS_ENV = "PUMIT_PRETRAINED_WEIGHTS"
-ALLOW_PICKLE_ENV = "PUMIT_PRETRAINED_ALLOW_PICKLE"
+# consent to unpickle, in the words of every command's --trust-pickle; the older name is still read
+TRUST_PICKLE_ENV = "PUMIT_PRETRAINED_TRUST_PICKLE"
+TRUST_PICKLE_ENV_OLD = "PUMIT_PRETRAINED_ALLOW_PICKLE"
 ALLOW_NON_FINITE_ENV = "PUMIT_PRETRAINED_ALLOW_NON_FINITE"
 ALLOW_PARTIAL_ENV = "PUMIT_PRETRAINED_ALLOW_PARTIAL"
 MAX_BAD_STEPS_ENV = "PUMIT_MAX_BAD_STEPS"
@@ -304,11 +307,11 @@ class PUMITTrainer(nnUNetTrainer):
         report = load_pretrained_encoder(
             unwrap_network(self.network).encoder,
             path,
-            allow_pickle=env_flag(ALLOW_PICKLE_ENV),
+            allow_pickle=env_flag(TRUST_PICKLE_ENV) or env_flag(TRUST_PICKLE_ENV_OLD),
             allow_non_finite=env_flag(ALLOW_NON_FINITE_ENV),
             allow_partial=env_flag(ALLOW_PARTIAL_ENV),
             hints={
-                "allow_pickle": f"set {ALLOW_PICKLE_ENV}=1",
+                "allow_pickle": f"set {TRUST_PICKLE_ENV}=1",
                 "allow_non_finite": f"set {ALLOW_NON_FINITE_ENV}=1",
                 "allow_partial": f"set {ALLOW_PARTIAL_ENV}=1",
             },

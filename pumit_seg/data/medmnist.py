@@ -38,7 +38,7 @@ from torch import Tensor
 
 from pumit_seg.atomic import atomic_path
 from pumit_seg.models.mim import IMAGENET_MEAN, IMAGENET_STD  # the ViT's input normalisation (SPEC 5)
-from pumit_seg.models.sac import MAX_ANISO_D
+from pumit_seg.models.sac import ANISO_D_2D
 
 __all__ = [
     "TASK_BINARY",
@@ -74,7 +74,6 @@ SPLITS = ("train", "val", "test")
 
 # aniso_d of MedMNIST inputs (SPEC 1 / section 8): the 3D volumes are isotropic, a 2D image is D = 1.
 ANISO_D_3D = 0
-ANISO_D_2D = MAX_ANISO_D
 
 INPUT_NORMS = ("imagenet", "none")
 

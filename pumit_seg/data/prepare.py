@@ -77,9 +77,9 @@ from pumit_seg.data.store import (
     TABLE_COLUMNS,
     ChunkConfig,
     StoreLayout,
-    aniso_d_from_spacing,
     write_image_array,
 )
+from pumit_seg.models.sac import aniso_d_from_spacing
 
 __all__ = [
     "DatasetSpec",

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from pumit_seg.data.sampler import AnisoBatchSampler, SampleRef
-from pumit_seg.data.store import PretrainStore, aniso_d_from_spacing
+from pumit_seg.data.store import PretrainStore
+from pumit_seg.models.sac import ANISO_D_2D, aniso_d_from_spacing
 
 __all__ = [
     "CropConfig",
@@ -92,7 +93,7 @@ def crop_depth(crop: CropConfig, aniso_d: int, two_d: bool) -> int:
 def _aniso_ratio_bounds(aniso_d: int) -> tuple[float, float]:
     """Range of s_d / min(s_h, s_w) that gives `aniso_d` (half-open above; 0 and 5 open-ended)."""
     low = 0.0 if aniso_d == 0 else 2.0**aniso_d
-    high = math.inf if aniso_d >= 5 else 2.0 ** (aniso_d + 1)
+    high = math.inf if aniso_d >= ANISO_D_2D else 2.0 ** (aniso_d + 1)
     return low, high
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from pumit_seg.atomic import atomic_path
+from pumit_seg.models.sac import aniso_d_from_spacing  # re-exported: the store's table uses the one rule
 
 __all__ = [
     "TABLE_COLUMNS",
@@ -81,14 +82,6 @@ TABLE_COLUMNS = (
     "settings",  # digest of the preprocessing settings the array was made with (store.json: settings)
 )
 REPORT_COLUMNS = ("source", "dataset", "reason", "message")
-
-
-def aniso_d_from_spacing(spacing_dhw, max_ratio: float = 32.0) -> int:
-    """SPEC 1: floor(log2(clip(s_d / min(s_h, s_w), 1, max_ratio))); inf depth spacing (2D) gives 5."""
-    s_d, s_h, s_w = (float(s) for s in spacing_dhw)
-    ratio = min(max(s_d / min(s_h, s_w), 1.0), max_ratio)
-    # a tiny tolerance so that ratios like 4.0 computed as 3.9999999 still give 2
-    return int(math.floor(math.log2(ratio) + 1e-9))
 
 
 @dataclass(frozen=True)

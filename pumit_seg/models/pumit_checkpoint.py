@@ -32,15 +32,20 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import pickle
 import re
-import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from pumit_seg.weights import (  # the one checkpoint reader, re-exported for this module's users
+    TRUST_PICKLE_FLAG,
+    CheckpointReadError,
+    PickledCheckpointError,
+    read_checkpoint,
+)
 
 __all__ = [
     "KINDS",
@@ -77,7 +82,6 @@ AUTHORS_HEAD_DIM = 64  # B: 768 / 12, L: 1024 / 16
 AUTHORS_ROPE_BASE = 10000.0  # in-plane (EVA-02's)
 AUTHORS_ROPE_BASE_DEPTH = 2333.0
 AUTHORS_NUM_GROUPS = 8  # GroupNorm groups of the tokenizer
-TRUST_PICKLE_FLAG = "--trust-pickle"
 
 VIT_ANCHOR = "patch_embed.proj.weight"
 TOKENIZER_ANCHORS = ("quantize.embedding.weight", "quantize.embed.weight")
@@ -90,30 +94,6 @@ _BLOCK_INDEX = re.compile(r"^blocks\.(\d+)\.")
 # --------------------------------------------------------------------------------------
 # Errors and the report
 # --------------------------------------------------------------------------------------
-
-
-class CheckpointReadError(ValueError):
-    """The file cannot be read as a checkpoint (missing, truncated, another format)."""
-
-
-class PickledCheckpointError(CheckpointReadError):
-    """``torch.load(weights_only=True)`` refused pickled Python objects in the file."""
-
-    def __init__(self, path: str | Path, objects: list[str], flag: str = TRUST_PICKLE_FLAG):
-        self.path = str(path)
-        self.objects = list(objects)
-        named = ", ".join(self.objects[:8]) + (
-            f" and {len(self.objects) - 8} more" if len(self.objects) > 8 else ""
-        )
-        super().__init__(
-            f"{path}: the checkpoint holds pickled Python objects besides its tensors ({named or 'unknown'}), "
-            "typically a Lightning checkpoint's hyper-parameters or training state. torch.load(weights_only=True) "
-            "refuses to unpickle them, and so do we by default: unpickling runs code chosen by whoever made the "
-            "file, so a downloaded checkpoint could execute anything on this machine with your rights. If you "
-            f"trust where the file comes from (e.g. the authors' GitHub release, checksum compared), rerun with "
-            f"{flag}: the file is then unpickled, classes missing here become inert placeholders, and only the "
-            "tensors of its state dict are used."
-        )
 
 
 class CheckpointLayoutError(ValueError):
@@ -208,78 +188,6 @@ class ImportResult:
 # --------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------
-
-
-class _MissingClass:
-    """Stands in for a class the checkpoint names but this environment lacks; does nothing."""
-
-    def __new__(cls, *args, **kwargs):
-        return object.__new__(cls)
-
-    def __init__(self, *args, **kwargs):
-        self.args = args
-
-    def __setstate__(self, state):
-        self.state = state
-
-
-class _PlaceholderUnpickler(pickle.Unpickler):
-    """Unpickler for trusted files: classes that cannot be imported become `_MissingClass` subclasses."""
-
-    def find_class(self, module: str, name: str):
-        try:
-            return super().find_class(module, name)
-        except (ImportError, AttributeError):
-            return type(name, (_MissingClass,), {"__module__": f"missing.{module}"})
-
-
-# torch.load(pickle_module=...) needs a module with `Unpickler` and `load`.
-_placeholder_pickle = types.ModuleType("pumit_placeholder_pickle")
-_placeholder_pickle.Unpickler = _PlaceholderUnpickler
-_placeholder_pickle.load = pickle.load
-
-
-def read_checkpoint(path: str | Path, *, trust_pickle: bool = False, trust_flag: str = TRUST_PICKLE_FLAG):
-    """Read a torch checkpoint (or a safetensors file) with ``weights_only=True``.
-
-    Pickled objects -> `PickledCheckpointError` naming them and `trust_flag`, unless
-    `trust_pickle` (then the file is unpickled: only for files from a source you trust).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointReadError(f"{path}: no such checkpoint file")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as error:
-            raise CheckpointReadError(f"{path}: not a readable safetensors file ({error})") from error
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        # weights_only refuses both pickled objects and files that are no torch checkpoint at all
-        try:
-            objects, detail = torch.serialization.get_unsafe_globals_in_checkpoint(path), ""
-        except Exception as inner:  # not a torch zip checkpoint (a legacy-format one can still be trusted)
-            objects, detail = [], str(inner).splitlines()[0] if str(inner) else type(inner).__name__
-        if not trust_pickle:
-            if not objects:
-                raise CheckpointReadError(
-                    f"{path}: not a readable torch checkpoint (truncated, corrupt or another format)"
-                    + (f": {detail}" if detail else "")
-                ) from error
-            raise PickledCheckpointError(path, objects, trust_flag) from error
-    except Exception as error:  # torch.load raises RuntimeError / EOFError / OSError on broken files
-        raise CheckpointReadError(
-            f"{path}: not a readable torch checkpoint (truncated, corrupt or another format): "
-            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
-        ) from error
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_placeholder_pickle)
-    except Exception as error:
-        raise CheckpointReadError(f"{path}: unpickling failed ({type(error).__name__}: {error})") from error
 
 
 def extract_state_dict(checkpoint, source: str) -> tuple[dict[str, Tensor], str, dict[str, str]]:

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "MAX_ANISO_D",
+    "ANISO_D_2D",
     "pending_downsamples",
     "depth_downsample_stride",
     "depth_upsample_stride",
@@ -56,8 +57,9 @@ __all__ = [
     "sac_layers",
 ]
 
-# aniso_d is clipped to 0..MAX_ANISO_D; a 2D image is treated as aniso_d = MAX_ANISO_D.
+# aniso_d is clipped to 0..MAX_ANISO_D; a 2D image is a one-slice volume with aniso_d = ANISO_D_2D.
 MAX_ANISO_D = 5
+ANISO_D_2D = MAX_ANISO_D
 
 
 def pending_downsamples(aniso_d: int, num_downsamples: int) -> int:
@@ -115,14 +117,18 @@ def inflate_depth(weight: Tensor, depth: int) -> Tensor:
 def aniso_d_from_spacing(spacing_dhw: Sequence[float], log_tolerance: float = 1e-6) -> int:
     """Degree of anisotropy: ``floor(log2(clip(s_d / min(s_h, s_w), 1, 32)))``, in 0..5.
 
-    `log_tolerance` absorbs floating-point noise in the spacing ratio (2.4 / 0.3 is
-    7.999999999999999 in binary floating point, which must still give 3).
+    The one place this rule is written. A depth spacing of ``inf`` marks a 2D image (one slice,
+    no depth neighbour) and gives `ANISO_D_2D`. `log_tolerance` absorbs floating-point noise in
+    the spacing ratio (2.4 / 0.3 is 7.999999999999999 in binary floating point, which must still
+    give 3); the planner passes a larger one to round ratios just below a power of two up.
     """
     if len(spacing_dhw) != 3:
         raise ValueError(f"spacing must be (s_d, s_h, s_w), got {tuple(spacing_dhw)}")
     s_d, s_h, s_w = (float(s) for s in spacing_dhw)
-    if min(s_d, s_h, s_w) <= 0 or not all(math.isfinite(s) for s in (s_d, s_h, s_w)):
-        raise ValueError(f"spacing must be positive and finite, got {tuple(spacing_dhw)}")
+    if min(s_d, s_h, s_w) <= 0 or not all(math.isfinite(s) for s in (s_h, s_w)) or math.isnan(s_d):
+        raise ValueError(f"spacing must be positive and finite (depth may be inf for 2D), got {tuple(spacing_dhw)}")
+    if math.isinf(s_d):
+        return ANISO_D_2D
     ratio = min(max(s_d / min(s_h, s_w), 1.0), 2.0**MAX_ANISO_D)
     return min(int(math.floor(math.log2(ratio) + log_tolerance)), MAX_ANISO_D)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from pumit_seg.models.sac import aniso_d_from_spacing, depth_downsample_stride
+from pumit_seg.models.sac import ANISO_D_2D, aniso_d_from_spacing, depth_downsample_stride
 from pumit_seg.models.vit import universal_vit_base, universal_vit_large, universal_vit_tiny
 
 # (name, (D, H, W), spacing (s_d, s_h, s_w) in mm); a 2D image is D = 1 with aniso_d 5.
@@ -21,7 +21,6 @@ EXAMPLES = [
     ("isotropic 1 mm", (64, 64, 64), (1.0, 1.0, 1.0)),
 ]
 BATCH_SIZE = 2
-TWO_D_ANISO_D = 5
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -34,7 +33,7 @@ def run_vit_demo(seed: int = 0) -> None:
     patch = model.patch_size
     print(f"universal ViT (tiny): width {model.embed_dim}, {len(model.blocks)} blocks, patch {patch}")
     for name, shape, spacing in EXAMPLES:
-        aniso_d = TWO_D_ANISO_D if spacing is None else aniso_d_from_spacing(spacing)
+        aniso_d = ANISO_D_2D if spacing is None else aniso_d_from_spacing(spacing)
         grey = torch.randn(BATCH_SIZE, 1, *shape)
         image = grey.expand(-1, model.config["in_channels"], -1, -1, -1)  # grey replicated to RGB
         kernel_depth = depth_downsample_stride(patch, aniso_d, 0)
