@@ -45,23 +45,29 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+from pumit_seg.planners.plans_keys import (
+    ANISO_D_CHOICE_PLANS_KEY,
+    CT_WINDOW_PLANS_KEY,
+    FINGERPRINT_INTENSITY_PLANS_KEY,
+    MEMORY_ESTIMATE_PLANS_KEY,
+    MODEL_PLANS_KEY,
+    NETWORK_CLASS_NAME,
+    NORM_EPS_CHOICE_PLANS_KEY,
+    OVERSAMPLE_PLANS_KEY,
+    PREDICT_STEP_SIZE_PLANS_KEY,
+    PRESET_PLANS_KEY,
+    PRETRAINED_WEIGHTS_PLANS_KEY,
+    PUMIT_PLANS_NAME,
+)
 
 from pumit_seg.models.pumit_checkpoint import norm_eps_from_weights
 from pumit_seg.models.sac import ANISO_D_2D, aniso_d_from_spacing, depth_downsample_stride
 from pumit_seg.models.seg_net import PUMITSegNet, build_arch_kwargs, depth_factor, required_patch_divisor
 
-PUMIT_PLANS_NAME = "PUMITPlans"
-PRETRAINED_WEIGHTS_PLANS_KEY = "pumit_pretrained_weights"
-NETWORK_CLASS_NAME = "pumit_seg.models.seg_net.PUMITSegNet"
 NUM_LEVELS = 6  # in-plane levels 1 .. 1/32 of the network
 TOKEN_LEVEL = 4  # patch size 16
 # A depth / in-plane spacing ratio within this distance (in log2) below a power of two rounds up to it.
 ANISO_LOG2_TOLERANCE = 0.1
-ANISO_D_CHOICE_PLANS_KEY = "pumit_aniso_d_choice"
-OVERSAMPLE_PLANS_KEY = "pumit_oversample_foreground_percent"
-PREDICT_STEP_SIZE_PLANS_KEY = "pumit_predict_step_size"
-PRESET_PLANS_KEY = "pumit_preset"
-CT_WINDOW_PLANS_KEY = "pumit_ct_window"
 CT_NORMALIZATION = "CTNormalization"
 
 
@@ -500,10 +506,10 @@ class PUMITPlanner(ExperimentPlanner):
                 "arch_kwargs": arch_kwargs,
                 "_kw_requires_import": [],
             },
-            "pumit_model": self.model,
+            MODEL_PLANS_KEY: self.model,
             ANISO_D_CHOICE_PLANS_KEY: aniso_d_choice,
-            "pumit_norm_eps_choice": self.norm_eps_choice[1],
-            "pumit_memory_estimate_gb": round(
+            NORM_EPS_CHOICE_PLANS_KEY: self.norm_eps_choice[1],
+            MEMORY_ESTIMATE_PLANS_KEY: round(
                 self.estimate_memory(arch_kwargs, patch_size, batch_size) / 1e9, 2
             ),
         }
@@ -537,7 +543,7 @@ class PUMITPlanner(ExperimentPlanner):
                 "'CT' (nnU-Net normalises only channels named CT with CTNormalization)"
             )
         properties = plans["foreground_intensity_properties_per_channel"]
-        plans["pumit_fingerprint_intensity_properties"] = deepcopy(properties)
+        plans[FINGERPRINT_INTENSITY_PLANS_KEY] = deepcopy(properties)
         for channel in sorted(channels):
             # clip to [low, high], then (x - centre) / half-width: the window becomes [-1, 1]
             properties[channel] = {

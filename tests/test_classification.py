@@ -26,8 +26,9 @@ from pumit_seg.data.medmnist import (
     prepare_batch,
     write_synthetic_medmnist,
 )
-from pumit_seg.models.classifier import ViTClassifier, build_encoder
+from pumit_seg.models.classifier import ViTClassifier
 from pumit_seg.models.mim import IMAGENET_MEAN, IMAGENET_STD
+from pumit_seg.models.vit import build_universal_vit
 from pumit_seg.weights import load_model, read_header, save_model
 
 # A tiny ViT at 32^3 (8 tokens): fast on 2 CPU cores.
@@ -316,7 +317,7 @@ def test_prepare_batch_resizes_replicates_normalises_and_augments():
 
 def test_classifier_round_trip_and_2d_input(tmp_path):
     torch.manual_seed(0)
-    model = ViTClassifier(5, build_encoder("tiny", in_channels=3, depth=2)).eval()
+    model = ViTClassifier(5, build_universal_vit("tiny", in_channels=3, depth=2)).eval()
     x3, x2 = torch.randn(2, 3, 32, 32, 32), torch.randn(2, 3, 1, 32, 32)
     save_model(model, tmp_path / "clf.safetensors")
     loaded = load_model(tmp_path / "clf.safetensors").eval()
@@ -333,7 +334,7 @@ def test_pretrained_encoder_fills_the_classifier(tmp_path):
     write_synthetic_medmnist(tmp_path / "d.npz", samples=(8, 4, 4))
     data = load_medmnist(tmp_path / "d.npz")
     torch.manual_seed(1)
-    encoder = build_encoder("tiny", in_channels=1, depth=2, norm_eps=1e-5)
+    encoder = build_universal_vit("tiny", in_channels=1, depth=2, norm_eps=1e-5)
     save_model(encoder, tmp_path / "encoder.safetensors")
     config = clf.ClassificationConfig(data="d", output_dir="o", model="base", pretrained=str(tmp_path / "encoder.safetensors"), input_size=32)  # fmt: skip
     model, report = clf._build_model(config, data)
@@ -346,7 +347,7 @@ def test_pretrained_encoder_fills_the_classifier(tmp_path):
             torch.testing.assert_close(model.encoder.state_dict()[name], tensor, rtol=0, atol=0)
 
     # a pickled checkpoint is refused unless the user trusts it, and the refusal names the flag
-    complete = build_encoder("tiny", in_channels=3).state_dict()
+    complete = build_universal_vit("tiny", in_channels=3).state_dict()
     torch.save({"state_dict": complete, "hyper_parameters": argparse.Namespace(lr=1)}, tmp_path / "e.ckpt")
     config.pretrained = str(tmp_path / "e.ckpt")
     with pytest.raises(ValueError, match=r"e\.ckpt: cannot read the checkpoint.*add --trust-pickle"):

@@ -57,8 +57,8 @@ from pumit_seg.data.medmnist import (
     resolve_intensity_scale,
     scores_from_logits,
 )
-from pumit_seg.models.classifier import DEFAULT_PATCH_SIZE, ENCODER_PRESETS, ViTClassifier, build_encoder
-from pumit_seg.models.vit import load_pretrained_encoder
+from pumit_seg.models.classifier import DEFAULT_PATCH_SIZE, ViTClassifier
+from pumit_seg.models.vit import VIT_SIZES, build_universal_vit, load_pretrained_encoder
 from pumit_seg.weights import load_model, load_state_dict_file, read_header, save_model
 
 __all__ = [
@@ -108,7 +108,7 @@ class ClassificationConfig:
     output_dir: str = field(
         default="", metadata={"help": "run folder: log, pictures, checkpoints, results", "aliases": ("-o",)}
     )
-    model: str = field(default="base", metadata={"help": f"ViT size, one of {sorted(ENCODER_PRESETS)}"})
+    model: str = field(default="base", metadata={"help": f"ViT size, one of {sorted(VIT_SIZES)}"})
     pretrained: str | None = field(
         default=None,
         metadata={
@@ -194,8 +194,8 @@ class ClassificationConfig:
             raise ValueError("--data is required (a MedMNIST v2 .npz file)")
         if not self.output_dir:
             raise ValueError("--output-dir / -o is required")
-        if self.model not in ENCODER_PRESETS:
-            raise ValueError(f"--model must be one of {sorted(ENCODER_PRESETS)}, got {self.model!r}")
+        if self.model not in VIT_SIZES:
+            raise ValueError(f"--model must be one of {sorted(VIT_SIZES)}, got {self.model!r}")
         if self.num_classes is not None and self.num_classes < 2:
             raise ValueError(f"--num-classes must be >= 2, got {self.num_classes}")
         for name in ("epochs", "batch_size", "in_channels", "input_size", "max_bad_steps"):
@@ -463,7 +463,7 @@ def _build_model(
     # The position grid is learnt at the token grid of the input, as the authors' classifier (10^3 at 160^3).
     overrides["pos_grid_shape"] = (side, side, side) if data.spatial_dims == 3 else (1, side, side)
     torch.manual_seed(config.seed)
-    model = ViTClassifier(data.num_classes, build_encoder(config.model, **overrides))
+    model = ViTClassifier(data.num_classes, build_universal_vit(config.model, **overrides))
     if config.pretrained is None or not load_weights:
         return model, None
     report = load_pretrained_encoder(

@@ -65,6 +65,11 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from pumit_seg.planners.plans_keys import (
+    NETWORK_CLASS_NAME,
+    OVERSAMPLE_PLANS_KEY,
+    PRETRAINED_WEIGHTS_PLANS_KEY,
+)
 from pumit_seg.trainers.optim import WarmupCosineLRScheduler, build_adamw
 from torch import nn
 from torch._dynamo import OptimizedModule
@@ -79,8 +84,6 @@ TRUST_PICKLE_ENV_OLD = "PUMIT_PRETRAINED_ALLOW_PICKLE"
 ALLOW_NON_FINITE_ENV = "PUMIT_PRETRAINED_ALLOW_NON_FINITE"
 ALLOW_PARTIAL_ENV = "PUMIT_PRETRAINED_ALLOW_PARTIAL"
 MAX_BAD_STEPS_ENV = "PUMIT_MAX_BAD_STEPS"
-PRETRAINED_WEIGHTS_PLANS_KEY = "pumit_pretrained_weights"
-OVERSAMPLE_PLANS_KEY = "pumit_oversample_foreground_percent"
 TRUE_VALUES = ("1", "true", "yes")
 FALSE_VALUES = ("", "0", "false", "no")
 
@@ -231,7 +234,7 @@ class PUMITTrainer(nnUNetTrainer):
     ) -> nn.Module:
         """PUMITSegNet from the plans (also used by nnUNetv2_predict); no pretrained weights here."""
         architecture = configuration_manager.network_arch_class_name
-        if architecture != "pumit_seg.models.seg_net.PUMITSegNet":
+        if architecture != NETWORK_CLASS_NAME:
             raise ValueError(
                 f"{architecture} is not PUMITSegNet: plan with pumit_plan_and_preprocess and pass -p PUMITPlans"
             )

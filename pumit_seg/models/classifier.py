@@ -13,25 +13,11 @@ from collections.abc import Mapping
 
 from torch import Tensor, nn
 
-from pumit_seg.models.vit import (
-    INIT_STD,
-    UniversalViT,
-    universal_vit_base,
-    universal_vit_large,
-    universal_vit_tiny,
-)
+from pumit_seg.models.vit import INIT_STD, UniversalViT
 
-__all__ = ["ViTClassifier", "ENCODER_PRESETS", "DEFAULT_PATCH_SIZE", "build_encoder"]
+__all__ = ["ViTClassifier", "DEFAULT_PATCH_SIZE"]
 
 DEFAULT_PATCH_SIZE = inspect.signature(UniversalViT).parameters["patch_size"].default  # no preset changes it
-ENCODER_PRESETS = {"tiny": universal_vit_tiny, "base": universal_vit_base, "large": universal_vit_large}
-
-
-def build_encoder(preset: str, **overrides) -> UniversalViT:
-    """A `UniversalViT` preset (``tiny`` / ``base`` / ``large``) with constructor overrides."""
-    if preset not in ENCODER_PRESETS:
-        raise ValueError(f"--model must be one of {sorted(ENCODER_PRESETS)}, got {preset!r}")
-    return ENCODER_PRESETS[preset](**overrides)
 
 
 class ViTClassifier(nn.Module):

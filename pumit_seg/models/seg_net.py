@@ -44,11 +44,10 @@ from pumit_seg.models.sac import (
 )
 from pumit_seg.models.vit import (
     PYRAMID_BLOCKS,
+    VIT_SIZES,
     UniversalViT,
+    build_universal_vit,
     tokens_to_grid,
-    universal_vit_base,
-    universal_vit_large,
-    universal_vit_tiny,
 )
 
 NUM_LEVELS = 6  # in-plane levels 0..5 (scales 1 .. 1/32)
@@ -62,7 +61,6 @@ NEGATIVE_SLOPE = 0.01  # LeakyReLU, as nnU-Net and the reference
 # (-8 % peak memory at the paper's BTCV step, benchmarks/results/training_cpu.md).
 ACT_INPLACE = True
 NORM_EPS = 1e-5  # InstanceNorm3d's default
-VIT_PRESETS = {"tiny": universal_vit_tiny, "base": universal_vit_base, "large": universal_vit_large}
 
 
 def _check_aniso_d(aniso_d: int) -> None:
@@ -117,15 +115,15 @@ def build_arch_kwargs(
     ``{"pos_grid_shape": [12, 12, 12], "norm_eps": 1e-5}``). `fixed_kernels` and
     `final_norm_on_last_block`: see `PUMITSegNet`.
     """
-    if model not in VIT_PRESETS:
-        raise ValueError(f"model must be one of {sorted(VIT_PRESETS)}, got {model!r}")
+    if model not in VIT_SIZES:
+        raise ValueError(f"model must be one of {sorted(VIT_SIZES)}, got {model!r}")
     if spatial_dims == 2 and aniso_d != MAX_ANISO_D:
         raise ValueError(
             f"spatial_dims=2 needs aniso_d={MAX_ANISO_D} (a 2D image is one slice), got {aniso_d}"
         )
     # Read the preset's constructor kwargs without allocating its weights.
     with torch.device("meta"):
-        vit_config = dict(VIT_PRESETS[model](**(vit_overrides or {})).config)
+        vit_config = dict(build_universal_vit(model, **(vit_overrides or {})).config)
     vit_config.pop("in_channels", None)  # set from nnU-Net's input_channels
     vit_config.pop("fixed_aniso_d", None)  # set from aniso_d and fixed_kernels
     return {

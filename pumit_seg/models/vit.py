@@ -38,6 +38,8 @@ __all__ = [
     "universal_vit_tiny",
     "universal_vit_base",
     "universal_vit_large",
+    "VIT_SIZES",
+    "build_universal_vit",
     "WeightReport",
     "PretrainedWeightsError",
     "MIN_FILLED_FRACTION",
@@ -282,6 +284,17 @@ def universal_vit_base(**overrides) -> UniversalViT:
 def universal_vit_large(**overrides) -> UniversalViT:
     """PUMIT-L: width 1024, 24 blocks, 16 heads."""
     return UniversalViT(**{"embed_dim": 1024, "depth": 24, "num_heads": 16, **overrides})
+
+
+# The one registry of model sizes: every command's --model / preset name resolves here.
+VIT_SIZES = {"tiny": universal_vit_tiny, "base": universal_vit_base, "large": universal_vit_large}
+
+
+def build_universal_vit(size: str, **overrides) -> UniversalViT:
+    """The named size (`VIT_SIZES`) with `overrides` of its constructor arguments."""
+    if size not in VIT_SIZES:
+        raise ValueError(f"ViT size must be one of {sorted(VIT_SIZES)}, got {size!r}")
+    return VIT_SIZES[size](**overrides)
 
 
 # --------------------------------------------------------------------------------------
