@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from pumit_seg.atomic import atomic_path
+from pumit_seg.plotting import pyplot, save_figure
 
 REPORT_NAME = "report.html"
 ASSETS_FOLDER = "report"  # PNGs of the page, beside it
@@ -67,20 +68,8 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save_figure(figure, path: Path) -> None:
-    plt = _plt()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=90)
-    plt.close(figure)
+    save_figure(figure, path, dpi=90)
 
 
 def read_log_csv(path: Path) -> dict[str, np.ndarray]:
@@ -104,7 +93,7 @@ def plot_loss_curves(runs: dict[str, Path], output: Path) -> list[str]:
     logs = {name: log for name, log in logs.items() if "step" in log and any("loss" in k for k in log)}
     if not logs:
         return []
-    plt = _plt()
+    plt = pyplot()
     figure, axes = plt.subplots(1, len(logs), figsize=(6 * len(logs), 3.6), squeeze=False)
     for axis, (name, log) in zip(axes[0], logs.items(), strict=True):
         for key in sorted(k for k in log if "loss" in k):
@@ -151,7 +140,7 @@ def plot_overlays(
     """Rows of test slices: the image, then one column per label map (reference, predictions)."""
     from matplotlib.lines import Line2D
 
-    plt = _plt()
+    plt = pyplot()
     columns = ["image", *label_columns]
     figure, axes = plt.subplots(
         len(image_slices),

@@ -59,6 +59,7 @@ from pumit_seg.data.medmnist import (
 )
 from pumit_seg.models.classifier import DEFAULT_PATCH_SIZE, ViTClassifier
 from pumit_seg.models.vit import VIT_SIZES, build_universal_vit, load_pretrained_encoder
+from pumit_seg.plotting import pyplot, save_figure
 from pumit_seg.weights import load_model, load_state_dict_file, read_header, save_model
 
 __all__ = [
@@ -377,11 +378,7 @@ def _write_log(path: Path, rows: list[dict]) -> None:
 
 
 def _plot_curves(path: Path, rows: list[dict], best_epoch: int, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     epochs = [row["epoch"] for row in rows]
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [row["train_loss"] for row in rows], label="train")
@@ -395,9 +392,7 @@ def _plot_curves(path: Path, rows: list[dict], best_epoch: int, title: str) -> N
     ax_metric.legend(loc="lower right")
     fig.suptitle(title)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _save_checkpoint(run_dir: Path, model: ViTClassifier, optimizer, epoch: int, state: dict) -> None:

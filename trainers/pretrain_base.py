@@ -908,32 +908,16 @@ class PretrainTrainer:
                 self._tensorboard.add_scalar(f"{prefix}/{key}", value, step)
 
     def plot_losses(self) -> None:
-        """log.csv (and val.csv) as curves, one panel per column, to ``loss_curves.png``."""
-        import matplotlib
+        """log.csv (and val.csv) as curves against the step, one labelled panel per column, to ``loss_curves.png``."""
+        from pumit_seg.plotting import CurvePanel, plot_curve_panels
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        series = [("train", self._log_rows), ("val", self._val_rows)]
-        panels = [(name, key) for name, rows in series for key in (rows[0] if rows else {}) if key != "step"]
-        if not panels:
-            return
-        cols = min(4, len(panels))
-        nrows = math.ceil(len(panels) / cols)
-        fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.4 * nrows), squeeze=False)
-        for ax, (name, key) in zip(axes.flat, panels, strict=False):
-            rows = dict(series)[name]
-            steps = [r["step"] for r in rows]
-            values = [r[key] for r in rows]
-            ax.plot(steps, values, lw=1)
-            ax.set_title(f"{name}: {key}", fontsize=8)
-            ax.tick_params(labelsize=7)
-        for ax in axes.flat[len(panels) :]:
-            ax.axis("off")
-        fig.tight_layout()
-        with atomic_path(self.output_dir / "loss_curves.png") as tmp:
-            fig.savefig(tmp, dpi=90)
-        plt.close(fig)
+        panels = []
+        for name, rows in (("train", self._log_rows), ("validation", self._val_rows)):
+            for key in dict.fromkeys(k for row in rows for k in row if k != "step"):
+                points = [(r["step"], r[key]) for r in rows if key in r]
+                steps, values = zip(*points, strict=True) if points else ((), ())
+                panels.append(CurvePanel(f"{name}: {key}", "training step", key, {key: (steps, values)}))
+        plot_curve_panels(panels, self.output_dir / "loss_curves.png", title=f"{self.kind} run: log.csv / val.csv")
 
     # ---- main loop ------------------------------------------------------------------
 

@@ -1043,10 +1043,9 @@ def merge_parts(
 def write_overview(root: str, path: str, max_datasets: int = 24) -> None:
     """A PNG to look at: per dataset its first image's middle slice (as stored, in [0, 1]) with its
     shape, spacing and aniso_d, and the number of images per aniso_d and split."""
-    import matplotlib
+    from pumit_seg.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from pumit_seg.data.store import PretrainStore
 
@@ -1077,9 +1076,7 @@ def write_overview(root: str, path: str, max_datasets: int = 24) -> None:
     for ax in axes.flat[len(firsts) + 1 :]:
         ax.axis("off")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 # ------------------------------------------------------------------------------------------- CLI
