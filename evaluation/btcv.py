@@ -20,6 +20,7 @@ import re
 import shutil
 
 import numpy as np
+from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 from tqdm import tqdm
 
 from pumit_seg.atomic import atomic_folder, atomic_path, write_json_atomic
@@ -138,17 +139,17 @@ def convert(
         for number, image_file in tqdm(testing.items(), desc="BTCV test cases", unit="case"):
             read_image(image_file)
             _copy(image_file, os.path.join(building, "imagesTs", f"{case_name(number)}_0000{FILE_ENDING}"))
-        write_json_atomic(
-            os.path.join(building, "dataset.json"),
-            {
-                "channel_names": {"0": "CT"},
-                "labels": LABELS,
-                "numTraining": len(images),
-                "file_ending": FILE_ENDING,
-                "name": DATASET_NAME,
-                "reference": "https://www.synapse.org/#!Synapse:syn3193805",
-                "description": "BTCV abdomen, 13 organs; splits_final.json fold 0 = the PUMIT paper's 21/9 split",
-            },
+        generate_dataset_json(  # nnU-Net's own writer, inside the folder being built
+            building,
+            channel_names={"0": "CT"},
+            labels=LABELS,
+            num_training_cases=len(images),
+            file_ending=FILE_ENDING,
+            dataset_name=DATASET_NAME,
+            reference="https://www.synapse.org/#!Synapse:syn3193805",
+            description="BTCV abdomen, 13 organs; splits_final.json fold 0 = the PUMIT paper's 21/9 split",
+            license="see the dataset's terms on Synapse",
+            converted_by="pumit_btcv convert",
         )
         write_json_atomic(os.path.join(building, "splits_final.json"), splits)
     if preprocessed:

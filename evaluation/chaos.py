@@ -261,6 +261,8 @@ def convert_case(case: ChaosCase, dataset_folder: str, chaos_root: str, joint_mr
 
 
 def write_dataset_json(dataset_folder: str, sequence: str) -> None:
+    from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
+
     modality = "CT" if sequence == "CT" else "MR"
     labels = {"background": 0, **{organ: values[0] for organ, values in organs_of(modality).items()}}
     labels_folder = os.path.join(dataset_folder, "labelsTr")
@@ -269,17 +271,18 @@ def write_dataset_json(dataset_folder: str, sequence: str) -> None:
         description = "CHAOS MR, T1DUAL (in / out phase) and T2SPIR (replicated to 2 channels) in one dataset"
     else:
         description = f"CHAOS {modality} {sequence if modality == 'MR' else ''}".strip()
-    write_json_atomic(
-        os.path.join(dataset_folder, "dataset.json"),
-        {
-            "channel_names": CHANNEL_NAMES[sequence],
-            "labels": labels,
-            "numTraining": num_training,
-            "file_ending": FILE_ENDING,
-            "name": DATASET_NAMES[sequence],
-            "reference": "CHAOS challenge, https://chaos.grand-challenge.org",
-            "description": description + "; slices in DICOM file-name order, see chaos_mapping/",
-        },
+    # nnU-Net's own writer; the folder is being built beside its place, so the file appears atomically with it
+    generate_dataset_json(
+        dataset_folder,
+        channel_names=CHANNEL_NAMES[sequence],
+        labels=labels,
+        num_training_cases=num_training,
+        file_ending=FILE_ENDING,
+        dataset_name=DATASET_NAMES[sequence],
+        reference="CHAOS challenge, https://chaos.grand-challenge.org",
+        description=description + "; slices in DICOM file-name order, see chaos_mapping/",
+        license="see the CHAOS challenge's data terms",
+        converted_by="pumit_chaos convert",
     )
 
 
