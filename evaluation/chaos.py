@@ -57,7 +57,7 @@ from pumit_seg.data.readers import read_image
 FILE_ENDING = ".nii.gz"
 MAPPING_FOLDER = "chaos_mapping"
 DEFAULT_DATASET_IDS = {"T1DUAL": 301, "T2SPIR": 302, "CT": 303}
-JOINT_MR = "MR"  # dataset key of --joint-mr: T1DUAL and T2SPIR in one dataset
+JOINT_MR = "MR"  # dataset key of --joint_mr: T1DUAL and T2SPIR in one dataset
 DEFAULT_JOINT_MR_ID = 304
 JOINT_MR_NUM_CHANNELS = 2
 DATASET_NAMES = {
@@ -652,17 +652,16 @@ def main(argv=None) -> None:
             help=f"dataset id (default {dataset_id})",
         )
     p.add_argument(
-        "--joint-mr",
         "--joint_mr",
-        dest="joint_mr",
         action="store_true",
         help="one MR dataset as the paper trained: T1DUAL (in / out phase) and T2SPIR (replicated to 2 channels)",
     )
+    p.add_argument("--joint-mr", dest="joint_mr", action="store_true", help=argparse.SUPPRESS)  # older spelling
     p.add_argument(
         "--mr_id",
         type=int_in_range(1, 999),
         default=DEFAULT_JOINT_MR_ID,
-        help=f"dataset id of the --joint-mr dataset (default {DEFAULT_JOINT_MR_ID})",
+        help=f"dataset id of the --joint_mr dataset (default {DEFAULT_JOINT_MR_ID})",
     )
     p.add_argument(
         "--skip_incomplete",

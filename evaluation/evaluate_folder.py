@@ -160,7 +160,7 @@ def evaluate_case(
 
 
 def match_files(
-    folder_ref: str, folder_pred: str, file_ending: str, chill: bool = False
+    folder_ref: str, folder_pred: str, file_ending: str, allow_missing: bool = False
 ) -> list[tuple[str, str]]:
     """(reference, prediction) pairs matched by file name, as nnU-Net does."""
     names_pred = subfiles(folder_pred, suffix=file_ending, join=False)
@@ -171,9 +171,9 @@ def match_files(
     if without_reference:
         raise FileNotFoundError(f"predictions without a reference in {folder_ref}: {without_reference}")
     missing = sorted(names_ref.difference(names_pred))
-    if missing and not chill:
+    if missing and not allow_missing:
         raise FileNotFoundError(
-            f"references without a prediction in {folder_pred}: {missing} (pass --chill to evaluate only the present ones)"
+            f"references without a prediction in {folder_pred}: {missing} (pass --allow_missing to evaluate only the present ones)"
         )
     return [(os.path.join(folder_ref, n), os.path.join(folder_pred, n)) for n in names_pred]
 
@@ -223,7 +223,7 @@ def evaluate_folder(
     convention: str = "monai",
     num_processes: int = default_num_processes,
     nsd_tolerance_mm: float = DEFAULT_NSD_TOLERANCE_MM,
-    chill: bool = False,
+    allow_missing: bool = False,
     allow_unknown_labels: bool = False,
 ) -> dict:
     """Evaluate every prediction in `folder_pred`; write summary.json (+ .csv) unless output_file is ''.
@@ -246,7 +246,7 @@ def evaluate_folder(
     if missing_keys:
         raise ValueError(f"{source} has no {' or '.join(missing_keys)}; is it an nnU-Net dataset.json?")
     file_ending = dataset_json["file_ending"]
-    pairs = match_files(folder_ref, folder_pred, file_ending, chill)
+    pairs = match_files(folder_ref, folder_pred, file_ending, allow_missing)
     label_manager = LabelManager(dataset_json["labels"], dataset_json.get("regions_class_order"))
     labels_or_regions = (
         label_manager.foreground_regions if label_manager.has_regions else label_manager.foreground_labels
@@ -273,7 +273,7 @@ def evaluate_folder(
         with multiprocessing.get_context("spawn").Pool(min(num_processes, len(arguments))) as pool:
             results = pool.starmap(evaluate_case, arguments)
     summary = summarize(results, labels_or_regions)
-    # cases skipped with --chill are named in the summary, so a partial evaluation cannot pass as complete
+    # cases skipped with --allow_missing are named in the summary, so a partial evaluation cannot pass as complete
     summary["references_without_prediction"] = missing_predictions(folder_ref, folder_pred, file_ending)
     summary["unknown_labels"] = {
         file: labels for case in results for file, labels in case["unknown_labels"].items()
@@ -323,10 +323,12 @@ def main(argv=None) -> None:
         help="NSD tolerance in mm (voxels under --convention paper; default 1)",
     )
     parser.add_argument(
-        "--chill",
+        "--allow_missing",
         action="store_true",
         help="allow references without a prediction (they are listed in summary.json)",
     )
+    # nnU-Net's evaluation calls the same option --chill: accepted, not advertised
+    parser.add_argument("--chill", dest="allow_missing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--allow_unknown_labels",
         action="store_true",
@@ -353,14 +355,14 @@ def main(argv=None) -> None:
             args.convention,
             args.np,
             args.nsd_tolerance,
-            args.chill,
+            args.allow_missing,
             args.allow_unknown_labels,
         )
     foreground = summary["foreground_mean"]
     print(" ".join(f"{k} {foreground[k]:.4f}" for k in METRIC_KEYS))
     if summary["references_without_prediction"]:
         print(
-            f"not evaluated (no prediction, --chill): {', '.join(summary['references_without_prediction'])}"
+            f"not evaluated (no prediction, --allow_missing): {', '.join(summary['references_without_prediction'])}"
         )
     for file, labels in summary["unknown_labels"].items():
         print(f"unknown labels counted as background (--allow_unknown_labels): {file}: {labels}")

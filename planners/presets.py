@@ -64,7 +64,7 @@ PAPER_PRESETS = {
         ct_window=None,
         notes=(
             "paper: one MR model on T1DUAL (in / out phase) and T2SPIR (replicated to 2 channels), 40 series: "
-            "convert with `pumit_chaos convert --joint-mr`",
+            "convert with `pumit_chaos convert --joint_mr`",
             "paper: CHAOS MR hidden test Dice 92.09, ASSD 1.54, HD 19.85",
         ),
     ),

@@ -625,7 +625,7 @@ def _chaos_section(paths: dict, assets: Path) -> str:
         "series only: the other MR sequence has no results, so Tasks 3 and 5 are scored on "
         f"{CHAOS_SEQUENCE} alone (the table lists what is missing) and the zip would be incomplete for the "
         "challenge. Tasks 1, 2 and 4 need CT, which the synthetic set has none of. A full MR submission "
-        "trains on both sequences (<code>pumit_chaos convert --joint-mr</code>, see docs/evaluation.md).</p>",
+        "trains on both sequences (<code>pumit_chaos convert --joint_mr</code>, see docs/evaluation.md).</p>",
         _progress(paths, "chaos_fold", assets, "CHAOS training: loss, pseudo Dice, learning rate"),
     ]
     scores = _read_json(Path(paths["chaos_scores"])) if paths.get("chaos_scores") else None
@@ -924,7 +924,8 @@ def main(argv: list[str] | None = None) -> None:
         metavar="FILE",
         help=f"with --check: save a full-page screenshot (PNG), by default OUTPUT/{SCREENSHOT_NAME}",
     )
-    parser.add_argument("--no-build", action="store_true", help="check the existing page only")
+    parser.add_argument("--no_build", action="store_true", help="check the existing page only")
+    parser.add_argument("--no-build", dest="no_build", action="store_true", help=argparse.SUPPRESS)  # older spelling
     args = parser.parse_args(argv)
     if not Path(args.output).is_dir():
         parser.error(f"output folder {args.output} does not exist (run pumit_demo first)")

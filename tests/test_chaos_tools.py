@@ -183,8 +183,8 @@ def test_joint_mr_dataset_export_and_score(tmp_path):
         str(tmp_path / "Test_Sets"), tiny_chaos_series(mr_ids=("7",), ct_ids=()), with_ground=False
     )
     raw = tmp_path / "raw"
-    chaos.main(["convert", train, str(raw), "--joint-mr"])
-    chaos.main(["convert", test, str(raw), "--joint-mr"])
+    chaos.main(["convert", train, str(raw), "--joint_mr"])
+    chaos.main(["convert", test, str(raw), "--joint_mr"])
     folder = raw / "Dataset304_CHAOS_MR"
     assert sorted(os.listdir(raw)) == ["Dataset304_CHAOS_MR"]  # one MR dataset, no per-sequence ones
     dataset = json.load(open(folder / "dataset.json"))

@@ -476,11 +476,12 @@ def write_reconstruction_grid(
     title = f"{kind} held-out samples, step {step}"
     if metrics:
         title += (
-            f"\nL1 {metrics['val_l1']:.3f} (crop mean {metrics['val_l1_crop_mean']:.3f}, token blocks "
-            f"{metrics['val_l1_token_blocks']:.3f}), input dependence {metrics['val_input_dependence']:.2f}"
+            f"\nheld-out L1 {metrics['val_l1']:.3f}; baselines: crop mean {metrics['val_l1_crop_mean']:.3f},"
+            f"\ntoken blocks {metrics['val_l1_token_blocks']:.3f}; input dependence "
+            f"{metrics['val_input_dependence']:.2f}"
         )
-    fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
+    fig.suptitle(title, fontsize=7)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))  # room for the title's lines
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100)
     plt.close(fig)

@@ -1,4 +1,6 @@
-"""MedMNIST v2 for classification fine-tuning (SPEC section 8): loading, batches, the official metrics.
+"""MedMNIST v2 for classification fine-tuning: loading, batches, the official metrics.
+
+See docs/classification.md and docs/method.md, "Classification head".
 
 Users bring the official ``.npz`` files (``organmnist3d.npz``, ``organmnist3d_64.npz``, ...;
 nothing is downloaded here). A file holds ``{train,val,test}_images`` (uint8; 2D
@@ -37,7 +39,7 @@ from scipy.stats import rankdata
 from torch import Tensor
 
 from pumit_seg.atomic import atomic_path
-from pumit_seg.models.mim import IMAGENET_MEAN, IMAGENET_STD  # the ViT's input normalisation (SPEC 5)
+from pumit_seg.models.mim import IMAGENET_MEAN, IMAGENET_STD  # the ViT's input normalisation (docs/method.md, MIM)
 from pumit_seg.models.sac import ANISO_D_2D
 
 __all__ = [
@@ -72,7 +74,7 @@ TASK_ORDINAL = "ordinal-regression"  # RetinaMNIST; trained and scored as multi-
 TASKS = (TASK_BINARY, TASK_MULTI_CLASS, TASK_MULTI_LABEL, TASK_ORDINAL)
 SPLITS = ("train", "val", "test")
 
-# aniso_d of MedMNIST inputs (SPEC 1 / section 8): the 3D volumes are isotropic, a 2D image is D = 1.
+# aniso_d of MedMNIST inputs (docs/method.md, "Classification head"): the 3D volumes are isotropic, a 2D image is D = 1.
 ANISO_D_3D = 0
 
 INPUT_NORMS = ("imagenet", "none")
@@ -401,8 +403,8 @@ class PreprocessConfig:
 
     spatial_dims: int = 3
     in_channels: int = 3  # the model's input channels (3 for PUMIT / EVA-02 weights: grey replicated)
-    input_size: int = 160  # SPEC 8: the pre-training input size (160^3; 160^2 for 2D images)
-    input_norm: str = "imagenet"  # "imagenet": SPEC 5's ViT input normalisation; "none": [0, 1] as is
+    input_size: int = 160  # the paper: the pre-training input size (160^3; 160^2 for 2D images)
+    input_norm: str = "imagenet"  # "imagenet": the ViT's pre-training input normalisation; "none": [0, 1] as is
     intensity_scale: str = "none"  # "random": official shape transform (train x U(0,1), eval x 0.5)
     flip_prob: float = 0.0  # probability of a random flip per spatial axis in training
 

@@ -1,4 +1,6 @@
-"""Pre-training crops, augmentation and the multi-process loader (SPEC sections 1, 4-6).
+"""Pre-training crops, augmentation and the multi-process loader.
+
+See docs/pretraining.md for the commands and docs/store_format.md for the store the crops come from.
 
 A training batch is ``{"image": FloatTensor (B, 3, D, H, W) in [0, 1], "aniso_d": int, "keys": [...]}``:
 every sample of a batch shares one aniso_d (`pumit_seg.data.sampler.AnisoBatchSampler`), grey images
@@ -10,7 +12,7 @@ a batch is the same whenever it is drawn again (exact resume):
 
 1. zoom (in-plane factor, and a depth factor for 3D images) and in-plane rotation are drawn; the
    spacing after zoom is ``spacing / zoom`` and its aniso_d is kept equal to the batch's by limiting
-   the depth factor (SPEC 1: "use the spacing after any zoom augmentation");
+   the depth factor (the paper: "use the spacing after any zoom augmentation");
 2. only the source region under the rotated, zoomed crop is read from the store (blosc2 reads only
    the blocks it touches), and resampled into the crop in one trilinear ``grid_sample`` (zeros
    outside the image); without zoom and rotation the crop is an exact integer-indexed copy;

@@ -1,4 +1,6 @@
-"""Image classifier: the universal ViT with a linear head on the final normed CLS token (SPEC section 8).
+"""Image classifier: the universal ViT with a linear head on the final normed CLS token.
+
+See docs/method.md, "Classification head", and docs/classification.md.
 
 ``ViTClassifier(num_classes, encoder=...)`` holds ``encoder`` (a `UniversalViT`, so
 `load_pretrained_encoder(model.encoder, ...)` fills it from our safetensors files, the

@@ -1,4 +1,4 @@
-"""SAC patch discriminator and hinge losses for the tokenizer's GAN term (SPEC section 4).
+"""SAC patch discriminator and hinge losses for the tokenizer's GAN term (docs/method.md, "Visual tokenizer").
 
 Layout of the authors' ``SimplePatchDiscriminator`` (an nn.Sequential): per width in
 ``channels`` a SAC 3x3x3 conv with stride 2, GroupNorm(16), LeakyReLU; ``num_post_convs``

@@ -1,4 +1,6 @@
-"""The authors' released PUMIT weights -> our models (SPEC section 12).
+"""The authors' released PUMIT weights -> our models.
+
+File layouts and the import's steps: docs/weights_format.md, "Importing the authors' checkpoints".
 
 The paper's authors publish PUMIT-B as a PyTorch Lightning checkpoint (``pumit.ckpt``: the MIM
 model, i.e. the ViT with its mask token and MIM head) and train their tokenizer
@@ -76,7 +78,7 @@ __all__ = [
 
 KINDS = ("vit", "mim", "tokenizer")
 
-# What the authors' configuration fixes but no tensor stores (SPEC section 12).
+# What the authors' configuration fixes but no tensor stores.
 AUTHORS_NORM_EPS = 1e-5  # nn.LayerNorm's default, used throughout their ViT and tokenizer
 AUTHORS_HEAD_DIM = 64  # B: 768 / 12, L: 1024 / 16
 AUTHORS_ROPE_BASE = 10000.0  # in-plane (EVA-02's)
@@ -111,7 +113,7 @@ class CheckpointLayoutError(ValueError):
         self.missing = dict(missing or {})
         self.mismatched = dict(mismatched or {})
         self.unexpected = dict(unexpected or {})
-        lines = [f"{source}: does not fit the authors' {kind} layout (SPEC section 12):"]
+        lines = [f"{source}: does not fit the authors' {kind} layout (see docs/weights_format.md):"]
         lines += [f"  missing key {key!r}: {why}" for key, why in self.missing.items()]
         lines += [f"  key {key!r}: {why}" for key, why in self.mismatched.items()]
         lines += [f"  unexpected key {key!r}: {why}" for key, why in self.unexpected.items()]
@@ -343,7 +345,7 @@ def infer_vit_config(
 def infer_tokenizer_config(
     state_dict: Mapping[str, Tensor], prefix: str, options: ImportOptions, source: str = "checkpoint"
 ) -> tuple[dict, dict[str, str]]:
-    """`VisualTokenizer` constructor arguments from the weights of a `SimpleVQTokenizer` (SPEC 12).
+    """`VisualTokenizer` constructor arguments from the weights of a `SimpleVQTokenizer`.
 
     The authors' encoder is an nn.Sequential of [conv, channel LayerNorm, GELU] per downsampling
     (the LayerNorm wrapped at index 1: ``encoder.{3i+1}.1``), then two [conv, GroupNorm, LeakyReLU];

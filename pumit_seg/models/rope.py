@@ -1,4 +1,4 @@
-"""Additive 3D rotary position embedding (RoPE), SPEC section 3.
+"""Additive 3D rotary position embedding (RoPE); see docs/method.md, "Universal ViT".
 
 A head of dimension h is rotated on h/2 interleaved pairs (x0, x1), (x2, x3), ... For a
 token at integer grid position (z, y, x) the angle of pair j is

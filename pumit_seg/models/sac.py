@@ -1,4 +1,4 @@
-"""Spatially adaptive convolution (SAC), SPEC section 2.
+"""Spatially adaptive convolution (SAC); see docs/method.md, "Degree of anisotropy and SAC".
 
 A SAC layer is built as an ordinary 3D layer with an isotropic kernel and an isotropic
 power-of-two stride. At run time its depth kernel and depth stride adapt to how
@@ -369,7 +369,7 @@ class SACUpsample(_InflateOnLoadMixin, _FixedMixin, nn.ConvTranspose3d):
     forward(x, aniso_d, num_downsamples): `num_downsamples` is the level BEFORE upsampling;
     the caller subtracts log2(stride) afterwards. Depth stride
     ``min(2 ** max(num_downsamples - aniso_d, 0), stride)``; a smaller depth stride
-    sum-pools the kernel's depth taps, as SPEC section 2 says ("weights sum-pooled the same
+    sum-pools the kernel's depth taps, as the paper says ("weights sum-pooled the same
     way"), matching the reference implementation. Note that for a transposed conv the
     exact depth-constant equivalent would be the mean of the taps (sum / group size);
     summing scales that path by the group size, which training absorbs. A fixed layer

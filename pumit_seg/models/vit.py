@@ -1,10 +1,10 @@
-"""The universal ViT (PUMIT encoder), SPEC section 3, and pretrained-weight import.
+"""The universal ViT (PUMIT encoder) and pretrained-weight import; see docs/method.md, "Universal ViT".
 
 Macro: SAC patch embedding (kernel = stride = patch size) -> patch tokens + absolute
 position embedding (a learnable grid resampled to the token grid) -> CLS token prepended
 -> EVA-02 blocks with additive 3D RoPE -> final LayerNorm.
 
-Parameter names follow the authors' checkpoint layout (SPEC section 12), so their
+Parameter names follow the authors' checkpoint layout (docs/weights_format.md), so their
 ``pumit.ckpt`` and our own safetensors files load by name. `load_pretrained_encoder`
 also imports EVA-02 checkpoints (timm or official EVA key layout) and reports every key.
 
