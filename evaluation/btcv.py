@@ -4,7 +4,7 @@
 
 ``RAWDATA_FOLDER`` is the unpacked ``RawData`` folder: ``Training/img/img00NN.nii.gz``,
 ``Training/label/label00NN.nii.gz`` and ``Testing/img/img00NN.nii.gz``. The dataset gets 13 organ labels
-(SPEC section 11) and a ``splits_final.json`` whose fold 0 is the paper's 21 training / 9 validation split.
+(docs/evaluation.md, "BTCV") and a ``splits_final.json`` whose fold 0 is the paper's 21 training / 9 validation split.
 nnU-Net reads splits from ``nnUNet_preprocessed/DatasetXXX_BTCV/``: pass ``--preprocessed`` to put the file
 there as well (it is always written into the raw dataset folder). Images are copied as they are, after
 each was read once through the project's reader (a truncated file or NaN voxels stop the conversion naming
@@ -90,7 +90,7 @@ def _copy(source: str, target: str) -> None:
 
 
 def paper_split(case_numbers: list[str]) -> list[dict]:
-    """nnU-Net splits with fold 0 = the paper's split (validation: SPEC 11's nine cases)."""
+    """nnU-Net splits with fold 0 = the paper's split (validation: the paper's nine cases)."""
     missing = [n for n in VALIDATION_CASES if n not in case_numbers]
     if missing:
         raise ValueError(f"the BTCV training set lacks the paper's validation cases {missing}")

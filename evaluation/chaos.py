@@ -4,7 +4,7 @@
     pumit_chaos export SUBMISSION_FOLDER --pred DATASET_FOLDER PRED_FOLDER [--pred ...] [--zip submission.zip]
     pumit_chaos score RESULTS_FOLDER CHAOS_FOLDER [-o scores.json]
 
-``CHAOS_FOLDER`` holds ``MR/<id>/...`` and / or ``CT/<id>/...`` as in SPEC section 10 (the training or the
+``CHAOS_FOLDER`` holds ``MR/<id>/...`` and / or ``CT/<id>/...`` as in the CHAOS download (the training or the
 test set; cases without ``Ground`` folders go to ``imagesTs``). ``convert`` writes up to three nnU-Net raw
 datasets: ``Dataset301_CHAOS_MR_T1DUAL`` (in-phase ``_0000`` and out-phase ``_0001``, one ground truth),
 ``Dataset302_CHAOS_MR_T2SPIR`` and ``Dataset303_CHAOS_CT``. Each converted case keeps the DICOM files'

@@ -1,4 +1,6 @@
-"""CHAOS challenge I/O: DICOM series and PNG stacks in file-name order, grey values, geometry (SPEC 10).
+"""CHAOS challenge I/O: DICOM series and PNG stacks in file-name order, grey values, geometry.
+
+See docs/evaluation.md, "CHAOS", and docs/method.md, "Metric conventions".
 
 The CHAOS rule is that slice k of a ground-truth (or result) PNG stack belongs to DICOM file k in sorted
 file-name order. ITK-style readers sort by slice position instead, which reverses some series, so nothing

@@ -1,6 +1,6 @@
 """Per-label segmentation metrics with voxel spacing in mm: Dice, IoU, ASSD, HD, HD95, NSD, RAVD, volumes.
 
-Three conventions (SPEC section 9), picked with ``convention=``:
+Three conventions (docs/method.md, "Metric conventions"), picked with ``convention=``:
 
 ``"monai"``
     Equal to MONAI 1.6's ``DiceMetric``, ``MeanIoU``, ``HausdorffDistanceMetric`` (with and without

@@ -1,11 +1,11 @@
-"""`pumit_pretrain import` (issue 11): the authors' checkpoints -> our models, key by key and number by number.
+"""`pumit_pretrain import`: the authors' checkpoints -> our models, key by key and number by number.
 
-Synthetic checkpoints in the authors' layouts (SPEC 12: real key names and nesting, tiny widths, a
-Lightning wrapper with a ``model.`` prefix, a Fabric tokenizer checkpoint, one with pickled objects)
-are imported through the command; the imported models must compute what the authors' architectures
-compute. Their code cannot run here, so the reference forward below is a small functional
-re-statement of SPEC sections 2-4 and 12 written with torch.nn.functional in float64; it does not
-call any of our model code.
+Synthetic checkpoints in the authors' layouts (docs/weights_format.md: real key names and nesting, tiny
+widths, a Lightning wrapper with a ``model.`` prefix, a Fabric tokenizer checkpoint, one with pickled
+objects) are imported through the command; the imported models must compute what the authors'
+architectures compute. Their code cannot run here, so the reference forward below is a small functional
+re-statement of docs/method.md (SAC, universal ViT, tokenizer) and docs/weights_format.md written with
+torch.nn.functional in float64; it does not call any of our model code.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ CODES = 32
 TOK_DOWN, TOK_UP, TOK_CODES, TOK_DIM = (8, 16, 16), (8, 16, 16), 32, 16
 
 # --------------------------------------------------------------------------------------
-# Synthetic checkpoints in the authors' layouts (SPEC 12)
+# Synthetic checkpoints in the authors' layouts (docs/weights_format.md)
 # --------------------------------------------------------------------------------------
 
 
@@ -132,7 +132,7 @@ def lightning_checkpoint(state_dict, prefix="model."):
 
 
 # --------------------------------------------------------------------------------------
-# The reference forward (SPEC 2-4, 12), float64, torch.nn.functional only
+# The reference forward (docs/method.md sections 1-3), float64, torch.nn.functional only
 # --------------------------------------------------------------------------------------
 
 

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from pumit_seg.models.sac import sac_layers
 from pumit_seg.models.seg_net import PUMITSegNet, build_arch_kwargs, required_patch_divisor, sac_strides
 
 SMALL = {"decoder_channels": [16, 32, 64, 64], "full_res_channels": [8, 16]}
@@ -266,3 +268,56 @@ def test_an_fp16_autocast_runs_the_network_in_bf16():
         net.prefer_bf16_autocast = False
         with torch.autocast("cpu", dtype=torch.float16):
             assert net(x)[0].dtype == torch.float16
+
+
+# ---- a fixed-aniso_d network and the pyramid's norms
+
+
+@pytest.mark.parametrize(("spatial_dims", "aniso_d", "spatial"), [(3, 2, (8, 64, 32)), (3, 0, (32, 64, 32))])
+def test_fixed_network_with_adaptive_weights_gives_the_adaptive_output(spatial_dims, aniso_d, spatial):
+    kwargs = build_arch_kwargs("tiny", spatial_dims, aniso_d, **SMALL)
+    torch.manual_seed(0)
+    adaptive = PUMITSegNet(1, 3, True, **{**kwargs, "fixed_kernels": False}).eval()
+    fixed = PUMITSegNet(1, 3, True, **kwargs).eval()
+    assert all(layer.is_fixed for _, layer in sac_layers(fixed))
+    assert not any(layer.is_fixed for _, layer in sac_layers(adaptive))
+    fixed.load_state_dict(adaptive.state_dict())  # every SAC kernel sum-pooled once, at load
+    smaller = [
+        n for n, p in fixed.named_parameters() if p.numel() < dict(adaptive.named_parameters())[n].numel()
+    ]
+    if aniso_d > 0:
+        assert "encoder.patch_embed.proj.weight" in smaller and any("stages.0" in n for n in smaller)
+    x = torch.randn(1, 1, *spatial)
+    with torch.no_grad():
+        for a, b in zip(adaptive(x), fixed(x), strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_block_outputs_are_instance_normed_before_the_pyramid_and_laterals():
+    net = PUMITSegNet(1, 2, True, **build_arch_kwargs("tiny", 3, 2, **SMALL)).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for norm in net.pyramid.block_norms:  # non-trivial affine parameters
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+        features = [torch.randn(2, 64, 2, 4, 4) for _ in range(4)]
+        scaled = [100 * f + 3 for f in features]
+        for a, b in zip(net.pyramid(features, 2), net.pyramid(scaled, 2), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        for lateral, x in zip(net.decoder.laterals, net.pyramid(features, 2), strict=True):
+            assert isinstance(lateral[1], nn.InstanceNorm3d) and isinstance(lateral[2], nn.LeakyReLU)
+            # (the InstanceNorm's eps makes a channel of tiny variance differ slightly)
+            torch.testing.assert_close(lateral(x), lateral(100 * x), rtol=1e-3, atol=5e-3)
+    assert isinstance(net.pyramid.level2_norm, nn.InstanceNorm3d) and net.pyramid.level2_norm.affine
+    # full-resolution branch: one conv per level, 1x3x3 kernels and a 1x2x2 stride at aniso_d 2
+    assert net.full_res_branch.level0.conv.weight.shape[2:] == (1, 3, 3)
+    assert net.full_res_branch.level1.conv.weight.shape[2:] == (1, 3, 3)
+    assert net.full_res_branch.level1.conv.sac_stride == 2
+    assert isinstance(net.encoder.norm, nn.Identity)  # the final LayerNorm is unused by the reference
+
+
+def test_version_1_plans_are_refused_clearly():
+    kwargs = build_arch_kwargs("tiny", 3, 2, **SMALL)
+    del kwargs["arch_version"], kwargs["fixed_kernels"], kwargs["final_norm_on_last_block"]
+    with pytest.raises(ValueError, match="re-run pumit_plan_and_preprocess"):
+        PUMITSegNet(1, 2, True, **kwargs)

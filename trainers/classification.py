@@ -141,7 +141,7 @@ class ClassificationConfig:
         default="auto",
         metadata={
             "help": f"input normalisation, one of {INPUT_NORM_MODES}; auto: what the weight file's header "
-            "names, else imagenet (SPEC 5: the ViT's pre-training input)"
+            "names, else imagenet (the ViT's pre-training input)"
         },
     )
     intensity_scale: str = field(

@@ -1,4 +1,4 @@
-"""`pumit_pretrain import`: the authors' released checkpoints -> our safetensors files (SPEC 12).
+"""`pumit_pretrain import`: the authors' released checkpoints -> our safetensors files (docs/weights_format.md).
 
     pumit_pretrain import pumit.ckpt -o pumit_b_vit.safetensors --kind vit        # for fine-tuning
     pumit_pretrain import pumit.ckpt -o pumit_b_mim.safetensors --kind mim        # to continue MIM

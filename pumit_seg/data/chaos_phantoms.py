@@ -1,4 +1,4 @@
-"""Synthetic trees in the CHAOS layout: DICOM series and ground-truth PNG stacks (SPEC section 10).
+"""Synthetic trees in the CHAOS layout: DICOM series and ground-truth PNG stacks (docs/evaluation.md, "CHAOS").
 
 CHAOS distributes its data as::
 
@@ -41,7 +41,7 @@ from pumit_seg.data.synthetic import LABELS, PhantomConfig, make_phantom, write_
 
 SEQUENCES = ("T1DUAL", "T2SPIR")
 SERIES_NUMBER = {"T1DUAL": 4, "T2SPIR": 2}  # the <series> of the CHAOS MR file names IMG-<series>-<number>
-# CHAOS ground-truth grey values (SPEC 10)
+# CHAOS ground-truth grey values (the challenge's convention)
 GREY = {"liver": 63, "right_kidney": 126, "left_kidney": 189, "spleen": 252}
 # Out-of-phase T1 darkens voxels holding both fat and water; the phantom's liver plays the fatty organ.
 OUT_PHASE_FACTOR = {"liver": 0.6, "default": 0.9}

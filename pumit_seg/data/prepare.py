@@ -1,4 +1,4 @@
-"""`pumit_pretrain prepare`: folders of images -> a pre-training store (SPEC section 6).
+"""`pumit_pretrain prepare`: folders of images -> a pre-training store (docs/store_format.md).
 
     pumit_pretrain prepare datasets.json -o STORE [--num-workers 8]
     pumit_pretrain prepare datasets.json -o STORE --part K --num-parts N    # one of N cluster jobs
@@ -33,7 +33,7 @@ Keys are ``<dataset>/<path inside the dataset folder>`` (a DICOM folder's images
 ``series-<SeriesInstanceUID>`` or the multi-frame file's name), unique for any config; arrays are stored
 under names made of a readable part and a hash of the key (`StoreLayout.image_file`).
 
-Per image (SPEC 6): read (`pumit_seg.data.readers`: truncated, non-finite, 4D, no spacing refused);
+Per image (docs/store_format.md, "Preprocessing of one image"): read (`pumit_seg.data.readers`: truncated, non-finite, 4D, no spacing refused);
 depth axis from the config, else the metadata (DICOM: the slice stack; NIfTI: ``slice_dim``), else
 the axis whose spacing differs most from the other two; moved first; crop to the box above 0
 ("divide") or above the 0.5 percentile ("percentile"); shorter in-plane side above 512 resized to 512
@@ -159,7 +159,7 @@ class DatasetSpec:
 
 @dataclass
 class PrepareConfig:
-    """Preprocessing numbers of SPEC section 6 (each one a flag of `pumit_pretrain prepare`)."""
+    """Preprocessing numbers of docs/store_format.md (each one a flag of `pumit_pretrain prepare`)."""
 
     foreground_percentile: float = 0.5  # non-8-bit images: crop to the box above this percentile
     clip_percentiles: tuple[float, float] = (0.5, 99.5)  # intensity window of "percentile" images
@@ -527,7 +527,7 @@ def _area_resize(array: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
 def preprocess_array(
     source: _Source, config: PrepareConfig, depth_axis_given: str | None = None, intensity: str | None = None
 ) -> PreparedImage:
-    """SPEC 6 on one read image: depth first, foreground crop, in-plane downsizing, intensity scaling."""
+    """Preprocess one read image: depth first, foreground crop, in-plane downsizing, intensity scaling."""
     path = source.path
     axis, axis_from = _depth_axis(source, depth_axis_given, config.isotropic_tolerance)
     array = np.moveaxis(source.array, 1 + axis, 1)

@@ -1,4 +1,6 @@
-"""Batch sampling for pre-training: dataset weights, one aniso_d per batch, ranks, exact resume (SPEC 1, 6).
+"""Batch sampling for pre-training: dataset weights, one aniso_d per batch, ranks, exact resume.
+
+See docs/pretraining.md, "The pre-training data", and docs/method.md, "Degree of anisotropy and SAC".
 
 `AnisoBatchSampler` draws an infinite sequence of **global** batches. Global batch ``b`` depends only
 on ``(seed, b)`` (a counter-based generator seeded with both), never on what was drawn before, so:
