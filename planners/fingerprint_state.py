@@ -1,4 +1,4 @@
-"""Notice a stale nnU-Net dataset fingerprint before planning from it (issue 8 item 6).
+"""Notice a stale nnU-Net dataset fingerprint before planning from it.
 
 nnU-Net reuses ``dataset_fingerprint.json`` whenever it exists, even when the raw images changed since;
 our planner would then derive ``aniso_d``, the target spacing and the patch from old spacings. Two checks:

@@ -1,4 +1,4 @@
-"""The paper's fine-tuning settings for BTCV and CHAOS MR (SPEC section 7), as planner presets.
+"""The paper's fine-tuning settings for BTCV and CHAOS MR, as planner presets (docs/finetuning_nnunet.md).
 
 ``pumit_plan_and_preprocess --preset btcv`` (or ``chaos``) plans exactly these; each value can still be
 overridden by its own flag, and the command prints what it overrode. Read off the authors' reference

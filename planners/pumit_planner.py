@@ -8,7 +8,7 @@ resampling choices, the 5 % dataset-coverage cap on the batch size and the plans
 What it changes, because the network is a ViT and not a conv U-Net:
 
 * Only ``2d`` and ``3d_fullres`` are planned (no 3d_lowres / cascade).
-* ``aniso_d`` (SPEC section 1) comes from the configuration's target spacing in nnU-Net's transposed
+* ``aniso_d`` (docs/method.md, "Degree of anisotropy and SAC") comes from the configuration's target spacing in nnU-Net's transposed
   order (depth first); the 2D configuration is a one-slice volume with ``aniso_d = 5``. Near a power of
   two it is robust (`choose_aniso_d`): a depth / in-plane ratio within ``aniso_log2_tolerance`` (0.1 in
   log2, i.e. at least 93 % of the power of two) rounds up instead of down, so nnU-Net's BTCV target
@@ -74,7 +74,7 @@ CT_NORMALIZATION = "CTNormalization"
 def choose_aniso_d(spacing_dhw, log2_tolerance: float = ANISO_LOG2_TOLERANCE) -> tuple[int, str]:
     """(aniso_d, explanation) for a depth-first spacing, robust near powers of two.
 
-    SPEC's ``floor(log2(ratio))`` falls off a cliff just below a power of two (ratio 3.94 gives 1, 4.0
+    The paper's ``floor(log2(ratio))`` falls off a cliff just below a power of two (ratio 3.94 gives 1, 4.0
     gives 2); a ratio within `log2_tolerance` below a power of two is rounded up to it.
     """
     if not 0 <= log2_tolerance < 1:
@@ -112,18 +112,15 @@ class MemoryModel:
     * ``autocast_bytes_per_parameter``: the bf16 copies of the weights that autocast keeps for the backward
       pass (the fit gives 2.3 B, a bf16 copy being 2 B).
     * Fixed: ``bytes_per_parameter`` (fp32 weights, gradients and AdamW's two moments) plus
-      ``overhead_bytes`` for the CUDA context, cuDNN workspaces and allocator fragmentation (not measured:
-      no GPU has been lent; nnU-Net's own estimate allows a similar margin).
+      ``overhead_bytes`` for the CUDA context, cuDNN workspaces and allocator fragmentation (an allowance,
+      not fitted; nnU-Net's own estimate allows a similar margin).
 
     The activation constants are the non-negative least-squares fit (relative errors) of the bf16 peak of
     a forward + backward pass measured on fake tensors over 9 configurations (tiny / base ViT, patches
     1x128x128 to 32x128x128, batch 1-4, aniso_d 0, 1, 2, 5, with and without checkpointing):
     ``python benchmarks/bench_training.py --calibrate`` -> ``benchmarks/results/memory_calibration.json``
-    (largest error 25 %, `MEMORY_MODEL_TOLERANCE`; the checkpointed ViT-B is the one overestimated). The fit
-    gives the checkpointed inputs 0 bytes: they are small next to the conv parts on that grid. Before
-    calibration the conv constant was 32 (a round guess), which overestimated the paper's BTCV step 3x (45 GiB
-    vs 15 GiB measured); the fit before the cost cuts of issue 12 (in-place activations, concatenation-free
-    skips) had no per-parameter term, 29 % error.
+    (its largest error bounds `MEMORY_MODEL_TOLERANCE`; the checkpointed ViT-B is the one overestimated).
+    The fit gives the checkpointed inputs 0 bytes: they are small next to the conv parts on that grid.
     """
 
     vit_bytes_per_token_channel: float = 26.5

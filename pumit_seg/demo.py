@@ -70,10 +70,10 @@ TOKENIZER_RECONSTRUCTION_SHARE = 0.5
 PARTS = ("pre-training", "segmentation", "CHAOS", "report")
 
 # Expected wall time of each part in minutes: the one place the banner, the report and docs/demo.md take
-# them from. "cpu": on an idle 2-core CPU machine (no GPU) the whole run was measured (demo 575 s,
-# smallest 154 s) and split by part from the step times; a machine shared with other jobs
-# took up to 6 times as long (the demo 38 minutes, smallest 872 s at a load average of 12 on 2 cores). "gpu": an estimate, not measured (no GPU
-# was available): the tiny networks leave process start-up, data loading and nnU-Net's validation.
+# them from. "cpu": the whole run measured on an idle 2-core CPU machine (no GPU) and split by part
+# from the step times; a machine shared with other jobs takes several times as long (docs/demo.md,
+# "How long it takes"). "gpu": an estimate, not a measurement: the tiny networks leave process
+# start-up, data loading and nnU-Net's validation.
 # On a CPU the three nnU-Net trainings dominate (about 4 s per epoch of 25 iterations each).
 EXPECTED_MINUTES = {
     "demo": {

@@ -500,7 +500,8 @@ def _health_table(name: str, run: Path) -> str:
             ("codes predicted", m.get("predicted_codes_used"), f"in the targets {_number(m.get('target_codes_used'), 0)}"),
         ]  # fmt: skip
     body = "".join(
-        f'<tr><td class="l">{_e(label)}</td><td>{_number(value)}</td><td class="l">{_e(baseline)}</td></tr>'
+        f'<tr><td class="l">{_e(label)}</td><td>{_number(value, 0 if label.startswith("codes") else 3)}</td>'
+        f'<td class="l">{_e(baseline)}</td></tr>'
         for label, value, baseline in rows
     )
     status = last.get("status", "?")

@@ -7,7 +7,7 @@ import torch
 @pytest.fixture
 def one_torch_thread():
     """Tiny models gain nothing from more threads, and on a busy shared CPU extra threads spin-wait
-    (measured: 2 threads 0.6 steps/s against 13 steps/s with 1 thread at load 15 on 2 cores)."""
+    (on a loaded 2-core machine two threads ran a tiny model about 20x slower than one)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -1,4 +1,4 @@
-"""The project's table of broken inputs (issue 8): every public command, run as a user runs it.
+"""The project's table of broken inputs: every public command, run as a user runs it.
 
 Each row runs a console script from ``.venv/bin`` as a subprocess on a broken input and asserts:
 
@@ -325,7 +325,7 @@ def build_medmnist_stale_run(tmp: Path) -> dict:
 
 
 def build_pumit_checkpoints(tmp: Path) -> dict:
-    """The authors' ViT layout (SPEC 12) at width 64 with one block: a good Lightning checkpoint, a
+    """The authors' ViT layout (docs/weights_format.md) at width 64 with one block: a good Lightning checkpoint, a
     truncated copy, one missing a key (the pickled-object refusal is tested in test_pumit_import)."""
     import torch
 
@@ -1097,7 +1097,7 @@ CASES = [
         "--input-size 40 must be a multiple of the weights' patch size 16",
         watch=("run", "npz"),
     ),
-    # pumit_pretrain import (issue 11): the authors' checkpoints
+    # pumit_pretrain import: the authors' checkpoints
     Case(
         "import-truncated-checkpoint",
         ["pumit_pretrain", "import", "{truncated}", "-o", "{out}"],
@@ -1126,7 +1126,7 @@ CASES = [
         "argument --norm-eps: must be a finite number in \\(0.0, 1.0\\]",
         watch=("folder",),
     ),
-    # pumit_pretrain mim (issue 10)
+    # pumit_pretrain mim
     Case(
         "mim-missing-tokenizer",
         [*MIM_TINY, "--tokenizer", "{missing}"],
@@ -1155,7 +1155,7 @@ CASES = [
         "--mask-ratio must lie strictly between 0 and 1, got 1.5",
         watch=("out",),
     ),
-    # pumit_pretrain tokenizer / export (issue 9)
+    # pumit_pretrain tokenizer / export
     Case(
         "tokenizer-truncated-checkpoint-in-run-folder",
         ["pumit_pretrain", "tokenizer", "--preset", "tiny", "--store", "{store}", "-o", "{run_truncated}"],

@@ -1,4 +1,4 @@
-"""MedMNIST v2 classification (issue 13): metrics against scikit-learn, loading checks, a tiny fine-tuning run."""
+"""MedMNIST v2 classification (docs/classification.md): metrics against scikit-learn, loading checks, a tiny fine-tuning run."""
 
 from __future__ import annotations
 
@@ -372,7 +372,7 @@ def test_input_normalisation_follows_the_weights_header():
     imported = {"input": {"value_range": [0.0, 1.0], "normalization": "imagenet"}}  # `pumit_pretrain import`
     assert clf.resolve_input_norm("auto", imported) == "imagenet"
     assert clf.resolve_input_norm("auto", {"input": {"value_range": [0.0, 1.0]}}) == "none"
-    assert clf.resolve_input_norm("auto", None) == "imagenet"  # EVA-02 / random initialisation (SPEC 5)
+    assert clf.resolve_input_norm("auto", None) == "imagenet"  # EVA-02 / random initialisation (docs/method.md, MIM inputs)
     assert clf.resolve_input_norm("none", imported) == "none"
 
 

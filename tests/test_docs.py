@@ -58,3 +58,47 @@ def test_demo_time_table_matches_the_demo():
 def test_no_internal_references(page):
     text = page.read_text(encoding="utf-8")
     assert not re.search(r"\bSPEC\b|\bissue \d+|(?<![\w&/])#\d+\b", text), page.name
+
+
+# Source files still being rewritten elsewhere; they are exempt from the check below until then.
+# Empty this set (and drop the exemption) once they no longer cite internal documents.
+PENDING_CLEANUP = {
+    "benchmarks/",
+    "planners/step_cost.py",
+    "pumit_seg/data/pretrain_phantoms.py",
+    "pumit_seg/models/mim.py",
+    "pumit_seg/models/seg_net.py",
+    "pumit_seg/models/tokenizer.py",
+    "tests/test_gpu_pack.py",
+    "tests/test_mim_trainer.py",
+    "tests/test_pretrain_health.py",
+    "tests/test_step_cost.py",
+    "tests/test_tokenizer.py",
+    "trainers/mim_trainer.py",
+    "trainers/tokenizer_trainer.py",
+}
+# A citation of a document a user who clones the repository does not have: the internal specification,
+# an issue number, the internal architecture notes. (`"SPEC" not in text`, a string literal, is allowed.)
+INTERNAL_REFERENCE = re.compile(r"\bSPEC\b(?!\")|\b[Ii]ssues? #?\d+|\.\./shared/|\bARCHITECTURE\.md")
+
+
+def source_files() -> list[Path]:
+    files = []
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.split("/")[0] == "build" or any(part.startswith(".") for part in rel.split("/")):
+            continue
+        if any(rel == p or (p.endswith("/") and rel.startswith(p)) for p in PENDING_CLEANUP):
+            continue
+        files.append(path)
+    return files
+
+
+def test_no_internal_references_in_code():
+    """Comments, docstrings and --help texts point at docs/, never at documents outside the repository."""
+    found = []
+    for path in source_files():
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if INTERNAL_REFERENCE.search(line):
+                found.append(f"{path.relative_to(ROOT).as_posix()}:{number}: {line.strip()}")
+    assert not found, "internal references (point at docs/ instead):\n" + "\n".join(found)

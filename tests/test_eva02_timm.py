@@ -1,4 +1,4 @@
-"""With the same weights, a 2D image through the universal ViT equals timm's EVA-02 (SPEC section 3)."""
+"""With the same weights, a 2D image through the universal ViT equals timm's EVA-02 (docs/method.md, "Universal ViT")."""
 
 import pytest
 import torch

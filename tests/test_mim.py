@@ -1,5 +1,6 @@
-"""MIM model (SPEC 5): mask counts, masked-only loss, mask token, plain-encoder equivalence, the patch
-embedding's gradient scale, weight files, and a tiny MIM run on phantom crops that learns."""
+"""MIM model (docs/method.md, "Masked image modelling"): mask counts, masked-only loss, mask token,
+plain-encoder equivalence, the patch embedding's gradient scale, weight files, and a tiny MIM run on
+phantom crops that learns."""
 
 import math
 

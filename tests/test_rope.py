@@ -1,4 +1,4 @@
-"""Additive 3D RoPE (SPEC section 3): relativity, reversibility, equality with EVA-02's 2D RoPE at z = 0."""
+"""Additive 3D RoPE (docs/method.md, "Universal ViT"): relativity, reversibility, equality with EVA-02's 2D RoPE at z = 0."""
 
 import math
 

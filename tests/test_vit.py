@@ -1,4 +1,4 @@
-"""Universal ViT (SPEC section 3): any aniso_d in one model, token grids, blocks, position grid."""
+"""Universal ViT (docs/method.md, "Universal ViT"): any aniso_d in one model, token grids, blocks, position grid."""
 
 import pytest
 import torch

@@ -39,7 +39,7 @@ from scipy.stats import rankdata
 from torch import Tensor
 
 from pumit_seg.atomic import atomic_path
-from pumit_seg.models.mim import IMAGENET_MEAN, IMAGENET_STD  # the ViT's input normalisation (docs/method.md, MIM)
+from pumit_seg.models.mim import IMAGENET_MEAN, IMAGENET_STD  # the ViT's input normalisation
 from pumit_seg.models.sac import ANISO_D_2D
 
 __all__ = [
@@ -404,7 +404,7 @@ class PreprocessConfig:
     spatial_dims: int = 3
     in_channels: int = 3  # the model's input channels (3 for PUMIT / EVA-02 weights: grey replicated)
     input_size: int = 160  # the paper: the pre-training input size (160^3; 160^2 for 2D images)
-    input_norm: str = "imagenet"  # "imagenet": the ViT's pre-training input normalisation; "none": [0, 1] as is
+    input_norm: str = "imagenet"  # "imagenet": as in the ViT's pre-training; "none": [0, 1] as is
     intensity_scale: str = "none"  # "random": official shape transform (train x U(0,1), eval x 0.5)
     flip_prob: float = 0.0  # probability of a random flip per spatial axis in training
 

@@ -93,9 +93,9 @@ class ChunkConfig:
     patch_stride: int = 16  # tokenizer / ViT stride: crop depth = depth_units * max(16 >> aniso_d, 1)
     max_block_bytes: int = 128 * 1024  # as nnU-Net: small blocks, so a crop decompresses little extra
     max_chunk_bytes: int = 4 * 1024**2
-    # ZSTD level 1 rather than nnU-Net's LZ4HC 5: on a 300x512x512 CT (uint16) 31 % smaller and 8x
-    # faster to write (1.8 s vs 15 s), reading 96 instead of 157 tokenizer crops/s per process, far
-    # more than a loader worker needs besides its augmentation (benchmarks/bench_store.py)
+    # ZSTD level 1 rather than nnU-Net's LZ4HC 5: on a CT volume about a third smaller and several times
+    # faster to write; reading is somewhat slower but still far more than a loader worker needs besides its
+    # augmentation (store read speed: benchmarks/results/store_crops_300x512x512.md)
     codec: str = "ZSTD"
     clevel: int = 1
 
