@@ -24,7 +24,7 @@ setup(
         # as a top-level module; that module only re-exports pumit_seg.trainers, so the classes are the
         # same objects under either name. Listed as a package (not package data) so setuptools installs it
         # without a warning.
-        "pumit_seg.nnunet_ext",
+        "pumit_seg.trainers.nnunet_ext",
     ],
     package_dir={
         "pumit_seg": "pumit_seg",
@@ -53,7 +53,7 @@ setup(
     extras_require={"test": ["pytest>=7", "ruff", "scikit-learn"]},
     entry_points={
         "console_scripts": [
-            "pumit_nnunet_ext=pumit_seg.nnunet_ext_dir:main",
+            "pumit_nnunet_ext=pumit_seg.trainers.nnunet_ext_dir:main",
             "pumit_plan_and_preprocess=pumit_seg.planners.plan_and_preprocess:main",
             "pumit_make_phantoms=pumit_seg.data.synthetic:main",
             "pumit_evaluate=pumit_seg.evaluation.evaluate_folder:main",

@@ -231,9 +231,9 @@ def evaluate_run(output_folder: Path, gt_folder: Path, dataset_json: Path) -> di
 def run_benchmark(args) -> list[dict]:
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from pumit_seg.trainers.nnunet_ext_dir import CPU_NNUNET_SETTINGS
 
     from pumit_seg.atomic import write_json_atomic
-    from pumit_seg.nnunet_ext_dir import CPU_NNUNET_SETTINGS
 
     if not Path(args.encoder).is_file():
         raise SystemExit(f"--encoder {args.encoder}: no such file")
@@ -392,9 +392,10 @@ def pretraining_health(work: Path) -> str:
 
 def tiny(args) -> None:
     """Pre-train a tiny encoder on phantoms, make a phantom segmentation dataset, plan it, run the benchmark."""
+    from pumit_seg.trainers.nnunet_ext_dir import nnunet_environment
+
     from pumit_seg.data.pretrain_phantoms import write_pretrain_corpus
     from pumit_seg.data.synthetic import PhantomConfig, write_phantom_dataset
-    from pumit_seg.nnunet_ext_dir import nnunet_environment
 
     work = Path(args.output).resolve()
     bin_dir = Path(sys.executable).parent
@@ -541,7 +542,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         if "nnUNet_preprocessed" not in os.environ:
             raise SystemExit("set nnUNet_preprocessed (and nnUNet_raw) to the folders of the planned dataset")
-        from pumit_seg.nnunet_ext_dir import nnunet_ext_dir
+        from pumit_seg.trainers.nnunet_ext_dir import nnunet_ext_dir
 
         os.environ.setdefault("nnUNet_extTrainer", nnunet_ext_dir())
         rows = run_benchmark(args)

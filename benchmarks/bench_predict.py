@@ -346,7 +346,7 @@ def analysis_lines(result: dict) -> list[str]:
     parts, flops = result["forward_parts"], result["forward_flops"]
     p, n = parts["pumit"], parts["nnunet"]
     ratios = [row["ratio_pumit_over_nnunet"] for row in result["volumes"]]
-    from pumit_seg.planners.pumit_planner import token_grid
+    from pumit_seg.planners.memory_model import token_grid
 
     from pumit_seg.models.sac import aniso_d_from_spacing
 
@@ -459,7 +459,7 @@ def main(argv: list[str] | None = None) -> None:
             Path(tmp).write_text(markdown(result) + "\n")
         return
 
-    from pumit_seg.nnunet_ext_dir import nnunet_environment
+    from pumit_seg.trainers.nnunet_ext_dir import nnunet_environment
 
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bench_predict_"))
     work.mkdir(parents=True, exist_ok=True)

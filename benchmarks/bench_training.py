@@ -21,7 +21,7 @@ For each configuration (``CONFIGS`` below; ``paper_btcv`` is the paper's BTCV fi
 Results go to ``benchmarks/results/training_<tag>.json`` and ``.md`` with the machine and its load.
 
 ``--calibrate`` measures the bf16 peak of the activations and temporaries of a forward + backward pass over ``CALIBRATION_GRID`` (ViT size, patch, batch, aniso_d, gradient checkpointing), fits the
-planner's per-element constants (`pumit_seg.planners.pumit_planner.MemoryModel`) by least squares and
+planner's per-element constants (`pumit_seg.planners.memory_model.MemoryModel`) by least squares and
 writes ``benchmarks/results/memory_calibration.json`` (the constants there are copied into MemoryModel).
 """
 
@@ -36,7 +36,7 @@ import time
 
 import torch
 from device_peaks import bf16_peak_tflops
-from pumit_seg.planners.pumit_planner import (
+from pumit_seg.planners.memory_model import (
     ACTIVATION_TERMS,
     MemoryModel,
     estimate_training_memory,
@@ -90,7 +90,7 @@ CALIBRATION_CLASSES = 14
 def calibrate() -> dict:
     """Measured activation peaks over CALIBRATION_GRID and the least-squares constants of the memory model."""
     import numpy as np
-    from pumit_seg.planners.pumit_planner import memory_units
+    from pumit_seg.planners.memory_model import memory_units
 
     rows = []
     for model, aniso_d, patch, batch, checkpointing in CALIBRATION_GRID:

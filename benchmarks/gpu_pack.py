@@ -232,7 +232,7 @@ def peak_memory_alone(factory, make_optimizer, input_shape, device, autocast_dty
 
 def planner_estimate(config: dict) -> dict:
     from bench_training import pumit_arch_kwargs
-    from pumit_seg.planners.pumit_planner import MemoryModel, count_parameters, estimate_training_memory
+    from pumit_seg.planners.memory_model import MemoryModel, count_parameters, estimate_training_memory
 
     arch_kwargs = pumit_arch_kwargs(config)
     model = MemoryModel()

@@ -25,8 +25,9 @@ PUMITPlans``, ``nnUNetv2_predict -p PUMITPlans``) work on the plans as usual.
 import argparse
 import os
 
+from pumit_seg.planners.plans_keys import PUMIT_PLANS_NAME
 from pumit_seg.planners.presets import PAPER_PRESETS
-from pumit_seg.planners.pumit_planner import PUMIT_PLANS_NAME, PUMITPlanner
+from pumit_seg.planners.pumit_planner import PUMITPlanner
 
 from pumit_seg.cli_checks import exit_on_bad_input, float_in_range, int_in_range
 

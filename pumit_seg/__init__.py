@@ -1,10 +1,13 @@
 """pumit-seg: the Pre-trained Universal Medical Image Transformer (PUMIT) in nnU-Net v2.
 
-The core package (`pumit_seg`) never imports nnU-Net; the nnU-Net integration lives in
-`pumit_seg.planners` and `pumit_seg.trainers`, evaluation in `pumit_seg.evaluation`.
+Layers, each importing only those below it (checked by import-linter in ``make test``):
+
+* application: `pumit_seg.app` (the demo, its report, tours);
+* integration: `pumit_seg.planners`, `pumit_seg.trainers`, `pumit_seg.evaluation` and the synthetic data
+  writers `pumit_seg.phantoms`, which may import nnU-Net;
+* library: `pumit_seg.models`, `pumit_seg.data` and the small shared modules (`weights`, `atomic`,
+  `cli_checks`, `plotting`), which never import nnU-Net.
 """
 
-from pumit_seg.nnunet_ext_dir import nnunet_ext_dir
-
 __version__ = "0.1.0"
-__all__ = ["nnunet_ext_dir", "__version__"]
+__all__ = ["__version__"]

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from pumit_seg.atomic import write_json_atomic
 from pumit_seg.cli_checks import check_output_path, exit_on_bad_input
-from pumit_seg.nnunet_ext_dir import nnunet_environment
+from pumit_seg.trainers.nnunet_ext_dir import nnunet_environment
 
 CONFIGURATION = "3d_fullres"
 PLANS = "PUMITPlans"

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from pumit_seg.nnunet_ext_dir import nnunet_environment
+from pumit_seg.trainers.nnunet_ext_dir import nnunet_environment
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]

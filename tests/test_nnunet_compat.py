@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from pumit_seg.trainers.nnunet_ext_dir import nnunet_environment
 
 from pumit_seg.data.synthetic import PhantomConfig, write_phantom_dataset
-from pumit_seg.nnunet_ext_dir import nnunet_environment
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_nnunet_e2e import BIN, TINY_PLAN_ARGS, run  # noqa: E402

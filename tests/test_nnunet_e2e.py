@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from pumit_seg.trainers.nnunet_ext_dir import nnunet_environment
 
 from pumit_seg.data.synthetic import LABELS, PhantomConfig, write_phantom_dataset
-from pumit_seg.nnunet_ext_dir import nnunet_environment
 
 pytestmark = pytest.mark.e2e  # minutes on 2 CPU cores; `pytest -m "not e2e"` leaves them out
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from pumit_seg.planners.pumit_planner import (
+from pumit_seg.planners.memory_model import (
     MEMORY_MODEL_TOLERANCE,
     MemoryModel,
     estimate_training_memory,
