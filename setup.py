@@ -1,8 +1,9 @@
 """pumit-seg: PUMIT (Pre-trained Universal Medical Image Transformer) inside nnU-Net v2.
 
-`planners/`, `trainers/` and `evaluation/` sit at the repository root but install
-inside the `pumit_seg` namespace, so nothing generic like `evaluation` lands in
-site-packages as a top-level module.
+`planners/`, `trainers/` and `evaluation/` sit at the repository root and are linked into the
+package folder (`pumit_seg/planners` -> `../planners`, ...), so they install as `pumit_seg.*`
+and every tool (linters, the import-contract checker, editors) sees one package. Nothing generic
+like `evaluation` lands in site-packages as a top-level module.
 """
 
 from setuptools import setup
@@ -26,12 +27,7 @@ setup(
         # without a warning.
         "pumit_seg.trainers.nnunet_ext",
     ],
-    package_dir={
-        "pumit_seg": "pumit_seg",
-        "pumit_seg.planners": "planners",
-        "pumit_seg.trainers": "trainers",
-        "pumit_seg.evaluation": "evaluation",
-    },
+    package_dir={"pumit_seg": "pumit_seg"},  # the subpackages are found through the links
     install_requires=[
         # torch is installed first by the Makefile and pinned by a constraint file,
         # so this range never pulls a second (CUDA) build on a CPU machine.

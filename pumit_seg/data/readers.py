@@ -187,20 +187,25 @@ def _is_gzip(path: str) -> bool:
         return f.read(2) == GZIP_MAGIC
 
 
-def _nifti_layout(path: str, compressed: bool) -> tuple[int, int, np.dtype] | None:
-    """(vox_offset, data bytes, stored dtype) announced by a NIfTI header, None when not single-file NIfTI."""
+def _read_head(path: str, compressed: bool, num_bytes: int, format_name: str) -> bytes:
+    """The first `num_bytes` of a (possibly gzipped) file; a file cut inside them is ImageReadError "truncated"."""
     import gzip
-
-    import nibabel as nib
 
     opener = gzip.open if compressed else open
     try:
         with opener(path, "rb") as f:
-            head = f.read(NIFTI_HEADER_BYTES)
+            return f.read(num_bytes)
     except (OSError, EOFError) as error:
         raise ImageReadError(
-            path, "truncated", f"file is truncated: cannot read its NIfTI header ({error})"
+            path, "truncated", f"file is truncated: cannot read its {format_name} header ({error})"
         ) from None
+
+
+def _nifti_layout(path: str, compressed: bool) -> tuple[int, int, np.dtype] | None:
+    """(vox_offset, data bytes, stored dtype) announced by a NIfTI header, None when not single-file NIfTI."""
+    import nibabel as nib
+
+    head = _read_head(path, compressed, NIFTI_HEADER_BYTES, "NIfTI")
     for header_class in (nib.Nifti1Header, nib.Nifti2Header):
         if len(head) < header_class.sizeof_hdr:
             continue
@@ -221,17 +226,9 @@ def _nifti_layout(path: str, compressed: bool) -> tuple[int, int, np.dtype] | No
 
 def _mgh_layout(path: str, compressed: bool) -> tuple[int, int, np.dtype]:
     """(data offset, data bytes, stored dtype) announced by a FreeSurfer MGH header (``.mgh``, ``.mgz``)."""
-    import gzip
     import struct
 
-    opener = gzip.open if compressed else open
-    try:
-        with opener(path, "rb") as f:
-            head = f.read(MGH_HEADER_BYTES)
-    except (OSError, EOFError) as error:
-        raise ImageReadError(
-            path, "truncated", f"file is truncated: cannot read its MGH header ({error})"
-        ) from None
+    head = _read_head(path, compressed, MGH_HEADER_BYTES, "MGH")
     if len(head) < MGH_HEADER_BYTES:
         raise ImageReadError(
             path, "truncated", f"file is truncated: {len(head)} bytes, an MGH header has 284"
