@@ -94,7 +94,10 @@ def _cell(values: list[float], digits: int) -> str:
     mean = float(np.mean(values))
     if len(values) == 1:
         return f"{mean:.{digits}f}"
-    spread = float(np.std(values, ddof=1)) if np.all(np.isfinite(values)) else float("nan")
+    infinite = int(np.sum(~np.isfinite(values)))
+    if infinite:  # a distance is inf when a run predicted no foreground for a label
+        return f"{mean:.{digits}f} ({min(values):.{digits}f}..{max(values):.{digits}f}; {infinite} of {len(values)} inf)"
+    spread = float(np.std(values, ddof=1))
     return f"{mean:.{digits}f} ± {spread:.{digits}f} ({min(values):.{digits}f}..{max(values):.{digits}f})"
 
 
@@ -231,9 +234,9 @@ def evaluate_run(output_folder: Path, gt_folder: Path, dataset_json: Path) -> di
 def run_benchmark(args) -> list[dict]:
     from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-    from pumit_seg.trainers.nnunet_ext_dir import CPU_NNUNET_SETTINGS
 
     from pumit_seg.atomic import write_json_atomic
+    from pumit_seg.trainers.nnunet_ext_dir import CPU_NNUNET_SETTINGS
 
     if not Path(args.encoder).is_file():
         raise SystemExit(f"--encoder {args.encoder}: no such file")
@@ -392,10 +395,9 @@ def pretraining_health(work: Path) -> str:
 
 def tiny(args) -> None:
     """Pre-train a tiny encoder on phantoms, make a phantom segmentation dataset, plan it, run the benchmark."""
-    from pumit_seg.trainers.nnunet_ext_dir import nnunet_environment
-
     from pumit_seg.data.pretrain_phantoms import write_pretrain_corpus
     from pumit_seg.data.synthetic import PhantomConfig, write_phantom_dataset
+    from pumit_seg.trainers.nnunet_ext_dir import nnunet_environment
 
     work = Path(args.output).resolve()
     bin_dir = Path(sys.executable).parent
@@ -441,7 +443,7 @@ def tiny(args) -> None:
         "segmentation": f"{args.num_cases} phantom CT cases 16x64x64 at 3x0.75x0.75 mm "
         f"(pumit_seg.data.synthetic), 3d_fullres, patch 8x64x64, aniso_d 2",
         "budget": f"{args.epochs} epochs x {args.iterations} iterations, lr {args.lr}, warm-up "
-        f"{args.warmup_fraction:g}, no mirroring, seed {args.seed}, {args.repeats} repeat(s)",
+        f"{args.warmup_fraction:g}, no mirroring, {args.repeats} seed(s): {list(range(args.seed, args.seed + args.repeats))} (torch / numpy seed of each fine-tuning; one pre-trained encoder)",
         "device": f"{args.device} ({os.cpu_count()} cores, shared with other jobs)",
         "load at start (uptime)": machine_load(),
         "planned runs": len(args.fractions) * len(args.methods) * args.repeats,

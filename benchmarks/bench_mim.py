@@ -54,11 +54,10 @@ def device_description(device: torch.device) -> str:
 
 
 def build(name: str, device: torch.device):
-    from pumit_seg.trainers.optim import build_adamw
-
     from pumit_seg.models.mim import MIMModel
     from pumit_seg.models.tokenizer import tokenizer_paper, tokenizer_tiny
     from pumit_seg.models.vit import VIT_SIZES
+    from pumit_seg.trainers.optim import build_adamw
 
     vit, tokenizer_preset, in_plane, depth_units, aniso_d, batch, _ = CONFIGURATIONS[name]
     grid = (depth_units, in_plane // 16, in_plane // 16)

@@ -265,6 +265,7 @@ def measure_inference_cuts(predictor, volume: Path, repeats: int, window_repeats
     import torch
     from nnunetv2.configuration import default_num_processes
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
     from pumit_seg.planners.step_cost import INFERENCE_CUTS, without_inference_cut
 
     image = torch.from_numpy(
@@ -346,9 +347,8 @@ def analysis_lines(result: dict) -> list[str]:
     parts, flops = result["forward_parts"], result["forward_flops"]
     p, n = parts["pumit"], parts["nnunet"]
     ratios = [row["ratio_pumit_over_nnunet"] for row in result["volumes"]]
-    from pumit_seg.planners.memory_model import token_grid
-
     from pumit_seg.models.sac import aniso_d_from_spacing
+    from pumit_seg.planners.memory_model import token_grid
 
     grid = token_grid(p["patch"], aniso_d_from_spacing(SPACING))
     tokens = grid[0] * grid[1] * grid[2] + 1  # + CLS

@@ -1,4 +1,4 @@
-"""Benchmark 5c: tokenizer training steps per second (issue 9).
+"""Tokenizer training steps per second.
 
 One step is what `pumit_pretrain tokenizer` does per batch: generator forward + loss + backward
 + AdamW step, then the discriminator's (hinge loss, its own AdamW). Batches are random crops
@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 
 import torch
-from pumit_seg.trainers.pretrain_base import config_from_args
-from pumit_seg.trainers.tokenizer_trainer import TokenizerConfig, TokenizerTrainer
 
 from pumit_seg.atomic import atomic_path, write_json_atomic
+from pumit_seg.trainers.pretrain_base import config_from_args
+from pumit_seg.trainers.tokenizer_trainer import TokenizerConfig, TokenizerTrainer
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     )
     result = {
-        "benchmark": "tokenizer training steps per second (issue 9, 5c)",
+        "benchmark": "tokenizer training steps per second",
         "preset": args.preset,
         "device": str(device),
         "device_name": device_name,

@@ -36,6 +36,9 @@ import time
 
 import torch
 from device_peaks import bf16_peak_tflops
+
+from pumit_seg.atomic import atomic_path, write_json_atomic
+from pumit_seg.models.seg_net import PUMITSegNet, build_arch_kwargs
 from pumit_seg.planners.memory_model import (
     ACTIVATION_TERMS,
     MemoryModel,
@@ -54,9 +57,6 @@ from pumit_seg.planners.step_cost import (
     step_peak_memory,
 )
 from pumit_seg.trainers.optim import build_adamw
-
-from pumit_seg.atomic import atomic_path, write_json_atomic
-from pumit_seg.models.seg_net import PUMITSegNet, build_arch_kwargs
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -90,6 +90,7 @@ CALIBRATION_CLASSES = 14
 def calibrate() -> dict:
     """Measured activation peaks over CALIBRATION_GRID and the least-squares constants of the memory model."""
     import numpy as np
+
     from pumit_seg.planners.memory_model import memory_units
 
     rows = []

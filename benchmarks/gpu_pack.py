@@ -232,6 +232,7 @@ def peak_memory_alone(factory, make_optimizer, input_shape, device, autocast_dty
 
 def planner_estimate(config: dict) -> dict:
     from bench_training import pumit_arch_kwargs
+
     from pumit_seg.planners.memory_model import MemoryModel, count_parameters, estimate_training_memory
 
     arch_kwargs = pumit_arch_kwargs(config)
@@ -371,9 +372,9 @@ def nnunet_predictor(network, patch, classes: int, mirror_axes, tile_step_size: 
 def row_predict(spec: dict, device, notes: list[str], partial: dict):
     import torch
     from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
-    from pumit_seg.planners.step_cost import nnunet_default_network
 
     from pumit_seg.models.seg_net import PUMITSegNet
+    from pumit_seg.planners.step_cost import nnunet_default_network
 
     config, predict = spec["train"], spec["predict"]
     from bench_training import pumit_arch_kwargs
@@ -460,6 +461,7 @@ def row_mim(spec: dict, device, notes: list[str], partial: dict):
 
 def row_tokenizer(spec: dict, device, notes: list[str], partial: dict):
     from bench_tokenizer import BenchTokenizerTrainer, RandomCropLoader, time_steps
+
     from pumit_seg.trainers.pretrain_base import config_from_args
     from pumit_seg.trainers.tokenizer_trainer import TokenizerConfig
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from pumit_seg.trainers.nnunet_ext_dir import nnunet_environment
 
 BIN = Path(sys.executable).parent
@@ -111,9 +112,8 @@ def test_tiny_mim_learns(mim_run):
 
 
 def test_export_is_the_trained_encoder(mim_run, tmp_path):
-    from pumit_seg.trainers.pretrain_base import load_checkpoint
-
     from pumit_seg.models.vit import UniversalViT
+    from pumit_seg.trainers.pretrain_base import load_checkpoint
     from pumit_seg.weights import load_model, read_header
 
     encoder = load_model(mim_run / "encoder.safetensors")
@@ -175,9 +175,8 @@ def test_resume_after_a_kill_continues_the_same_curve(store, tokenizer_file, tmp
 def test_initialisation_from_encoder_weights(store, tokenizer_file, tmp_path):
     """--eva02-weights goes through load_pretrained_encoder (EVA-02, or our encoder / MIM files); the
     report is written to the run folder."""
-    from pumit_seg.trainers.mim_trainer import MIMTrainer
-
     from pumit_seg.models.vit import universal_vit_tiny
+    from pumit_seg.trainers.mim_trainer import MIMTrainer
     from pumit_seg.weights import save_model
 
     torch.manual_seed(7)
@@ -207,10 +206,9 @@ def test_initialisation_from_a_mim_file_takes_its_mask_token_and_head(
 ):
     """A MIM file (what `pumit_pretrain import --kind mim` writes) continues MIM with its mask token, head and
     LayerNorm eps; a head made for another codebook size is left at its initialisation and the report says why."""
-    from pumit_seg.trainers.mim_trainer import MIMTrainer
-
     from pumit_seg.models.mim import MIMModel
     from pumit_seg.models.vit import universal_vit_tiny
+    from pumit_seg.trainers.mim_trainer import MIMTrainer
     from pumit_seg.weights import save_model
 
     run = tmp_path / "run"
@@ -350,7 +348,6 @@ def two_channel_plan(tmp_path_factory):
 
 def test_exported_encoder_loads_into_pumit_trainer(mim_run, two_channel_plan, monkeypatch):
     from pumit_seg.trainers import PUMITTrainer
-
     from pumit_seg.weights import load_state_dict_file
 
     root, _ = two_channel_plan

@@ -6,6 +6,8 @@ import os
 
 import pytest
 import torch
+
+from pumit_seg.models.seg_net import PUMITSegNet, build_arch_kwargs
 from pumit_seg.planners.memory_model import (
     MEMORY_MODEL_TOLERANCE,
     MemoryModel,
@@ -24,8 +26,6 @@ from pumit_seg.planners.step_cost import (
     without_inference_cut,
 )
 from pumit_seg.trainers.optim import build_adamw
-
-from pumit_seg.models.seg_net import PUMITSegNet, build_arch_kwargs
 
 SMALL = {"decoder_channels": [8, 16, 16, 16], "full_res_channels": [4, 8]}
 INDUCTOR = os.environ.get("PUMIT_TEST_INDUCTOR") == "1"

@@ -1,4 +1,4 @@
-"""The universal visual tokenizer, its discriminator and LPIPS (SPEC section 4)."""
+"""The universal visual tokenizer, its discriminator and LPIPS (docs/method.md, section 3)."""
 
 from __future__ import annotations
 
@@ -330,7 +330,7 @@ def test_regularisers_switch_on_after_the_reconstruction_steps_and_a_run_resumes
     from pretrain_worker import PhantomTokenizerTrainer, tiny_config
 
     flags = {"perceptual_weight": 0.0, "max_steps": 6, "reconstruction_steps": 3, "ckpt_every": 2}
-    flags.update(log_every=1, val_every=100)
+    flags.update(log_every=1, val_every=100, picture_samples=0, **SMALL_WIDTHS)
 
     class Interrupted(PhantomTokenizerTrainer):
         def save_checkpoint(self):
@@ -369,3 +369,21 @@ def test_regularisers_switch_on_after_the_reconstruction_steps_and_a_run_resumes
     for row_got, row_want in zip(got, want, strict=True):
         for column in ("loss", "l1", "prior", "entropy", "stage"):
             assert float(row_got[column]) == pytest.approx(float(row_want[column]), rel=1e-5, abs=1e-7)
+
+
+def test_codebook_starts_uniform_within_one_over_k_and_is_not_weight_decayed():
+    from pumit_seg.trainers.optim import weight_decay_param_groups
+
+    for mode in ("soft", "hard", "gumbel"):
+        model = tokenizer_tiny(quantizer=mode)
+        codebook = model.quantize.embedding.weight
+        assert codebook.abs().max() <= 1 / model.num_codes
+        decay, no_decay = weight_decay_param_groups(model, 0.05)
+        assert any(p is codebook for p in no_decay["params"]) and not any(
+            p is codebook for p in decay["params"]
+        )
+        assert no_decay["weight_decay"] == 0.0
+
+
+# narrower than the trainer's tiny preset: for tests of the trainer's mechanics, not of learning
+SMALL_WIDTHS = {"down_channels": (8, 16, 16), "up_channels": (8, 16, 16), "num_codes": 32, "code_dim": 16}

@@ -1,4 +1,4 @@
-"""`pumit_pretrain mim`: masked image modelling of the universal ViT (SPEC section 5).
+"""`pumit_pretrain mim`: masked image modelling of the universal ViT (docs/method.md, section 4).
 
     pumit_pretrain mim --store STORE --tokenizer RUN/tokenizer.safetensors -o RUN_MIM [--preset tiny]
     torchrun --nproc_per_node 8 -m pumit_seg.trainers.pretrain_cli mim ...      # DDP, one GPU per rank
@@ -35,13 +35,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from pumit_seg.trainers.pretrain_base import (
-    PretrainConfig,
-    PretrainTrainer,
-    add_config_arguments,
-    run_pretraining,
-)
-from pumit_seg.trainers.pretrain_health import MIMHealth, mim_verdict, record_health
 from torch import Tensor, nn
 
 from pumit_seg.atomic import atomic_path
@@ -54,6 +47,13 @@ from pumit_seg.models.vit import (
     universal_vit_large,
     universal_vit_tiny,
 )
+from pumit_seg.trainers.pretrain_base import (
+    PretrainConfig,
+    PretrainTrainer,
+    add_config_arguments,
+    run_pretraining,
+)
+from pumit_seg.trainers.pretrain_health import MIMHealth, mim_verdict, record_health
 from pumit_seg.weights import load_model, load_state_dict_file, save_model
 
 __all__ = [
@@ -74,7 +74,7 @@ MASK_GREY = 0.5  # masked patches in the validation pictures
 
 @dataclass
 class MIMConfig(PretrainConfig):
-    """MIM options; defaults are the paper's (SPEC 5): AdamW 2e-5, 10K warm-up, 300K steps, batch 84,
+    """MIM options; defaults are the paper's (docs/method.md, section 4): AdamW 2e-5, 10K warm-up, 300K steps, batch 84,
     grad-norm clip 0.5, crops of 160 in-plane x 5 depth units (a 5x10x10 token grid)."""
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
@@ -118,7 +118,7 @@ class MIMConfig(PretrainConfig):
         default=False,
         metadata={"help": "end the run (exit status 3) when a validation finds it collapsed or stalled"},
     )
-    # the paper's values (SPEC 5) for the common fields
+    # the paper's values for the common fields
     max_steps: int = field(default=300_000, metadata={"help": "optimisation steps"})
     batch_size: int = field(default=84, metadata={"help": "global batch size (split over ranks)"})
     lr: float = field(default=2e-5, metadata={"help": "peak learning rate"})

@@ -1,4 +1,4 @@
-"""`pumit_pretrain tokenizer`: pre-training of the universal visual tokenizer (SPEC section 4).
+"""`pumit_pretrain tokenizer`: pre-training of the universal visual tokenizer (docs/method.md, section 3).
 
     pumit_pretrain tokenizer --store STORE -o RUN [--preset tiny] [--lpips-weights VGG LPIPS_HEADS]
     torchrun --nproc_per_node 8 -m pumit_seg.trainers.pretrain_cli tokenizer --store STORE -o RUN
@@ -36,13 +36,6 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from pumit_seg.trainers.pretrain_base import (
-    PretrainConfig,
-    PretrainTrainer,
-    add_config_arguments,
-    run_pretraining,
-)
-from pumit_seg.trainers.pretrain_health import TokenizerHealth, record_health, tokenizer_verdict
 from torch import Tensor, nn
 
 from pumit_seg.atomic import atomic_path
@@ -59,6 +52,13 @@ from pumit_seg.models.tokenizer import (
     perplexity,
     prior_regularization,
 )
+from pumit_seg.trainers.pretrain_base import (
+    PretrainConfig,
+    PretrainTrainer,
+    add_config_arguments,
+    run_pretraining,
+)
+from pumit_seg.trainers.pretrain_health import TokenizerHealth, record_health, tokenizer_verdict
 from pumit_seg.weights import load_state_dict_file
 
 __all__ = ["TokenizerConfig", "TokenizerTrainer", "add_arguments", "run", "build_tokenizer"]
@@ -95,7 +95,7 @@ RECONSTRUCTION_STEPS_PAPER = 50_000
 
 @dataclass
 class TokenizerConfig(PretrainConfig):
-    """Flags of `pumit_pretrain tokenizer`; defaults are the authors' main run (SPEC section 4)."""
+    """Flags of `pumit_pretrain tokenizer`; defaults are the authors' main run (docs/method.md, section 3)."""
 
     PRESETS: ClassVar[dict] = {"tiny": TINY_PRESET}
 
@@ -302,7 +302,7 @@ class TokenizerTrainer(PretrainTrainer):
 
     @property
     def gan_enabled(self) -> bool:
-        """SPEC 4: the GAN term is on while max(EMA, last discriminator loss) <= threshold."""
+        """The GAN term is on while max(EMA, last discriminator loss) <= threshold."""
         return max(self.disc_loss_ema, self.last_disc_loss) <= self.config.gan_threshold
 
     def gumbel_temperature(self, step: int) -> float:

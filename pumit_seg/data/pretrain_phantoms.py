@@ -1,6 +1,6 @@
 """A small heterogeneous pre-training corpus written as real image files, plus its dataset config.
 
-What `pumit_pretrain prepare` meets in the wild, in miniature (SPEC section 6): 2D and 3D images,
+What `pumit_pretrain prepare` meets in the wild, in miniature (docs/pretraining.md): 2D and 3D images,
 CT-like (Hounsfield units) and MR-like (arbitrary units, bias field), grey and RGB, every degree of
 anisotropy 0..5, the depth axis first in the file or not, and the formats NIfTI, NRRD, MHA, DICOM
 series, PNG and JPEG. The bodies come from `pumit_seg.data.synthetic.make_phantom`; 2D images are

@@ -1,4 +1,4 @@
-"""Masked image modelling (MIM) of the universal ViT with soft visual tokens, SPEC section 5.
+"""Masked image modelling (MIM) of the universal ViT with soft visual tokens (docs/method.md, section 4).
 
 A frozen tokenizer turns a crop into a distribution over its K codebook entries at every token
 position (its stride equals the ViT's patch size, so its grid is the ViT's token grid). The ViT sees
@@ -12,7 +12,7 @@ ViT the ImageNet mean / std normalisation EVA-02 was trained with (`normalize_fo
 
 How many tokens are masked per sample (L tokens, ratio r = 0.55 by default), ``mask_count_rule``:
 
-* ``"round"`` (default, issue 10): exactly ``round(r L)`` (halves round up);
+* ``"round"`` (default): exactly ``round(r L)`` (halves round up);
 * ``"reference"``: ``L - int((1 - r) L)``, what the authors' code does (it draws
   ``int(L (1 - r))`` visible tokens, in floating point: for L = 500 that is 224 visible, 276 masked,
   where ``round`` masks 275).
@@ -162,7 +162,7 @@ class MIMModel(nn.Module):
         self.mim_head = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, codebook_size))
         self.register_buffer("input_mean", torch.tensor(IMAGENET_MEAN).view(1, -1, 1, 1, 1), persistent=False)
         self.register_buffer("input_std", torch.tensor(IMAGENET_STD).view(1, -1, 1, 1, 1), persistent=False)
-        # The reference left the mask token uninitialised (torch.empty); SPEC 5 asks for an initialisation.
+        # The reference left the mask token uninitialised (torch.empty); we initialise it.
         nn.init.trunc_normal_(self.mask_token, std=INIT_STD)
         for module in self.mim_head.modules():
             if isinstance(module, nn.Linear):

@@ -1,4 +1,4 @@
-"""The universal visual tokenizer (SPEC section 4): a SAC VQ-VAE with soft tokens.
+"""The universal visual tokenizer (docs/method.md, section 3): a SAC VQ-VAE with soft tokens.
 
 Encoder (in-plane stride 16): SAC downsampling convs ``start_stride`` (4), 2, 2, each with a
 channel LayerNorm and GELU, then two SAC 3x3x3 convs with GroupNorm + LeakyReLU. Quantizer:
@@ -8,7 +8,7 @@ loss, straight-through) and ``gumbel`` (Gumbel-softmax while training) are optio
 two SAC 3x3x3 convs, SAC transposed-conv upsamplings by 2 (each followed by a 3x3x3 conv),
 and a final SAC transposed conv by ``start_stride`` back to the input channels.
 
-Parameter names follow the authors' ``SimpleVQTokenizer`` (SPEC section 12): ``encoder.0``,
+Parameter names follow the authors' ``SimpleVQTokenizer`` (docs/weights.md): ``encoder.0``,
 ``encoder.1.1`` (LayerNorm inside a channel-LayerNorm wrapper), ..., ``quantize.proj``,
 ``quantize.embedding``, ``decoder.0``, ..., ``decoder.6.transposed_conv``,
 ``decoder.6.conv.0``, ..., ``decoder.8``; parameter-free activations keep their indices.
