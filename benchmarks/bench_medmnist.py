@@ -18,11 +18,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from pumit_seg.trainers.classification import ClassificationConfig, fit_classifier
-from pumit_seg.trainers.pretrain_base import add_config_arguments, config_from_args
-
 from pumit_seg.atomic import atomic_path, write_json_atomic
 from pumit_seg.data.medmnist import MEDMNIST_3D
+from pumit_seg.trainers.classification import ClassificationConfig, fit_classifier
+from pumit_seg.trainers.pretrain_base import add_config_arguments, config_from_args
 
 # The authors' learning-rate sweep (their downstream/medmnistv2 batch script).
 AUTHORS_LR_SWEEP = (5e-7, 1e-6, 5e-6, 1e-5, 5e-5, 1e-4, 5e-4)

@@ -26,9 +26,9 @@ import numpy as np
 import scipy
 import torch
 from monai.metrics import DiceMetric, HausdorffDistanceMetric, SurfaceDistanceMetric
-from pumit_seg.evaluation.metrics import compute_label_metrics
 
 from pumit_seg.cli_checks import float_in_range
+from pumit_seg.evaluation.metrics import compute_label_metrics
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 KEYS = ("Dice", "HD", "HD95", "ASSD")

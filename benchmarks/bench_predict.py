@@ -265,8 +265,7 @@ def measure_inference_cuts(predictor, volume: Path, repeats: int, window_repeats
     import torch
     from nnunetv2.configuration import default_num_processes
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-
-    from pumit_seg.planners.step_cost import INFERENCE_CUTS, without_inference_cut
+    from step_cost import INFERENCE_CUTS, without_inference_cut
 
     image = torch.from_numpy(
         SimpleITKIO().read_images([str(volume)])[0]

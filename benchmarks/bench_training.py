@@ -15,7 +15,7 @@ For each configuration (``CONFIGS`` below; ``paper_btcv`` is the paper's BTCV fi
   GPU, ``torch.cuda.max_memory_allocated`` and the model FLOPs utilisation in bf16. Each network takes its
   trainer's optimiser: AdamW (fused where supported, `build_adamw`) for PUMIT, SGD with Nesterov momentum
   for nnU-Net;
-* the cost cuts (`pumit_seg.planners.step_cost.COST_CUTS`): the same measurements with each cut undone
+* the cost cuts (`benchmarks/step_cost.py` `COST_CUTS`): the same measurements with each cut undone
   ("before") next to the network as it is ("after").
 
 Results go to ``benchmarks/results/training_<tag>.json`` and ``.md`` with the machine and its load.
@@ -36,16 +36,7 @@ import time
 
 import torch
 from device_peaks import bf16_peak_tflops
-
-from pumit_seg.atomic import atomic_path, write_json_atomic
-from pumit_seg.models.seg_net import PUMITSegNet, build_arch_kwargs
-from pumit_seg.planners.memory_model import (
-    ACTIVATION_TERMS,
-    MemoryModel,
-    estimate_training_memory,
-    token_grid,
-)
-from pumit_seg.planners.step_cost import (
+from step_cost import (
     COST_CUTS,
     activation_peak_memory,
     adamw_for_tracking,
@@ -55,6 +46,15 @@ from pumit_seg.planners.step_cost import (
     pumit_part_flops,
     step_flops,
     step_peak_memory,
+)
+
+from pumit_seg.atomic import atomic_path, write_json_atomic
+from pumit_seg.models.seg_net import PUMITSegNet, build_arch_kwargs
+from pumit_seg.planners.memory_model import (
+    ACTIVATION_TERMS,
+    MemoryModel,
+    estimate_training_memory,
+    token_grid,
 )
 from pumit_seg.trainers.optim import build_adamw
 

@@ -255,7 +255,7 @@ def model_flops(label: str, factory, config: dict, input_shape) -> float:
     """Model FLOPs of one training step (forward + backward): from ``benchmarks/results/training_cpu.json``
     where it holds this configuration (bench_training.py counted them on fake tensors), else counted now
     (fake tensors on the CPU: exact, no device time, ~10-60 s for the paper's configuration)."""
-    from pumit_seg.planners.step_cost import step_flops
+    from step_cost import step_flops
 
     key = (label, json.dumps(config, sort_keys=True))
     if key not in _FLOPS_CACHE:
@@ -372,9 +372,9 @@ def nnunet_predictor(network, patch, classes: int, mirror_axes, tile_step_size: 
 def row_predict(spec: dict, device, notes: list[str], partial: dict):
     import torch
     from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+    from step_cost import nnunet_default_network
 
     from pumit_seg.models.seg_net import PUMITSegNet
-    from pumit_seg.planners.step_cost import nnunet_default_network
 
     config, predict = spec["train"], spec["predict"]
     from bench_training import pumit_arch_kwargs

@@ -1,8 +1,10 @@
-"""What a training step costs (issue 12): torch.compile equals eager, FLOPs per part add up, the planner's
+"""What a training step costs: torch.compile equals eager, FLOPs per part add up, the planner's
 memory model (calibrated by ``benchmarks/bench_training.py --calibrate``) lies within its stated tolerance of
 the peak measured on fake tensors, and each cost cut keeps the network's function while lowering its cost."""
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +17,9 @@ from pumit_seg.planners.memory_model import (
     memory_units,
     token_grid,
 )
-from pumit_seg.planners.step_cost import (
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))  # the profiler is benchmark code
+from step_cost import (  # noqa: E402
     COST_CUTS,
     INFERENCE_CUTS,
     activation_peak_memory,
@@ -25,6 +29,7 @@ from pumit_seg.planners.step_cost import (
     step_peak_memory,
     without_inference_cut,
 )
+
 from pumit_seg.trainers.optim import build_adamw
 
 SMALL = {"decoder_channels": [8, 16, 16, 16], "full_res_channels": [4, 8]}
