@@ -19,9 +19,10 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from test_tokenizer import phantom_images  # noqa: E402
+
 from pumit_seg.trainers.pretrain_base import add_config_arguments, config_from_args  # noqa: E402
 from pumit_seg.trainers.tokenizer_trainer import TokenizerConfig, TokenizerTrainer  # noqa: E402
-from test_tokenizer import phantom_images  # noqa: E402
 
 GLOBAL_BATCH = 4
 # the 2-rank worker's configuration: gradients, then a 2-step run with a checkpoint

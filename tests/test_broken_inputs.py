@@ -37,6 +37,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+# end-to-end: every row runs a console script in a subprocess; `pytest -m "not e2e"` leaves them out
+pytestmark = pytest.mark.e2e
+
 BIN = Path(sys.executable).parent  # the console scripts live beside the interpreter (.venv/bin)
 TIMEOUT_S = 180
 
@@ -175,9 +178,8 @@ def build_chaos_missing_ground_png(tmp: Path) -> dict:
 
 def build_chaos_converted(tmp: Path) -> dict:
     """A CHAOS test set (no Ground) converted to nnU-Net, and predictions for its cases."""
-    from pumit_seg.evaluation import chaos
-
     from pumit_seg.data.chaos_phantoms import tiny_chaos_series, write_chaos_tree
+    from pumit_seg.evaluation import chaos
 
     root = write_chaos_tree(str(tmp / "Test_Sets"), tiny_chaos_series(ct_ids=()), with_ground=False)
     raw = tmp / "nnUNet_raw"

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 import SimpleITK as sitk
+
 from pumit_seg.evaluation import btcv
 
 TRAINING = [f"{n:04d}" for n in [*range(1, 11), *range(21, 41)]]  # the 30 BTCV training cases

@@ -9,7 +9,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from pumit_seg.trainers import classification as clf
 from safetensors.torch import save_file
 from sklearn.metrics import accuracy_score, roc_auc_score
 
@@ -29,6 +28,7 @@ from pumit_seg.data.medmnist import (
 from pumit_seg.models.classifier import ViTClassifier
 from pumit_seg.models.mim import IMAGENET_MEAN, IMAGENET_STD
 from pumit_seg.models.vit import build_universal_vit
+from pumit_seg.trainers import classification as clf
 from pumit_seg.weights import load_model, read_header, save_model
 
 # A tiny ViT at 32^3 (8 tokens): fast on 2 CPU cores.

@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
+
 from pumit_seg.evaluation.evaluate_folder import GeometryMismatchError, evaluate_folder, main
 from pumit_seg.evaluation.metrics import METRIC_KEYS, compute_label_metrics
-from scipy import ndimage
 
 SPACING_XYZ = (0.7, 0.8, 2.0)  # SimpleITK order; the arrays are (z, y, x)
 SPACING_ZYX = SPACING_XYZ[::-1]

@@ -7,6 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+# end-to-end: the benchmark pack's reduced form, in subprocesses; `pytest -m "not e2e"` leaves them out
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = ("train_eager", "predict", "mim", "tokenizer", "train_compiled")
 

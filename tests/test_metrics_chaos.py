@@ -4,9 +4,10 @@ import math
 
 import numpy as np
 import pytest
-from pumit_seg.evaluation.metrics import chaos_scores, compute_label_metrics, compute_metrics
 from scipy import ndimage
 from scipy.spatial import cKDTree
+
+from pumit_seg.evaluation.metrics import chaos_scores, compute_label_metrics, compute_metrics
 
 SPACING = (2.0, 1.0, 1.0)  # slice step 2 mm, pixels 1 mm
 

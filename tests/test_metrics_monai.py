@@ -12,8 +12,9 @@ from monai.metrics import (
     SurfaceDiceMetric,
     SurfaceDistanceMetric,
 )
-from pumit_seg.evaluation.metrics import compute_label_metrics, compute_metrics, surface_distances
 from scipy import ndimage
+
+from pumit_seg.evaluation.metrics import compute_label_metrics, compute_metrics, surface_distances
 
 TOLERANCE = 1e-6  # MONAI returns float32; we compute in float64
 NSD_TOLERANCE_MM = 1.5

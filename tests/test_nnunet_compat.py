@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from pumit_seg.trainers.nnunet_ext_dir import nnunet_environment
 
 from pumit_seg.data.synthetic import PhantomConfig, write_phantom_dataset
+from pumit_seg.trainers.nnunet_ext_dir import nnunet_environment
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_nnunet_e2e import BIN, TINY_PLAN_ARGS, run  # noqa: E402
@@ -114,8 +114,9 @@ def test_cross_validation_best_configuration_ensemble_and_model_folder(tmp_path)
 
 def test_nnunet_checkpoints_are_told_from_encoder_files(tmp_path):
     """What `-pretrained_weights` hands to nnU-Net's loader (nnU-Net checkpoints) and what to the encoder loader."""
-    from pumit_seg.trainers.pumit_trainer import is_nnunet_checkpoint
     from safetensors.torch import save_file
+
+    from pumit_seg.trainers.pumit_trainer import is_nnunet_checkpoint
 
     weights = {"blocks.0.weight": torch.zeros(2, 2)}
     torch.save({"network_weights": weights, "trainer_name": "PUMITTrainer"}, tmp_path / "checkpoint_final.pth")

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from pumit_seg.trainers.nnunet_ext_dir import nnunet_environment
 
 from pumit_seg.data.synthetic import LABELS, PhantomConfig, write_phantom_dataset
+from pumit_seg.trainers.nnunet_ext_dir import nnunet_environment
 
 pytestmark = pytest.mark.e2e  # minutes on 2 CPU cores; `pytest -m "not e2e"` leaves them out
 
@@ -158,6 +158,7 @@ def untrained_predictor(model_folder: Path, configuration: str):
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
     from pumit_seg.trainers import PUMITTrainer_test
 
     plans_manager = PlansManager(str(model_folder / "plans.json"))

@@ -10,9 +10,10 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from test_broken_inputs import build_chaos_converted, build_export_run
+
 from pumit_seg.evaluation import chaos
 from pumit_seg.trainers.pretrain_cli import main as pumit_pretrain
-from test_broken_inputs import build_chaos_converted, build_export_run
 
 
 def test_chaos_export_allowed_unknown_labels_are_listed_and_exported_as_background(tmp_path, capsys):

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+
+from pumit_seg.models.tokenizer import VisualTokenizer
 from pumit_seg.trainers.export import add_arguments as export_arguments
 from pumit_seg.trainers.export import run as export_main
 from pumit_seg.trainers.pretrain_base import (
@@ -22,9 +25,6 @@ from pumit_seg.trainers.pretrain_base import (
 )
 from pumit_seg.trainers.tokenizer_trainer import TINY_PRESET, TokenizerConfig, TokenizerTrainer
 from pumit_seg.trainers.tokenizer_trainer import run as run_tokenizer
-from safetensors import safe_open
-
-from pumit_seg.models.tokenizer import VisualTokenizer
 from pumit_seg.weights import load_model
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -36,15 +36,15 @@ LOSS_COLUMNS = ("loss", "l1", "prior", "entropy", "disc", "disc_ema")
 
 
 # tests/conftest.py: tiny models run on one thread
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# end-to-end: pre-training runs (and two gloo ranks); `pytest -m "not e2e"` leaves them out
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     """A pre-training store of the phantom corpus (2D and 3D, aniso_d 0..5), made by `pumit_pretrain prepare`."""
-    from pumit_seg.trainers.pretrain_cli import main as pumit_pretrain
-
     from pumit_seg.data.pretrain_phantoms import write_pretrain_corpus
+    from pumit_seg.trainers.pretrain_cli import main as pumit_pretrain
 
     root = tmp_path_factory.mktemp("pretrain")
     config = write_pretrain_corpus(str(root / "corpus"))

@@ -19,6 +19,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+
 from pumit_seg.trainers.pretrain_cli import build_parser
 
 EPS = 1e-5  # the authors' LayerNorm / GroupNorm eps (PyTorch's default)

@@ -33,6 +33,9 @@ from step_cost import (  # noqa: E402
 from pumit_seg.trainers.optim import build_adamw
 
 SMALL = {"decoder_channels": [8, 16, 16, 16], "full_res_channels": [4, 8]}
+# end-to-end: memory peaks and compiled steps measured on fake tensors; `pytest -m "not e2e"` leaves them out
+pytestmark = pytest.mark.e2e
+
 INDUCTOR = os.environ.get("PUMIT_TEST_INDUCTOR") == "1"
 
 

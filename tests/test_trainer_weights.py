@@ -13,10 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from pumit_seg.trainers.nnunet_ext_dir import nnunet_environment
 
 from pumit_seg.data.synthetic import PhantomConfig, write_phantom_dataset
 from pumit_seg.models.sac import sum_pool_depth
+from pumit_seg.trainers.nnunet_ext_dir import nnunet_environment
+
+# end-to-end: nnU-Net planning and preprocessing in the fixture, trainer runs; `pytest -m "not e2e"` leaves them out
+pytestmark = pytest.mark.e2e
 
 DATASET_ID = 962
 DATASET_NAME = f"Dataset{DATASET_ID:03d}_WeightPhantoms"
