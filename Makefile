@@ -23,8 +23,9 @@ $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-constraint.txt
-	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[test]"
+	$(PY) -W ignore -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-constraint.txt
+	# setuptools cautions in a 20-line box that every editable install uses an import hook; nothing to act on
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[test]"
 	$(PY) -m pumit_seg.torchvision_repair
 	touch $(STAMP)
 
@@ -33,7 +34,10 @@ $(STAMP): setup.py Makefile
 demo: install
 	$(VENV)/bin/pumit_demo --output demo_output
 
-test: install browser
+# Lint, the package's layers (import-linter contracts in pyproject.toml), then every test. For a quick loop
+# while developing: `.venv/bin/pytest -m "not e2e"` leaves out the end-to-end runs.
+test: install browser lint
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q tests
 
 # The demo test checks its report in headless Chromium (Debian's package). Installed when missing and

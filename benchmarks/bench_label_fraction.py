@@ -344,7 +344,7 @@ def write_tables(rows: list[dict], prefix: Path, description: dict) -> None:
 # --------------------------------------------------------------------------------------
 
 TINY_DATASET_ID = 977
-# the demo's pre-training budget (pumit_seg.demo, setting "demo")
+# the demo's pre-training budget (pumit_seg.app.demo, setting "demo")
 TINY_TOKENIZER_STEPS, TINY_RECONSTRUCTION_STEPS, TINY_MIM_STEPS = 2000, 1000, 400
 TINY_PLAN_ARGS = [
     "--model", "tiny", "--patch_size_3d", "8", "64", "64", "--decoder_channels", "16", "32", "32", "32",
@@ -395,8 +395,8 @@ def pretraining_health(work: Path) -> str:
 
 def tiny(args) -> None:
     """Pre-train a tiny encoder on phantoms, make a phantom segmentation dataset, plan it, run the benchmark."""
-    from pumit_seg.data.pretrain_phantoms import write_pretrain_corpus
-    from pumit_seg.data.synthetic import PhantomConfig, write_phantom_dataset
+    from pumit_seg.phantoms.abdomen import PhantomConfig, write_phantom_dataset
+    from pumit_seg.phantoms.pretrain import write_pretrain_corpus
     from pumit_seg.trainers.nnunet_ext_dir import nnunet_environment
 
     work = Path(args.output).resolve()
@@ -436,12 +436,12 @@ def tiny(args) -> None:
     description = {
         "name": "tiny CPU configuration",
         "command": "python benchmarks/bench_label_fraction.py tiny " + " ".join(sys.argv[2:]),
-        "pre-training": f"phantom corpus (pumit_seg.data.pretrain_phantoms), tokenizer --preset tiny "
+        "pre-training": f"phantom corpus (pumit_seg.phantoms.pretrain), tokenizer --preset tiny "
         f"{args.tokenizer_steps} steps (the first {args.reconstruction_steps} on reconstruction alone), "
         f"mim --preset tiny {args.mim_steps} steps (tiny ViT: width 64, 4 blocks)",
         "pre-training health (last held-out validation)": pretraining_health(work),
         "segmentation": f"{args.num_cases} phantom CT cases 16x64x64 at 3x0.75x0.75 mm "
-        f"(pumit_seg.data.synthetic), 3d_fullres, patch 8x64x64, aniso_d 2",
+        f"(pumit_seg.phantoms.abdomen), 3d_fullres, patch 8x64x64, aniso_d 2",
         "budget": f"{args.epochs} epochs x {args.iterations} iterations, lr {args.lr}, warm-up "
         f"{args.warmup_fraction:g}, no mirroring, {args.repeats} seed(s): {list(range(args.seed, args.seed + args.repeats))} (torch / numpy seed of each fine-tuning; one pre-trained encoder)",
         "device": f"{args.device} ({os.cpu_count()} cores, shared with other jobs)",

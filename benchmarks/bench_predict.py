@@ -54,7 +54,7 @@ def run(command: list[str], env: dict) -> None:
 
 def prepare(root: Path, env: dict, args) -> dict:
     """Datasets and plans (skipped where already there)."""
-    from pumit_seg.data.synthetic import PhantomConfig, write_phantom_dataset
+    from pumit_seg.phantoms.abdomen import PhantomConfig, write_phantom_dataset
 
     raw = root / "nnUNet_raw"
     if not (raw / TRAIN_NAME).is_dir():

@@ -35,6 +35,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
+from tqdm import tqdm
+
+from pumit_seg.atomic import atomic_folder, atomic_path, write_grey_png_atomic, write_json_atomic
+from pumit_seg.cli_checks import check_output_path, exit_on_bad_input, int_in_range
+from pumit_seg.data.readers import read_image
 from pumit_seg.evaluation.chaos_io import (
     MR_SEQUENCES,
     T1DUAL_PHASES,
@@ -48,11 +53,6 @@ from pumit_seg.evaluation.chaos_io import (
     sorted_files,
 )
 from pumit_seg.evaluation.metrics import chaos_scores, compute_label_metrics
-from tqdm import tqdm
-
-from pumit_seg.atomic import atomic_folder, atomic_path, write_grey_png_atomic, write_json_atomic
-from pumit_seg.cli_checks import check_output_path, exit_on_bad_input, int_in_range
-from pumit_seg.data.readers import read_image
 
 FILE_ENDING = ".nii.gz"
 MAPPING_FOLDER = "chaos_mapping"

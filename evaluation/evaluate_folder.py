@@ -35,6 +35,10 @@ from nnunetv2.configuration import default_num_processes
 from nnunetv2.evaluation.evaluate_predictions import label_or_region_to_key, save_summary_json
 from nnunetv2.utilities.json_export import recursive_fix_for_json_export
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+from pumit_seg.atomic import atomic_path
+from pumit_seg.cli_checks import check_output_path, exit_on_bad_input, float_in_range, int_in_range
+from pumit_seg.data.readers import MedicalImage, read_image
 from pumit_seg.evaluation.metrics import (
     CONVENTIONS,
     COUNT_KEYS,
@@ -43,10 +47,6 @@ from pumit_seg.evaluation.metrics import (
     check_convention,
     compute_label_metrics,
 )
-
-from pumit_seg.atomic import atomic_path
-from pumit_seg.cli_checks import check_output_path, exit_on_bad_input, float_in_range, int_in_range
-from pumit_seg.data.readers import MedicalImage, read_image
 
 MAX_PROCESSES = 256  # -np beyond this is a typo
 GEOMETRY_TOLERANCE = 1e-4  # mm (and direction cosines): header round-off, not real differences

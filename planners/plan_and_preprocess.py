@@ -25,11 +25,10 @@ PUMITPlans``, ``nnUNetv2_predict -p PUMITPlans``) work on the plans as usual.
 import argparse
 import os
 
+from pumit_seg.cli_checks import exit_on_bad_input, float_in_range, int_in_range
 from pumit_seg.planners.plans_keys import PUMIT_PLANS_NAME
 from pumit_seg.planners.presets import PAPER_PRESETS
 from pumit_seg.planners.pumit_planner import PUMITPlanner
-
-from pumit_seg.cli_checks import exit_on_bad_input, float_in_range, int_in_range
 
 DEFAULT_CONFIGURATIONS = ("2d", "3d_fullres")
 DEFAULT_MODEL = "base"
@@ -133,6 +132,7 @@ def check_fingerprints(dataset_ids: list[int], verbose: bool = False) -> list[in
     """Dataset ids whose existing fingerprint is stale (printed with the reason); they are recomputed."""
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
     from pumit_seg.planners.fingerprint_state import fingerprint_staleness
 
     stale = []
@@ -174,6 +174,7 @@ def plan_and_preprocess(
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, preprocess
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
     from pumit_seg.planners.fingerprint_state import record_fingerprint_sources
 
     for dataset_id in dataset_ids:  # before any fingerprint: nnU-Net's readers zero-fill damaged files

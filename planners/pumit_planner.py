@@ -43,6 +43,10 @@ from copy import deepcopy
 
 import numpy as np
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+
+from pumit_seg.models.pumit_checkpoint import norm_eps_from_weights
+from pumit_seg.models.sac import ANISO_D_2D, aniso_d_from_spacing
+from pumit_seg.models.seg_net import build_arch_kwargs, required_patch_divisor
 from pumit_seg.planners.memory_model import (  # re-exported: the planner's public names
     MemoryModel,
     count_parameters,
@@ -63,10 +67,6 @@ from pumit_seg.planners.plans_keys import (
     PRETRAINED_WEIGHTS_PLANS_KEY,
     PUMIT_PLANS_NAME,
 )
-
-from pumit_seg.models.pumit_checkpoint import norm_eps_from_weights
-from pumit_seg.models.sac import ANISO_D_2D, aniso_d_from_spacing
-from pumit_seg.models.seg_net import build_arch_kwargs, required_patch_divisor
 
 # A depth / in-plane spacing ratio within this distance (in log2) below a power of two rounds up to it.
 ANISO_LOG2_TOLERANCE = 0.1

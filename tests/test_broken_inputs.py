@@ -147,7 +147,7 @@ def build_evaluate_missing_prediction(tmp: Path) -> dict:
 
 
 def build_chaos_train(tmp: Path) -> dict:
-    from pumit_seg.data.chaos_phantoms import tiny_chaos_series, write_chaos_tree
+    from pumit_seg.phantoms.chaos import tiny_chaos_series, write_chaos_tree
 
     return {
         "chaos": write_chaos_tree(str(tmp / "Train_Sets"), tiny_chaos_series()),
@@ -178,8 +178,8 @@ def build_chaos_missing_ground_png(tmp: Path) -> dict:
 
 def build_chaos_converted(tmp: Path) -> dict:
     """A CHAOS test set (no Ground) converted to nnU-Net, and predictions for its cases."""
-    from pumit_seg.data.chaos_phantoms import tiny_chaos_series, write_chaos_tree
     from pumit_seg.evaluation import chaos
+    from pumit_seg.phantoms.chaos import tiny_chaos_series, write_chaos_tree
 
     root = write_chaos_tree(str(tmp / "Test_Sets"), tiny_chaos_series(ct_ids=()), with_ground=False)
     raw = tmp / "nnUNet_raw"
@@ -226,7 +226,7 @@ def build_chaos_score_missing_series(tmp: Path) -> dict:
     """A results tree (the ground truths as results) lacking the T2SPIR series of patient 1."""
     import shutil
 
-    from pumit_seg.data.chaos_phantoms import tiny_chaos_series, write_chaos_tree
+    from pumit_seg.phantoms.chaos import tiny_chaos_series, write_chaos_tree
 
     root = Path(write_chaos_tree(str(tmp / "Train_Sets"), tiny_chaos_series(ct_ids=())))
     for sequence in ("T1DUAL",):  # T2SPIR left out
@@ -277,7 +277,7 @@ def build_chaos_reconvert_corrupt(tmp: Path) -> dict:
 
 
 def build_phantom_dataset(tmp: Path) -> dict:
-    from pumit_seg.data.synthetic import PhantomConfig, write_phantom_dataset
+    from pumit_seg.phantoms.abdomen import PhantomConfig, write_phantom_dataset
 
     write_phantom_dataset(
         str(tmp / "out"), 501, num_training=1, num_test=0, config=PhantomConfig(shape=(4, 16, 16))
@@ -398,7 +398,7 @@ def build_tokenizer_inputs(tmp: Path) -> dict:
 
 
 def build_pretrain_corpus(tmp: Path) -> dict:
-    from pumit_seg.data.pretrain_phantoms import DEFAULT_DATASETS, write_pretrain_corpus
+    from pumit_seg.phantoms.pretrain import DEFAULT_DATASETS, write_pretrain_corpus
 
     config = write_pretrain_corpus(str(tmp / "corpus"), datasets=DEFAULT_DATASETS[-2:])
     return {"config": config, "out": tmp / "store"}
@@ -1275,14 +1275,14 @@ CASES = [
     ),
     Case(
         "report-missing-output-folder",
-        ["python", "-m", "pumit_seg.report", "{missing}"],
+        ["python", "-m", "pumit_seg.app.report", "{missing}"],
         build_demo_inputs,
         "{missing} does not exist",
         watch=("missing",),
     ),
     Case(
         "chaos-phantoms-zero-shape",
-        ["python", "-m", "pumit_seg.data.chaos_phantoms", "{out}", "--shape", "0", "8", "8"],
+        ["python", "-m", "pumit_seg.phantoms.chaos", "{out}", "--shape", "0", "8", "8"],
         build_demo_inputs,
         "--shape|shape and spacing need three positive values",
         watch=("out",),
@@ -1725,7 +1725,7 @@ CASES = [
     ),
     Case(
         "chaos-phantoms-nan-spacing",
-        ["python", "-m", "pumit_seg.data.chaos_phantoms", "{out}", "--spacing", "nan", "1", "1"],
+        ["python", "-m", "pumit_seg.phantoms.chaos", "{out}", "--spacing", "nan", "1", "1"],
         build_demo_inputs,
         "argument --spacing",
         watch=("out",),

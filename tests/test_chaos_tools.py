@@ -10,10 +10,10 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from pumit_seg.data.chaos_phantoms import tiny_chaos_series, write_chaos_tree
-from pumit_seg.data.synthetic import write_dicom_series
 from pumit_seg.evaluation import chaos
 from pumit_seg.evaluation.chaos_io import grey_to_labels, labels_to_grey, read_png_stack
+from pumit_seg.phantoms.chaos import tiny_chaos_series, write_chaos_tree
+from pumit_seg.phantoms.dicom import write_dicom_series
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,10 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from pumit_seg import demo
-from pumit_seg.data.chaos_phantoms import GREY, ChaosPhantomConfig, write_chaos_phantoms
-from pumit_seg.report import check_in_browser, find_chromium, referenced_files
+from pumit_seg.app import demo
+from pumit_seg.app.browser import check_in_browser, find_chromium
+from pumit_seg.app.report import referenced_files
+from pumit_seg.phantoms.chaos import GREY, ChaosPhantomConfig, write_chaos_phantoms
 
 DEMO_TIMEOUT_S = 1800  # the smallest setting takes minutes alone on 2 cores; far more beside other jobs
 
@@ -30,7 +31,7 @@ def run_demo(output: Path, *extra: str) -> subprocess.CompletedProcess:
     command = [
         sys.executable,
         "-m",
-        "pumit_seg.demo",
+        "pumit_seg.app.demo",
         "--output",
         str(output),
         "--setting",

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from pumit_seg.data.readers import ImageReadError, dicom_folder_series, read_dicom_series
-from pumit_seg.data.synthetic import write_dicom_multiframe, write_dicom_series
 from pumit_seg.evaluation.chaos_io import read_dicom_geometry
+from pumit_seg.phantoms.dicom import write_dicom_multiframe, write_dicom_series
 
 ROWS, COLUMNS = 6, 7
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from pumit_seg.data.synthetic import PhantomConfig, make_phantom
 from pumit_seg.models.mim import (
     MIMModel,
     mim_step,
@@ -19,6 +18,7 @@ from pumit_seg.models.mim import (
     tokens_from_grid,
 )
 from pumit_seg.models.vit import UniversalViT, load_pretrained_encoder
+from pumit_seg.phantoms.abdomen import PhantomConfig, make_phantom
 from pumit_seg.weights import load_model, save_model
 
 TINY_ENCODER = {"embed_dim": 32, "depth": 2, "num_heads": 2, "pos_grid_shape": (2, 4, 4)}
@@ -222,6 +222,7 @@ def test_rejects_wrong_inputs():
         mim_step(model, PatchIntensityTokenizer(patch_size=8), phantom_crops(1), ANISO_D)
 
 
+@pytest.mark.e2e  # a MIM training run (minutes on 2 cores)
 def test_tiny_mim_learns_phantoms():
     """The loss falls well below log K (uniform prediction) and masked-token accuracy rises above the
     best constant guess (the most frequent target token)."""

@@ -25,11 +25,14 @@ REPO = Path(__file__).resolve().parents[1]
 LOGIT_SCALE = 20.0  # sharpens the random tokenizer's distributions
 TINY_FLAGS = ["--preset", "tiny", "--val-every", "1000", "--log-every", "1"]
 
+# end-to-end: `pumit_pretrain mim` runs and an nnU-Net training from its export; `pytest -m "not e2e"` leaves them out
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     from pumit_seg.data.prepare import prepare_store
-    from pumit_seg.data.pretrain_phantoms import write_pretrain_corpus
+    from pumit_seg.phantoms.pretrain import write_pretrain_corpus
 
     root = tmp_path_factory.mktemp("mim_store")
     config = write_pretrain_corpus(str(root / "corpus"))
@@ -326,7 +329,7 @@ SHORT_TRAINER = textwrap.dedent(
 @pytest.fixture(scope="module")
 def two_channel_plan(tmp_path_factory):
     """MR phantoms with 2 channels at 1.5 x 0.75 x 0.75 mm (aniso_d 1), planned for the tiny ViT."""
-    from pumit_seg.data.synthetic import PhantomConfig, write_phantom_dataset
+    from pumit_seg.phantoms.abdomen import PhantomConfig, write_phantom_dataset
 
     root = tmp_path_factory.mktemp("mim_nnunet")
     env = nnunet_environment(root, cpu=True)

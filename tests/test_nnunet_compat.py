@@ -20,7 +20,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from pumit_seg.data.synthetic import PhantomConfig, write_phantom_dataset
+from pumit_seg.phantoms.abdomen import PhantomConfig, write_phantom_dataset
 from pumit_seg.trainers.nnunet_ext_dir import nnunet_environment
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -20,7 +20,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from pumit_seg.data.synthetic import LABELS, PhantomConfig, write_phantom_dataset
+from pumit_seg.phantoms.abdomen import LABELS, PhantomConfig, write_phantom_dataset
 from pumit_seg.trainers.nnunet_ext_dir import nnunet_environment
 
 pytestmark = pytest.mark.e2e  # minutes on 2 CPU cores; `pytest -m "not e2e"` leaves them out

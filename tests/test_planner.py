@@ -10,8 +10,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from pumit_seg.data.synthetic import LABELS, PhantomConfig, write_phantom_dataset
 from pumit_seg.models.sac import aniso_d_from_spacing
+from pumit_seg.phantoms.abdomen import LABELS, PhantomConfig, write_phantom_dataset
 
 TINY = {"model": "tiny", "decoder_channels": [8, 8, 16, 16], "full_res_channels": [4, 4]}
 # dataset id -> (phantom config, aniso_d expected for 3d_fullres or None for a 2D dataset)

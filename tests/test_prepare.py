@@ -13,9 +13,9 @@ import SimpleITK as sitk
 from PIL import Image
 
 from pumit_seg.data.prepare import ConfigError, PrepareConfig, load_dataset_config, prepare_store
-from pumit_seg.data.pretrain_phantoms import DEFAULT_DATASETS, write_pretrain_corpus
 from pumit_seg.data.store import PretrainStore
 from pumit_seg.models.sac import aniso_d_from_spacing
+from pumit_seg.phantoms.pretrain import DEFAULT_DATASETS, write_pretrain_corpus
 
 # small versions of the corpus datasets: every format, orientation and aniso_d, two images each
 SMALL = tuple(

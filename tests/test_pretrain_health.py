@@ -133,6 +133,7 @@ class CollapsedTrainer(PhantomTokenizerTrainer):
         return CollapsedTokenizer(**super().build_model().config)
 
 
+@pytest.mark.e2e  # a tokenizer training run
 def test_collapsed_tokenizer_warns_and_stop_on_collapse_ends_the_run(tmp_path, capsys):
     flags = {"perceptual_weight": 0.0, "max_steps": 2, "val_every": 2, "ckpt_every": 2, "log_every": 1}
     flags.update(picture_samples=0, **SMALL_WIDTHS)
@@ -151,6 +152,7 @@ def test_collapsed_tokenizer_warns_and_stop_on_collapse_ends_the_run(tmp_path, c
     assert trainer.step == 2 and not (tmp_path / "stop" / "tokenizer.safetensors").exists()
 
 
+@pytest.mark.e2e  # a tokenizer training run
 def test_stop_on_collapse_exit_status_and_message(tmp_path, capsys, monkeypatch):
     import pumit_seg.trainers.tokenizer_trainer as tokenizer_trainer
 

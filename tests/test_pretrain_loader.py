@@ -18,9 +18,9 @@ from pumit_seg.data.pretrain_loader import (
     crop_depth,
     validation_batches,
 )
-from pumit_seg.data.pretrain_phantoms import DEFAULT_DATASETS, write_pretrain_corpus
 from pumit_seg.data.store import PretrainStore
 from pumit_seg.models.sac import aniso_d_from_spacing
+from pumit_seg.phantoms.pretrain import DEFAULT_DATASETS, write_pretrain_corpus
 
 NAMES = ("ct_iso", "mr_sagittal", "mr_nrrd", "xray_png", "fundus_png")
 CROP = CropConfig(in_plane=32, depth_units=2, zoom_p=0.5, rotate_p=0.5, gamma_p=0.5)

@@ -43,7 +43,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("one_torch_thread")]
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     """A pre-training store of the phantom corpus (2D and 3D, aniso_d 0..5), made by `pumit_pretrain prepare`."""
-    from pumit_seg.data.pretrain_phantoms import write_pretrain_corpus
+    from pumit_seg.phantoms.pretrain import write_pretrain_corpus
     from pumit_seg.trainers.pretrain_cli import main as pumit_pretrain
 
     root = tmp_path_factory.mktemp("pretrain")

@@ -10,7 +10,7 @@ import SimpleITK as sitk
 from PIL import Image
 
 from pumit_seg.data.readers import ImageReadError, read_dicom_series, read_image, read_png
-from pumit_seg.data.synthetic import write_dicom_series
+from pumit_seg.phantoms.dicom import write_dicom_series
 
 
 def write(path, array, spacing=(0.8, 0.7, 3.0)):

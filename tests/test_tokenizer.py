@@ -319,6 +319,7 @@ def test_short_run_beats_the_baselines_on_held_out_phantoms_and_depends_on_the_i
 # ---- the two stages in one run -----------------------------------------------------------
 
 
+@pytest.mark.e2e  # tokenizer runs, killed and resumed
 def test_regularisers_switch_on_after_the_reconstruction_steps_and_a_run_resumes_across_the_switch(tmp_path):
     import csv
     import sys

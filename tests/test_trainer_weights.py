@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pumit_seg.data.synthetic import PhantomConfig, write_phantom_dataset
 from pumit_seg.models.sac import sum_pool_depth
+from pumit_seg.phantoms.abdomen import PhantomConfig, write_phantom_dataset
 from pumit_seg.trainers.nnunet_ext_dir import nnunet_environment
 
 # end-to-end: nnU-Net planning and preprocessing in the fixture, trainer runs; `pytest -m "not e2e"` leaves them out

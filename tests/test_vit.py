@@ -114,9 +114,9 @@ def test_presets_and_config():
 
 
 def test_vit_demo_reports_kernels_and_grids(capsys):
-    from pumit_seg.models.vit_demo import run_vit_demo
+    from pumit_seg.app.vit_tour import run_vit_tour
 
-    run_vit_demo()
+    run_vit_tour()
     lines = capsys.readouterr().out.splitlines()
     assert "aniso_d 5  patch kernel 1x16x16  token grid 1x8x8" in lines[1]
     assert "aniso_d 1  patch kernel 8x16x16  token grid 4x8x8" in lines[2]

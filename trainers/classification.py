@@ -37,8 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from pumit_seg.trainers.optim import build_adamw
-from pumit_seg.trainers.pretrain_base import add_config_arguments, config_from_args
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -60,6 +58,8 @@ from pumit_seg.data.medmnist import (
 from pumit_seg.models.classifier import DEFAULT_PATCH_SIZE, ViTClassifier
 from pumit_seg.models.vit import VIT_SIZES, build_universal_vit, load_pretrained_encoder
 from pumit_seg.plotting import pyplot, save_figure
+from pumit_seg.trainers.optim import build_adamw
+from pumit_seg.trainers.pretrain_base import add_config_arguments, config_from_args
 from pumit_seg.weights import load_model, load_state_dict_file, read_header, save_model
 
 __all__ = [

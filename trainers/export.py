@@ -19,10 +19,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from pumit_seg.trainers.pretrain_base import load_checkpoint
 from torch import nn
 
 from pumit_seg.cli_checks import check_output_path
+from pumit_seg.trainers.pretrain_base import load_checkpoint
 from pumit_seg.weights import describe_non_finite, import_trusted_class, non_finite_tensors, save_model
 
 __all__ = ["EXPORTERS", "rebuild_model", "export_checkpoint", "add_arguments", "run"]

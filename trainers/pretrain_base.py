@@ -72,11 +72,11 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.distributed as dist
-from pumit_seg.trainers.optim import WarmupCosineLRScheduler, build_adamw
 from torch import Tensor, nn
 
 from pumit_seg.atomic import atomic_path, write_json_atomic
 from pumit_seg.cli_checks import check_output_path
+from pumit_seg.trainers.optim import WarmupCosineLRScheduler, build_adamw
 from pumit_seg.weights import describe_non_finite, non_finite_tensors, save_model
 
 __all__ = [

@@ -65,16 +65,16 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from torch import nn
+from torch._dynamo import OptimizedModule
+
+from pumit_seg.models.vit import WeightReport, load_pretrained_encoder
 from pumit_seg.planners.plans_keys import (
     NETWORK_CLASS_NAME,
     OVERSAMPLE_PLANS_KEY,
     PRETRAINED_WEIGHTS_PLANS_KEY,
 )
 from pumit_seg.trainers.optim import WarmupCosineLRScheduler, build_adamw
-from torch import nn
-from torch._dynamo import OptimizedModule
-
-from pumit_seg.models.vit import WeightReport, load_pretrained_encoder
 
 DEFAULT_DEVICE = torch.device("cuda")  # nnU-Net's trainer default
 PRETRAINED_WEIGHTS_ENV = "PUMIT_PRETRAINED_WEIGHTS"

@@ -18,7 +18,7 @@ class PUMITTrainer_5epochs(PUMITTrainer):
 
 
 class PUMITTrainer_demo(PUMITTrainer):
-    """`make demo`: 30 epochs x 25 iterations (the demo's expected times: `pumit_seg.demo.EXPECTED_MINUTES`).
+    """`make demo`: 30 epochs x 25 iterations (the demo's expected times: `pumit_seg.app.demo.EXPECTED_MINUTES`).
     A higher learning rate (3e-3, warm-up 1 epoch) because the demo trains a tiny ViT
     from scratch for a few hundred steps only: at 1e-3 the spleen was not learnt in 500 steps, and at
     3e-3 an organ sometimes starts late (the kidneys once stayed at Dice 0 for 500 steps)."""

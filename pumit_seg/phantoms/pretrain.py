@@ -3,10 +3,10 @@
 What `pumit_pretrain prepare` meets in the wild, in miniature (docs/pretraining.md): 2D and 3D images,
 CT-like (Hounsfield units) and MR-like (arbitrary units, bias field), grey and RGB, every degree of
 anisotropy 0..5, the depth axis first in the file or not, and the formats NIfTI, NRRD, MHA, DICOM
-series, PNG and JPEG. The bodies come from `pumit_seg.data.synthetic.make_phantom`; 2D images are
+series, PNG and JPEG. The bodies come from `pumit_seg.phantoms.abdomen.make_phantom`; 2D images are
 X-ray-like grey PNGs and fundus-like RGB JPEGs / PNGs.
 
-    python -m pumit_seg.data.pretrain_phantoms -o /tmp/corpus     # writes /tmp/corpus/datasets.json
+    python -m pumit_seg.phantoms.pretrain -o /tmp/corpus     # writes /tmp/corpus/datasets.json
 
 `write_pretrain_corpus(root)` returns the config path, ready for ``pumit_pretrain prepare CONFIG``.
 With ``broken=True`` a folder of unusable files joins the corpus (4D, truncated gzip, NaN voxels, all
@@ -26,7 +26,8 @@ import SimpleITK as sitk
 from PIL import Image
 
 from pumit_seg.atomic import atomic_path, write_json_atomic
-from pumit_seg.data.synthetic import PhantomConfig, make_phantom, write_dicom_series
+from pumit_seg.phantoms.abdomen import PhantomConfig, make_phantom
+from pumit_seg.phantoms.dicom import write_dicom_series
 
 __all__ = ["CorpusDataset", "DEFAULT_DATASETS", "write_pretrain_corpus", "main"]
 

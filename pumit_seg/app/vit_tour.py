@@ -1,6 +1,6 @@
 """Show one universal ViT handling 2D images and volumes of different spacings.
 
-Run: ``python -m pumit_seg.models.vit_demo``. For each example it prints the image shape and
+Run: ``python -m pumit_seg.app.vit_tour``. For each example it prints the image shape and
 spacing, the degree of anisotropy, the patch kernel SAC actually applies, and the token
 grid; then the parameter counts of the presets (base / large counted on the meta device,
 so nothing is allocated).
@@ -27,7 +27,7 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def run_vit_demo(seed: int = 0) -> None:
+def run_vit_tour(seed: int = 0) -> None:
     torch.manual_seed(seed)
     model = universal_vit_tiny().eval()
     patch = model.patch_size
@@ -53,4 +53,4 @@ def run_vit_demo(seed: int = 0) -> None:
 
 
 if __name__ == "__main__":
-    run_vit_demo()
+    run_vit_tour()

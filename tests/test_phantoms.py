@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from pumit_seg.data.synthetic import (
+from pumit_seg.phantoms.abdomen import (
     LABELS,
     TISSUE_INTENSITIES,
     PhantomConfig,

@@ -13,7 +13,7 @@ where slice k of a ground-truth stack belongs to DICOM file k in file-name order
 positions. Test sets have no Ground folders. `write_chaos_tree` writes such a tree from `ChaosSeries`
 (what one series holds), and two makers of series feed it:
 
-* `make_case` / `write_chaos_phantoms`: the abdomen phantoms of `pumit_seg.data.synthetic` (MR contrast,
+* `make_case` / `write_chaos_phantoms`: the abdomen phantoms of `pumit_seg.phantoms.abdomen` (MR contrast,
   smooth bias field) as MR cases, so ``pumit_chaos convert / export / score`` run on them exactly as on
   the download. ``ROOT/Train_Sets``, ``ROOT/Test_Sets`` and ``ROOT/Test_Sets_reference`` (the test cases
   with Ground, for a local score). Ground truths use the CHAOS grey values (liver 63, right kidney 126,
@@ -23,7 +23,7 @@ positions. Test sets have no Ground folders. `write_chaos_tree` writes such a tr
 * `tiny_chaos_series`: a few-kilobyte tree of noise images and box organs for the tests of the CHAOS
   tools.
 
-    python -m pumit_seg.data.chaos_phantoms OUT --num_train 4 --num_test 2
+    python -m pumit_seg.phantoms.chaos OUT --num_train 4 --num_test 2
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ import numpy as np
 
 from pumit_seg.atomic import atomic_folder, write_grey_png_atomic
 from pumit_seg.cli_checks import float_in_range
-from pumit_seg.data.synthetic import LABELS, PhantomConfig, make_phantom, write_dicom_series
+from pumit_seg.phantoms.abdomen import LABELS, PhantomConfig, make_phantom
+from pumit_seg.phantoms.dicom import write_dicom_series
 
 SEQUENCES = ("T1DUAL", "T2SPIR")
 SERIES_NUMBER = {"T1DUAL": 4, "T2SPIR": 2}  # the <series> of the CHAOS MR file names IMG-<series>-<number>

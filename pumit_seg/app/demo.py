@@ -11,7 +11,7 @@ through live (progress bars, nnU-Net's epoch lines) and kept in ``OUTPUT/logs/``
    budget, ``nnUNetv2_predict`` and ``pumit_evaluate`` for both;
 3. CHAOS: a synthetic CHAOS-layout MR set (DICOM series + ground-truth PNGs), ``pumit_chaos convert``,
    plan, train, predict, ``pumit_chaos export`` to a submission zip, ``pumit_chaos score``;
-4. the report: ``OUTPUT/report.html`` (``python -m pumit_seg.report OUTPUT``).
+4. the report: ``OUTPUT/report.html`` (``python -m pumit_seg.app.report OUTPUT``).
 
 Resume: a step that finished writes ``OUTPUT/steps/<step>.json`` (command, wall time) atomically; run
 the demo again and finished steps are skipped, an interrupted training continues from its checkpoint.
@@ -60,7 +60,7 @@ PRETRAIN_MODULES = {
     "mim": "pumit_seg.trainers.mim_trainer",
     "export": "pumit_seg.trainers.export",
 }
-CORPUS_MODULE = "pumit_seg.data.pretrain_phantoms"
+CORPUS_MODULE = "pumit_seg.phantoms.pretrain"
 MIM_ENCODER_NAME = "encoder.safetensors"  # what `pumit_pretrain mim` exports into its run folder
 PRETRAIN_LOG_ROWS = 25  # rows of log.csv per pre-training run (the loss curves' points)
 PRETRAIN_VALIDATIONS = 2  # validations (pictures, codebook health) and checkpoints per run
@@ -507,7 +507,7 @@ def build_steps(
                     "chaos_phantoms",
                     "CHAOS",
                     "write a synthetic CHAOS-layout MR set (DICOM series + ground-truth PNGs)",
-                    [python, "-m", "pumit_seg.data.chaos_phantoms", str(sets),
+                    [python, "-m", "pumit_seg.phantoms.chaos", str(sets),
                      "--num_train", str(setting.chaos_num_train), "--num_test", str(setting.chaos_num_test),
                      "--shape", *map(str, setting.chaos_shape)],
                 )
@@ -605,7 +605,7 @@ def build_steps(
                 )  # fmt: skip
 
     steps.append(
-        Step("report", "report", "write the HTML report", [python, "-m", "pumit_seg.report", str(root)])
+        Step("report", "report", "write the HTML report", [python, "-m", "pumit_seg.app.report", str(root)])
     )
     return steps, paths
 
@@ -615,7 +615,7 @@ def build_steps(
 
 def write_report_after_failure(root: Path) -> None:
     """The report of what finished, so a failed run still shows where it stopped (best effort)."""
-    from pumit_seg.report import build_report
+    from pumit_seg.app.report import build_report
 
     try:
         print(f"report of the steps so far: {build_report(root)}", flush=True)
