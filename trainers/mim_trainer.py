@@ -40,13 +40,7 @@ from torch import Tensor, nn
 from pumit_seg.atomic import atomic_path
 from pumit_seg.models.mim import MASK_COUNT_RULES, MIMModel, mim_step, random_token_mask
 from pumit_seg.models.pumit_checkpoint import norm_eps_from_weights
-from pumit_seg.models.vit import (
-    UniversalViT,
-    load_pretrained_encoder,
-    universal_vit_base,
-    universal_vit_large,
-    universal_vit_tiny,
-)
+from pumit_seg.models.vit import VIT_SIZES, UniversalViT, build_universal_vit, load_pretrained_encoder
 from pumit_seg.trainers.pretrain_base import (
     PretrainConfig,
     PretrainTrainer,
@@ -54,12 +48,11 @@ from pumit_seg.trainers.pretrain_base import (
     run_pretraining,
 )
 from pumit_seg.trainers.pretrain_health import MIMHealth, mim_verdict, record_health
-from pumit_seg.weights import load_model, load_state_dict_file, save_model
+from pumit_seg.weights import TRUST_PICKLE_FLAG, load_model, load_state_dict_file, save_model
 
 __all__ = [
     "MIMConfig",
     "MIMTrainer",
-    "ENCODER_PRESETS",
     "encoder_for_export",
     "export_encoder",
     "export_mim_checkpoint",
@@ -67,7 +60,6 @@ __all__ = [
     "run",
 ]
 
-ENCODER_PRESETS = {"tiny": universal_vit_tiny, "base": universal_vit_base, "large": universal_vit_large}
 EXPORT_KIND = "mim_encoder"  # header "kind" of the exported encoder file
 MASK_GREY = 0.5  # masked patches in the validation pictures
 
@@ -89,7 +81,7 @@ class MIMConfig(PretrainConfig):
     tokenizer: str = field(
         default="", metadata={"help": "tokenizer file (pumit_pretrain tokenizer's export)"}
     )
-    model: str = field(default="base", metadata={"help": f"ViT size: {', '.join(ENCODER_PRESETS)}"})
+    model: str = field(default="base", metadata={"help": f"ViT size: {', '.join(VIT_SIZES)}"})
     eva02_weights: str = field(
         default="",
         metadata={
@@ -97,11 +89,12 @@ class MIMConfig(PretrainConfig):
             "--kind mim) also gives the mask token and head; '' = random"
         },
     )
-    eva02_allow_pickle: bool = field(
+    trust_pickle: bool = field(
         default=False,
         metadata={
             "help": "read a pickled --eva02-weights checkpoint with full unpickling, which can RUN CODE "
-            "from the file: only for files you trust"
+            "from the file: only for files you trust",
+            "hidden_aliases": ("--eva02-allow-pickle",),
         },
     )
     mask_ratio: float = field(default=0.55, metadata={"help": "share of patch tokens masked per sample"})
@@ -137,8 +130,8 @@ class MIMConfig(PretrainConfig):
             raise ValueError(f"--tokenizer {self.tokenizer}: no such file")
         if self.eva02_weights and not Path(self.eva02_weights).is_file():
             raise ValueError(f"--eva02-weights {self.eva02_weights}: no such file")
-        if self.model not in ENCODER_PRESETS:
-            raise ValueError(f"--model must be one of {sorted(ENCODER_PRESETS)}, got {self.model!r}")
+        if self.model not in VIT_SIZES:
+            raise ValueError(f"--model must be one of {sorted(VIT_SIZES)}, got {self.model!r}")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"--mask-ratio must lie strictly between 0 and 1, got {self.mask_ratio}")
         if self.mask_count_rule not in MASK_COUNT_RULES:
@@ -233,7 +226,8 @@ class MIMTrainer(PretrainTrainer):
         )
         eps_override = {} if init_eps is None else {"norm_eps": init_eps}
         with torch.device("meta"):  # the preset's constructor arguments only; MIMModel builds the ViT
-            encoder_config = ENCODER_PRESETS[config.model](
+            encoder_config = build_universal_vit(
+                config.model,
                 pos_grid_shape=config.pos_grid_shape,
                 grad_checkpointing=config.grad_checkpointing,
                 **eps_override,
@@ -250,8 +244,8 @@ class MIMTrainer(PretrainTrainer):
             # pumit.ckpt), the mask token and head, so that MIM continues instead of starting with a random head
             source = load_state_dict_file(
                 config.eva02_weights,
-                allow_pickle=config.eva02_allow_pickle,
-                allow_pickle_hint="pass --eva02-allow-pickle",
+                allow_pickle=config.trust_pickle,
+                allow_pickle_hint=f"add {TRUST_PICKLE_FLAG}",
             )
             report = load_pretrained_encoder(model.encoder, source, source_name=config.eva02_weights)
             extras = model.load_mask_token_and_head(source, config.eva02_weights)

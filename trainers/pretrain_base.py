@@ -121,6 +121,7 @@ DEFAULT_MAX_BAD_STEPS = 5
 RESUME_SAFE_OPTIONS = (
     "max_steps", "log_every", "val_every", "ckpt_every", "val_batch_size", "val_max_batches", "num_workers",
     "device", "max_bad_steps", "output_dir", "picture_samples", "val_pictures", "grad_checkpointing",
+    "trust_pickle",
 )  # fmt: skip
 # Not options of the run: never compared nor recorded as a change.
 RESUME_IGNORED_OPTIONS = ("allow_option_change",)
@@ -311,6 +312,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) ->
         help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
         flags = [f"--{_flag(f.name)}", *f.metadata.get("aliases", ())]
         parser.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, help=help_text, **kwargs)
+        # older spellings: accepted so that no user's script breaks, not shown in --help
+        for alias in f.metadata.get("hidden_aliases", ()):
+            parser.add_argument(alias, dest=f.name, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
 
 
 def config_from_args(config_class: type, args: argparse.Namespace | Mapping):

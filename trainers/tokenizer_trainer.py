@@ -99,14 +99,7 @@ class TokenizerConfig(PretrainConfig):
 
     PRESETS: ClassVar[dict] = {"tiny": TINY_PRESET}
 
-    max_steps: int = field(default=600_000, metadata={"help": "optimisation steps (paper: 600K)"})
-    batch_size: int = field(default=48, metadata={"help": "global batch size (split over ranks)"})
-    lr: float = field(default=1e-4, metadata={"help": "generator (tokenizer) peak learning rate"})
-    warmup_steps: int = field(default=25_000, metadata={"help": "linear warm-up steps (both optimisers)"})
-    crop_in_plane: int = field(default=128, metadata={"help": "crop size in-plane (pixels)"})
-    crop_depth_units: int = field(
-        default=4, metadata={"help": "crop depth = units * max(16 >> aniso_d, 1) slices (1 slice in 2D)"}
-    )
+    # the base's run fields (steps, batch, lr, warm-up, crop) already default to the tokenizer's paper run
     # model
     in_channels: int = field(default=3, metadata={"help": "image channels (grey replicated to 3)"})
     start_stride: int = field(default=4, metadata={"help": "stride of the first encoder conv"})
