@@ -1,9 +1,9 @@
-"""Pre-training store benchmarks (issue 9, items 5a and 5b).
+"""Pre-training store benchmarks: random crops from a large stored image, and the store table at paper scale.
 
     python benchmarks/bench_store.py crops [--shape 300 512 512] [--crops 200] [--tag NAME]
     python benchmarks/bench_store.py table [--images 397335] [--datasets 55] [--tag NAME]
 
-``crops`` (5a): a CT-like volume of ``--shape`` (int16 Hounsfield units, body ellipse, organs, noise)
+``crops``: a CT-like volume of ``--shape`` (int16 Hounsfield units, body ellipse, organs, noise)
 is written as NIfTI (.nii.gz), turned into a one-image store by `prepare_store`, and random
 tokenizer crops (128 in-plane by 4 x (16 >> aniso_d) slices) are read (i) from the store
 (`PretrainStore.read`, memory-mapped blosc2) and (ii) from the source NIfTI, once by reading the whole
@@ -11,7 +11,7 @@ file (`pumit_seg.data.readers.read_image`, what any SimpleITK-based loader does)
 nibabel's lazy array proxy (which decompresses the gzip stream up to the crop). Both crops of one
 position are checked to agree (after the store's intensity scaling).
 
-``table`` (5b): a store table of the paper's size (397,335 images: 48,344 3D and 348,991 2D in 55
+``table``: a store table of the paper's size (397,335 images: 48,344 3D and 348,991 2D in 55
 datasets) is generated and written as table.csv; it is loaded by `PretrainStore`, and an
 `AnisoBatchSampler` over its training rows is built. Reported: memory of the table (pandas, deep) and
 of the sampler (its arrays), the process's resident memory growth, load time, and draws per second

@@ -1,4 +1,4 @@
-"""What one training step of PUMITSegNet costs next to nnU-Net's default network at the same patch (issue 12).
+"""What one training step of PUMITSegNet costs next to nnU-Net's default network at the same patch.
 
     python benchmarks/bench_training.py [--config paper_btcv cpu_small ...] [--skip-wall] [--tag NAME]
     python benchmarks/bench_training.py --calibrate      # fit the planner's memory model

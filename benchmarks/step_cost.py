@@ -1,4 +1,4 @@
-"""What one training step of a network costs, measured without a GPU and without allocating (issue 12).
+"""What one training step of a network costs, measured without a GPU and without allocating.
 
 Networks are built on the meta device and materialised as fake tensors (`torch._subclasses.FakeTensorMode`):
 shapes and dtypes are real, storage is not, so the paper's ViT-B at 48x192x192 x 4 is measured on a laptop.

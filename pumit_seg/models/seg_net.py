@@ -1,8 +1,8 @@
-"""PUMIT segmentation network (SPEC section 7).
+"""PUMIT segmentation network (docs/method.md, "Segmentation network").
 
 A universal ViT encoder, an EVA-style feature pyramid built from four of its blocks, a plain U-Net
 decoder over that pyramid and a light full-resolution branch on the raw input, so that the logits
-reach input resolution. Every resampling layer is spatially adaptive (SAC, SPEC section 2): depth is
+reach input resolution. Every resampling layer is spatially adaptive (SAC, docs/method.md): depth is
 only down- or upsampled where the degree of anisotropy `aniso_d` allows it.
 
 Resolution levels n = 0..5 are the in-plane scales 1, 1/2, 1/4, 1/8, 1/16 and 1/32; at level n the
@@ -14,7 +14,7 @@ depth is divided by ``2 ** max(n - aniso_d, 0)``. The ViT tokens live at level 4
           ──decoder──> laterals at 2..5; from level 5: up, concat skip, 2 x conv ... down to level 0
           ──heads──> logits at levels 0..4 (deep supervision, full resolution first)
 
-Architecture version 2 follows the authors' reference (SPEC section 7): every SAC layer is built for
+Architecture version 2 follows the authors' reference (docs/differences_from_reference.md): every SAC layer is built for
 the plan's fixed ``aniso_d`` and stores the kernel shape it uses (``fixed_kernels``; pooling at every
 step would make Adam move pooled kernels 2^k times too fast), an affine InstanceNorm on each of the four
 block outputs before the pyramid, InstanceNorm in the 1/4 branch, laterals 1x1x1 conv + InstanceNorm +
@@ -372,7 +372,7 @@ def _bf16_supported(device_type: str) -> bool:
 
 
 class PUMITSegNet(nn.Module):
-    """Universal ViT + SAC feature pyramid + U-Net decoder + full-resolution branch (SPEC section 7).
+    """Universal ViT + SAC feature pyramid + U-Net decoder + full-resolution branch (docs/method.md, "Segmentation network").
 
     Args:
         input_channels: image channels (any number; the ViT patch kernel takes them all).
@@ -380,7 +380,7 @@ class PUMITSegNet(nn.Module):
         deep_supervision: return logits at levels 0..4 (full resolution first) instead of level 0 only.
             nnU-Net toggles it at run time through ``network.decoder.deep_supervision``.
         spatial_dims: 2 (input (B, C, H, W), needs aniso_d 5) or 3 (input (B, C, D, H, W)).
-        aniso_d: degree of anisotropy of the (fixed) target spacing, 0..5 (SPEC section 1).
+        aniso_d: degree of anisotropy of the (fixed) target spacing, 0..5 (docs/method.md).
         vit: `UniversalViT` keyword arguments except ``in_channels``.
         pyramid_blocks: 4 block indices (0-based) feeding pyramid levels 2, 3, 4, 5; their raw outputs
             pass an affine InstanceNorm each (the reference).
