@@ -588,22 +588,19 @@ def dicom_series_geometry(headers: list, paths: list[str]) -> dict:
         positions.append(_dicom_floats(header, path, "ImagePositionPatient", 3))
         if header is headers[0]:
             continue
-        other = _dicom_floats(header, path, "ImageOrientationPatient", 6)
-        if not np.allclose(other, orientation, atol=1e-4):
-            raise ImageReadError(
-                path,
-                "bad geometry",
-                f"ImageOrientationPatient {other.tolist()} differs from {os.path.basename(paths[0])}'s "
-                f"{orientation.tolist()} in the same series",
-            )
-        other_spacing = _dicom_floats(header, path, "PixelSpacing", 2)
-        if not np.allclose(other_spacing, pixel_spacing, rtol=1e-4):
-            raise ImageReadError(
-                path,
-                "bad geometry",
-                f"PixelSpacing {other_spacing.tolist()} differs from {os.path.basename(paths[0])}'s "
-                f"{pixel_spacing.tolist()} in the same series",
-            )
+        # every slice of one series lies in the same plane orientation with the same pixel spacing
+        for tag, first, count, tolerance in (
+            ("ImageOrientationPatient", orientation, 6, {"atol": 1e-4}),
+            ("PixelSpacing", pixel_spacing, 2, {"rtol": 1e-4}),
+        ):
+            other = _dicom_floats(header, path, tag, count)
+            if not np.allclose(other, first, **tolerance):
+                raise ImageReadError(
+                    path,
+                    "bad geometry",
+                    f"{tag} {other.tolist()} differs from {os.path.basename(paths[0])}'s {first.tolist()} "
+                    "in the same series",
+                )
     names = [os.path.basename(p) for p in paths]
     return _plane_geometry(np.stack(positions), orientation, pixel_spacing, names, series)
 
