@@ -19,12 +19,13 @@ export PYTHONUTF8 := 1
 
 install: $(STAMP)
 
+# PYTHONWARNINGS: setuptools cautions in a 20-line box that every editable install uses an import hook;
+# there is nothing to act on, so a newcomer's install stays quiet.
 $(STAMP): setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -W ignore -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/torch-constraint.txt
-	# setuptools cautions in a 20-line box that every editable install uses an import hook; nothing to act on
 	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[test]"
 	$(PY) -m pumit_seg.torchvision_repair
 	touch $(STAMP)
