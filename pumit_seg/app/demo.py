@@ -77,7 +77,7 @@ PARTS = ("pre-training", "segmentation", "CHAOS", "report")
 # On a CPU the three nnU-Net trainings dominate (about 4 s per epoch of 25 iterations each).
 EXPECTED_MINUTES = {
     "demo": {
-        "cpu": {"pre-training": 2.8, "segmentation": 3.8, "CHAOS": 1.9, "report": 0.1},
+        "cpu": {"pre-training": 2.5, "segmentation": 3.9, "CHAOS": 1.9, "report": 0.1},
         "gpu": {"pre-training": 0.5, "segmentation": 2.0, "CHAOS": 1.5, "report": 0.5},
     },
     "smallest": {
