@@ -709,6 +709,18 @@ def _dicom_pixels(dataset, path: str) -> np.ndarray:
         ) from None
 
 
+def _dicom_image(array: np.ndarray, geometry: dict, path: str) -> MedicalImage:
+    """A grey DICOM volume (depth first) with the geometry read from its headers."""
+    return MedicalImage(
+        array=array,
+        spacing=geometry["spacing"],
+        origin=tuple(float(v) for v in reversed(geometry["origin_xyz"])),
+        direction=geometry["direction"],
+        num_channels=1,
+        path=path,
+    )
+
+
 def _read_multiframe(path: str, dataset) -> MedicalImage:
     """A multi-frame DICOM file (Enhanced CT / MR / PET ...) as the volume it holds, frames by position."""
     _unsupported_layout(dataset, path)
@@ -724,14 +736,7 @@ def _read_multiframe(path: str, dataset) -> MedicalImage:
         np.float32
     )
     check_finite(path, array)
-    return MedicalImage(
-        array=array,
-        spacing=geometry["spacing"],
-        origin=tuple(float(v) for v in reversed(geometry["origin_xyz"])),
-        direction=geometry["direction"],
-        num_channels=1,
-        path=path,
-    )
+    return _dicom_image(array, geometry, path)
 
 
 def is_dicom_file(path: str) -> bool:
@@ -830,15 +835,7 @@ def read_dicom_series(folder: str | os.PathLike, files: list[str] | None = None)
     array = np.stack(slices)
     for path, pixels in zip(paths, slices, strict=True):
         check_finite(path, pixels)
-    geometry = dicom_series_geometry(datasets, paths)
-    return MedicalImage(
-        array=array,
-        spacing=geometry["spacing"],
-        origin=tuple(float(v) for v in reversed(geometry["origin_xyz"])),
-        direction=geometry["direction"],
-        num_channels=1,
-        path=folder,
-    )
+    return _dicom_image(array, dicom_series_geometry(datasets, paths), folder)
 
 
 def read_png(path: str | os.PathLike, as_grey: bool = False) -> np.ndarray:
