@@ -213,9 +213,9 @@ def test_concat_without_grad_is_taken_only_without_autograd(monkeypatch):
 
 
 def test_folded_level2_kernel_follows_the_weights():
-    """The folded kernel is kept between predictions and recomputed when a weight changes (an optimiser step,
-    load_state_dict), so a prediction after training sees the trained weights; under bf16 autocast it is as
-    close to the fp32 prediction as the unfolded path."""
+    """The folded kernel follows the weights (also changed in place, as an optimiser step or load_state_dict
+    does), so a prediction after training sees the trained weights; under bf16 autocast it is as close to the
+    fp32 prediction as the unfolded path."""
     kwargs = build_arch_kwargs("tiny", 3, 2, **SMALL)
     torch.manual_seed(0)
     now = PUMITSegNet(1, 3, False, **kwargs).eval()
@@ -223,18 +223,13 @@ def test_folded_level2_kernel_follows_the_weights():
     before.load_state_dict(now.state_dict())
     x = torch.randn(1, 1, 8, 64, 32)
     with torch.inference_mode():
-        now(x)
-    kernel = now.pyramid._projected_kernel[1]
-    with torch.inference_mode():
-        now(x)
-    assert now.pyramid._projected_kernel[1] is kernel  # kept
+        torch.testing.assert_close(now(x), before(x), rtol=1e-4, atol=1e-5)
     with torch.no_grad():
         now.pyramid.level2_up2.weight.mul_(1.5)
-        now.decoder.laterals[0][0].weight.add_(0.01)
+        now.decoder.laterals[0][0].weight.data.add_(0.01)  # through .data: no version counter bump
     before.load_state_dict(now.state_dict())
     with torch.inference_mode():
         torch.testing.assert_close(now(x), before(x), rtol=1e-4, atol=1e-5)
-        assert now.pyramid._projected_kernel[1] is not kernel  # recomputed
         reference = before(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             folded_error = (now(x).float() - reference).abs().max()

@@ -179,7 +179,7 @@ class ConvNormAct(nn.Module):
     def forward(self, x: torch.Tensor | list[torch.Tensor], aniso_d: int, level: int) -> torch.Tensor:
         """`x`: one map, or several to be read as their channel concatenation (see `SACConv3d.forward`)."""
         if self.concat_without_grad and isinstance(x, list | tuple) and not torch.is_grad_enabled():
-            x = torch.cat(list(x), dim=1)
+            x = torch.cat(x, dim=1)
         return self.act(self.norm(self.conv(x, aniso_d, level)))
 
 
@@ -234,7 +234,6 @@ class FeaturePyramid(nn.Module):
         self.level2_up2 = SACUpsample(
             level2_channels, level2_channels, stride=2, bias=False, **_fixed(fixed_aniso_d, TOKEN_LEVEL - 1)
         )
-        self._projected_kernel = None  # (weights' identity and versions, kernel) of `level2_up2_projected`
         self.level3_up = SACUpsample(
             embed_dim, level3_channels, stride=2, bias=False, **_fixed(fixed_aniso_d, TOKEN_LEVEL)
         )
@@ -261,28 +260,22 @@ class FeaturePyramid(nn.Module):
     def level2_up2_projected(self, x: torch.Tensor, aniso_d: int, projection: nn.Conv3d) -> torch.Tensor:
         """``projection(level2_up2(x))`` as one transposed conv: both are linear and bias-free, so the product of
         their kernels (per tap) is the same map, computed on 128 instead of 768 output channels (6x fewer FLOPs
-        at 1/4 scale). The product is formed in fp32 and kept while both weights stay the same (prediction runs
-        many tiles with one set of weights); its rounding differs from the two-step path's, not its function."""
+        at 1/4 scale). The product (milliseconds, next to a tile's forward pass) is formed at least in fp32 at
+        every call, so no cached copy can go stale when the weights change; its rounding differs from the
+        two-step path's, not its function."""
         up = self.level2_up2
         if up.bias is not None or projection.bias is not None:
             raise ValueError("level2_up2_projected needs bias-free layers")
         depth_stride = depth_upsample_stride(up.sac_stride, aniso_d, TOKEN_LEVEL - 1)
+        dtype = torch.promote_types(up.weight.dtype, torch.float32)
+        with torch.autocast(up.weight.device.type, enabled=False):
+            kernel = torch.einsum(
+                "icdhw,oc->iodhw",
+                sum_pool_depth(up.weight.to(dtype), depth_stride),
+                projection.weight.flatten(1).to(dtype),
+            )
         stride = (depth_stride, up.sac_stride, up.sac_stride)
-        weights = (up.weight, projection.weight)
-        # no cache inside a compiled graph, nor for weights made under inference_mode (no version counter)
-        cache = not (torch.compiler.is_compiling() or any(w.is_inference() for w in weights))
-        key = (aniso_d, *[(w.device, w.data_ptr(), w._version) for w in weights]) if cache else None
-        if not cache or self._projected_kernel is None or self._projected_kernel[0] != key:
-            with torch.autocast(up.weight.device.type, enabled=False):
-                kernel = torch.einsum(
-                    "icdhw,oc->iodhw",
-                    sum_pool_depth(up.weight.float(), depth_stride),
-                    projection.weight.flatten(1).float(),
-                )
-            if not cache:
-                return F.conv_transpose3d(x, kernel.to(x.dtype), None, stride=stride)
-            self._projected_kernel = (key, kernel)
-        return F.conv_transpose3d(x, self._projected_kernel[1].to(x.dtype), None, stride=stride)
+        return F.conv_transpose3d(x, kernel.to(x.dtype), None, stride=stride)
 
 
 class Lateral(nn.Sequential):
