@@ -371,3 +371,50 @@ def test_dataset_without_images(tmp_path):
     Image.fromarray(np.zeros((30, 30), np.uint8)).save(tmp_path / "empty" / "black.png")  # only unusable
     summary = prepare_store(config, str(tmp_path / "store"), progress=False)
     assert summary["datasets_without_images"] == ["e"] and summary["images"] == 1
+
+
+def _dicom_volume(seed: int, depth: int = 4) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.normal(300, 60, size=(depth, 20, 24)).clip(0, 4000)).astype(np.uint16)
+
+
+def test_a_bad_series_does_not_lose_the_good_one_in_its_folder(tmp_path):
+    """Two series in one DICOM folder, one with a missing slice: the good one is stored, the bad one is
+    in the report with its reason, and no array is left without its table row."""
+    from pumit_seg.phantoms.dicom import write_dicom_series
+
+    study = tmp_path / "data" / "study"
+    write_dicom_series(
+        str(study), _dicom_volume(0), [(0, 0, 2.5 * k) for k in range(4)], [f"a{k}.dcm" for k in range(4)]
+    )
+    write_dicom_series(
+        str(study),
+        _dicom_volume(1),
+        [(0, 0, z) for z in (0.0, 2.5, 7.5, 10.0)],
+        [f"b{k}.dcm" for k in range(4)],
+    )
+    config = _write_config(tmp_path / "c.json", [{"name": "d", "path": "data", "modality": "CT"}])
+    summary = prepare_store(config, str(tmp_path / "store"), progress=False)
+    table = PretrainStore(tmp_path / "store").table
+    assert summary["images"] == 1 and summary["unusable"] == 1
+    assert table.loc[table.index[0], "spacing"][0] == pytest.approx(2.5)
+    report = pd.read_csv(tmp_path / "store" / "report.csv")
+    assert len(report) == 1 and "missing" in report.message[0]
+    stored = {str(p.relative_to(tmp_path / "store")) for p in (tmp_path / "store").rglob("*.b2nd")}
+    assert stored == set(table.file)
+    assert prepare_store(config, str(tmp_path / "store"), progress=False)["processed"] == 0  # stable
+
+
+def test_patterns_select_dicom_series_by_their_folder(tmp_path):
+    from pumit_seg.phantoms.dicom import write_dicom_series
+
+    for name in ("keep", "other"):
+        folder = tmp_path / "data" / name
+        write_dicom_series(
+            str(folder), _dicom_volume(2), [(0, 0, 2.0 * k) for k in range(4)], [f"{k}.dcm" for k in range(4)]
+        )
+    config = _write_config(
+        tmp_path / "c.json", [{"name": "d", "path": "data", "modality": "CT", "exclude": ["other"]}]
+    )
+    prepare_store(config, str(tmp_path / "store"), progress=False)
+    assert [k.split("/")[1] for k in PretrainStore(tmp_path / "store").table.key] == ["keep"]

@@ -338,18 +338,20 @@ def discover_items(spec: DatasetSpec, skipped: list[SkippedSource] | None = None
         relative_folder = os.path.relpath(folder, spec.path).replace(os.sep, "/")
         relative_folder = "" if relative_folder == "." else relative_folder + "/"
         dicom_files = []
+        # a DICOM series is one image: its files are selected by their folder's path, other files by their own
+        folder_selected = _selected(spec, relative_folder.rstrip("/") or ".")
         for name in sorted(files):
             if name.startswith("."):
                 continue
             relative = relative_folder + name
-            if not _selected(spec, relative):
-                continue
             kind = _kind_of(name)
             if kind:
-                items.append(SourceItem(spec.name, os.path.join(folder, name), relative, kind))
+                if _selected(spec, relative):
+                    items.append(SourceItem(spec.name, os.path.join(folder, name), relative, kind))
             elif name.lower().endswith(DICOM_EXTENSION) or is_dicom_file(os.path.join(folder, name)):
-                dicom_files.append(name)
-            else:
+                if folder_selected:
+                    dicom_files.append(name)
+            elif _selected(spec, relative):
                 skipped.append(
                     SkippedSource(
                         spec.name,
@@ -673,6 +675,45 @@ def process_item(
         "settings_used": settings,
     }
     layout = StoreLayout(root)
+
+    def failure(error: Exception, key: str) -> dict:
+        if isinstance(error, ImageReadError | UnusableImage):
+            reason, message = error.reason, str(error)
+        else:  # one bad file must not stop the rest: report it
+            reason, message = "unreadable", f"{item.path}: {type(error).__name__}: {error}"
+        return stamp | {"type": "failure", "key": key, "reason": reason, "message": message}
+
+    def image_record(key: str, load) -> dict:
+        source = load()
+        _check_not_label_map(source)
+        prepared = preprocess_array(source, config, spec.depth_axis, spec.intensity)
+        aniso_d = aniso_d_from_spacing(prepared.spacing)
+        file = layout.image_file(key)
+        write_image_array(os.path.join(root, file), prepared.array, aniso_d, config.chunks)
+        c, d, h, w = prepared.array.shape
+        return stamp | {
+            "type": "image",
+            "key": key,
+            "modality": spec.modality,
+            "channels": c,
+            "shape_d": d,
+            "shape_h": h,
+            "shape_w": w,
+            "spacing_d": prepared.spacing[0],
+            "spacing_h": prepared.spacing[1],
+            "spacing_w": prepared.spacing[2],
+            "aniso_d": aniso_d,
+            "file": file,
+            "scale": prepared.scale,
+            "intensity": prepared.intensity,
+            "intensity_low": prepared.intensity_low,
+            "intensity_high": prepared.intensity_high,
+            "depth_axis": prepared.depth_axis,
+            "depth_axis_from": prepared.depth_axis_from,
+            "crop": ",".join(f"{a}:{b}" for a, b in prepared.crop),
+            "source_shape": ",".join(str(s) for s in prepared.source_shape),
+        }
+
     try:
         if item.kind == "dicom":
             loads = [
@@ -680,54 +721,20 @@ def process_item(
             ]
         else:
             loads = [(item.key, lambda: _read_file(item))]
-        records = []
-        for key, load in loads:
-            source = load()
-            _check_not_label_map(source)
-            prepared = preprocess_array(source, config, spec.depth_axis, spec.intensity)
-            aniso_d = aniso_d_from_spacing(prepared.spacing)
-            file = layout.image_file(key)
-            write_image_array(os.path.join(root, file), prepared.array, aniso_d, config.chunks)
-            c, d, h, w = prepared.array.shape
-            records.append(
-                stamp
-                | {
-                    "type": "image",
-                    "key": key,
-                    "modality": spec.modality,
-                    "channels": c,
-                    "shape_d": d,
-                    "shape_h": h,
-                    "shape_w": w,
-                    "spacing_d": prepared.spacing[0],
-                    "spacing_h": prepared.spacing[1],
-                    "spacing_w": prepared.spacing[2],
-                    "aniso_d": aniso_d,
-                    "file": file,
-                    "scale": prepared.scale,
-                    "intensity": prepared.intensity,
-                    "intensity_low": prepared.intensity_low,
-                    "intensity_high": prepared.intensity_high,
-                    "depth_axis": prepared.depth_axis,
-                    "depth_axis_from": prepared.depth_axis_from,
-                    "crop": ",".join(f"{a}:{b}" for a, b in prepared.crop),
-                    "source_shape": ",".join(str(s) for s in prepared.source_shape),
-                }
-            )
-        return records
-    except (ImageReadError, UnusableImage) as error:
-        return [stamp | {"type": "failure", "reason": error.reason, "message": str(error)}]
     except MemoryError:
         raise
-    except Exception as error:  # noqa: BLE001 -- one bad file must not stop the rest: report it
-        return [
-            stamp
-            | {
-                "type": "failure",
-                "reason": "unreadable",
-                "message": f"{item.path}: {type(error).__name__}: {error}",
-            }
-        ]
+    except Exception as error:  # noqa: BLE001 -- the folder's headers: reported, the rest goes on
+        return [failure(error, item.key)]
+    # each image of a folder on its own: a bad series (a scout, a gap) does not lose the good ones
+    records = []
+    for key, load in loads:
+        try:
+            records.append(image_record(key, load))
+        except MemoryError:
+            raise
+        except Exception as error:  # noqa: BLE001 -- reported in report.csv with its reason
+            records.append(failure(error, key))
+    return records
 
 
 def _read_journals(layout: StoreLayout) -> dict[str, list[dict]]:
@@ -765,9 +772,12 @@ def _state(
         return "changed"
     if first.get("settings_used") != expected:
         return "settings"
-    if first["type"] == "failure":
+    images = [r for r in records if r["type"] == "image"]
+    if not all(os.path.isfile(os.path.join(root, r["file"])) for r in images):
+        return "lost"
+    if len(images) < len(records):
         return "retry" if retry_failed else "done"
-    return "done" if all(os.path.isfile(os.path.join(root, r["file"])) for r in records) else "lost"
+    return "done"
 
 
 def _read_meta(layout: StoreLayout) -> dict | None:
@@ -905,7 +915,7 @@ def prepare_store(
 
         def record(records: list[dict]) -> None:
             nonlocal failures
-            failures += records[0]["type"] == "failure"
+            failures += any(r["type"] == "failure" for r in records)
             journal_file.write(json.dumps({"batch": records}) + "\n")
             journal_file.flush()
             bar.update(1)
