@@ -137,8 +137,9 @@ def with_halving_batch(run, batch: int, notes: list[str]):
             if not is_out_of_memory(error) or batch == 1:
                 raise
             notes.append(f"batch {batch} ran out of memory; halved to {batch // 2}")
-            free_memory()
-            batch //= 2
+        # outside the except block: its traceback no longer holds the failed run's tensors
+        free_memory()
+        batch //= 2
 
 
 # ---------------------------------------------------------------------------------------------- environment

@@ -559,7 +559,7 @@ def train_classifier(config: ClassificationConfig, data: MedMNISTData | None = N
         generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
         order = torch.randperm(len(train), generator=generator)
         model.train()
-        started, loss_sum, skipped = time.time(), 0.0, 0
+        started, loss_sum, applied, skipped = time.time(), 0.0, 0, 0
         batches = tqdm(range(0, len(train), config.batch_size), desc=f"epoch {epoch + 1}/{config.epochs}")
         for start in batches:
             index = order[start : start + config.batch_size]
@@ -588,6 +588,7 @@ def train_classifier(config: ClassificationConfig, data: MedMNISTData | None = N
             bad_in_a_row = 0
             optimizer.step()
             loss_sum += loss.item() * index.numel()
+            applied += index.numel()
             batches.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2g}")
         if diverged:
             batches.close()
@@ -597,7 +598,6 @@ def train_classifier(config: ClassificationConfig, data: MedMNISTData | None = N
         except TrainingDiverged as error:
             diverged = f"after epoch {epoch} at lr {lr:g}, {error}"
             break
-        applied = len(train) - skipped * config.batch_size  # a skipped step may be the short last batch
         rows.append({
             "epoch": epoch, "lr": lr, "train_loss": loss_sum / max(applied, 1), "val_loss": val["loss"],
             "val_auc": val["auc"], "val_acc": val["acc"], "seconds": round(time.time() - started, 2),

@@ -316,7 +316,7 @@ class MIMTrainer(PretrainTrainer):
         return self.health_stop
 
     def validate(self, step: int) -> dict[str, float]:
-        total_loss = total_correct = total_masked = 0.0
+        total_loss = total_masked = 0.0
         health = MIMHealth(self.model.codebook_size)
         pictures = []
         # fixed masks (their own stream, "step" = batch index): every validation sees the same ones
@@ -326,7 +326,6 @@ class MIMTrainer(PretrainTrainer):
             result = self.step_result(self.model, image, aniso_d, index, 0, VALIDATION_MASKS)
             masked = int(result.mask.sum())
             total_loss += result.loss.item() * masked
-            total_correct += result.accuracy.item() * masked
             total_masked += masked
             health.add(result.masked_logits, result.target_probs[result.mask])
             if len(pictures) < self.config.val_pictures:

@@ -75,6 +75,7 @@ from pumit_seg.planners.plans_keys import (
     PRETRAINED_WEIGHTS_PLANS_KEY,
 )
 from pumit_seg.trainers.optim import WarmupCosineLRScheduler, build_adamw
+from pumit_seg.weights import non_finite_tensors
 
 DEFAULT_DEVICE = torch.device("cuda")  # nnU-Net's trainer default
 PRETRAINED_WEIGHTS_ENV = "PUMIT_PRETRAINED_WEIGHTS"
@@ -424,8 +425,7 @@ class PUMITTrainer(nnUNetTrainer):
     def save_checkpoint(self, filename: str) -> None:
         """nnU-Net's checkpoint, refused (`TrainingDiverged`, nothing written) when the weights hold NaN / inf."""
         network = unwrap_network(self.network)
-        bad = [name for name, tensor in network.state_dict().items()
-               if tensor.is_floating_point() and not torch.isfinite(tensor).all()]  # fmt: skip
+        bad = list(non_finite_tensors(network.state_dict()))
         if bad:
             raise TrainingDiverged(
                 f"{filename} not written: the weights hold NaN / inf ({len(bad)} tensor(s), e.g. {bad[:3]}); "
