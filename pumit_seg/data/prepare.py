@@ -79,7 +79,7 @@ from pumit_seg.data.store import (
     StoreLayout,
     write_image_array,
 )
-from pumit_seg.models.sac import aniso_d_from_spacing
+from pumit_seg.models.anisotropy import aniso_d_from_spacing
 
 __all__ = [
     "DatasetSpec",

@@ -32,7 +32,9 @@ import numpy as np
 import pandas as pd
 
 from pumit_seg.atomic import atomic_path
-from pumit_seg.models.sac import aniso_d_from_spacing  # re-exported: the store's table uses the one rule
+from pumit_seg.models.anisotropy import (
+    aniso_d_from_spacing,  # re-exported: the store's table uses the one rule
+)
 
 __all__ = [
     "TABLE_COLUMNS",

@@ -36,11 +36,12 @@ give the same output as the adaptive layer with the same weights.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from pumit_seg.models.anisotropy import ANISO_D_2D, MAX_ANISO_D, aniso_d_from_spacing
 
 __all__ = [
     "MAX_ANISO_D",
@@ -57,9 +58,6 @@ __all__ = [
     "sac_layers",
 ]
 
-# aniso_d is clipped to 0..MAX_ANISO_D; a 2D image is a one-slice volume with aniso_d = ANISO_D_2D.
-MAX_ANISO_D = 5
-ANISO_D_2D = MAX_ANISO_D
 
 
 def pending_downsamples(aniso_d: int, num_downsamples: int) -> int:
@@ -112,25 +110,6 @@ def inflate_depth(weight: Tensor, depth: int) -> Tensor:
         raise ValueError(f"cannot inflate a kernel of depth {kernel_depth} to depth {depth} (not a multiple)")
     factor = depth // kernel_depth
     return weight.repeat_interleave(factor, dim=2) / factor
-
-
-def aniso_d_from_spacing(spacing_dhw: Sequence[float], log_tolerance: float = 1e-6) -> int:
-    """Degree of anisotropy: ``floor(log2(clip(s_d / min(s_h, s_w), 1, 32)))``, in 0..5.
-
-    The one place this rule is written. A depth spacing of ``inf`` marks a 2D image (one slice,
-    no depth neighbour) and gives `ANISO_D_2D`. `log_tolerance` absorbs floating-point noise in
-    the spacing ratio (2.4 / 0.3 is 7.999999999999999 in binary floating point, which must still
-    give 3); the planner passes a larger one to round ratios just below a power of two up.
-    """
-    if len(spacing_dhw) != 3:
-        raise ValueError(f"spacing must be (s_d, s_h, s_w), got {tuple(spacing_dhw)}")
-    s_d, s_h, s_w = (float(s) for s in spacing_dhw)
-    if min(s_d, s_h, s_w) <= 0 or not all(math.isfinite(s) for s in (s_h, s_w)) or math.isnan(s_d):
-        raise ValueError(f"spacing must be positive and finite (depth may be inf for 2D), got {tuple(spacing_dhw)}")
-    if math.isinf(s_d):
-        return ANISO_D_2D
-    ratio = min(max(s_d / min(s_h, s_w), 1.0), 2.0**MAX_ANISO_D)
-    return min(int(math.floor(math.log2(ratio) + log_tolerance)), MAX_ANISO_D)
 
 
 def _check_power_of_two(stride: int) -> None:
